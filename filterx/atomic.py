@@ -1,0 +1,114 @@
+"""Atomic outputs and run locks.
+
+Outputs appear under their final name only when complete: a writer works on a temporary
+name in the same directory and renames it at the end (a rename within one file system is
+atomic). A killed run leaves at most a ``*.tmp-<pid>`` entry, which the next run ignores and
+cleans up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+TMP_MARK = ".tmp-"
+
+
+def tmp_name(path: str | os.PathLike) -> Path:
+    """A temporary sibling of ``path``, unique to this process."""
+    path = Path(path)
+    return path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
+
+
+def remove(path: str | os.PathLike) -> None:
+    """Remove a file or a directory tree if it exists."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path to write a file or directory to; rename it to ``path`` on success.
+
+    On an exception the temporary output is removed and ``path`` is left as it was.
+    An existing ``path`` is replaced (directories via a rename aside, then removal).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_name(path)
+    remove(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        remove(tmp)
+        raise
+    if tmp.is_dir() and path.exists():
+        old = path.with_name(f"{path.name}{TMP_MARK}old-{os.getpid()}")
+        remove(old)
+        os.rename(path, old)
+        os.rename(tmp, path)
+        remove(old)
+    else:
+        os.replace(tmp, path)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(data)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def clean_stale_tmp(directory: str | os.PathLike) -> int:
+    """Remove temporaries left by killed runs in ``directory``; returns how many."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return 0
+    n = 0
+    for p in directory.iterdir():
+        if TMP_MARK in p.name:
+            remove(p)
+            n += 1
+    return n
+
+
+class LockedError(RuntimeError):
+    """Another filterx process holds the lock on an output."""
+
+
+@contextlib.contextmanager
+def run_lock(directory: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``directory`` for the duration of a writing stage.
+
+    A second run writing to the same output fails at once with LockedError instead of
+    interleaving its writes with the first. The lock is released when the process dies.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    lock_file = directory / f".filterx-{what}.lock"
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            raise LockedError(
+                f"{directory} is being written by {what} in process {holder}; "
+                "wait for it to finish or stop it first"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)

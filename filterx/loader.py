@@ -1,0 +1,377 @@
+"""Decode: (sample ids, images, labels) batches from WebDataset shards.
+
+Three backends with one signature, ``load_batches(tars, cfg)``:
+
+- ``dali``: ``fn.readers.webdataset`` with the shards' index files, ``fn.decoders.image`` on
+  ``mixed`` (nvJPEG) when the device is CUDA and ``cpu`` otherwise, resize + crop + normalize
+  inside the pipeline.
+- ``torchvision``: ``torchvision.io.decode_jpeg`` (batched on CUDA), resize with antialias.
+- ``pil``: PIL with libjpeg's DCT-domain scaling (``Image.draft``) before the resize, which
+  decodes a 450 px JPEG for a 112 px crop about 1.8x faster than a full decode; the CPU backend
+  for machines without DALI.
+
+Evaluation transform (all backends): resize the short side to ``round(R / crop_fraction)``
+(crop_fraction 0.875: 256 for 224, 128 for 112), center crop R x R, normalise with the given mean/std. Training transform:
+random resized crop (area 0.08-1, aspect 3/4-4/3) to R x R and a random horizontal flip.
+
+Images come out as float32 (B, 3, R, R) on ``cfg.device``; ids and labels as int64 (B,) on the
+CPU. Ids are read from each sample's key (the key is the sample id), so they stay right under
+shuffling and in re-sharded subsets.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, NamedTuple, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset
+
+from filterx import tario
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "dali", "torchvision", "pil")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CROP_FRACTION = 0.875
+
+
+class Batch(NamedTuple):
+    ids: torch.Tensor  # (B,) int64, CPU
+    images: torch.Tensor  # (B, 3, R, R) float32, normalised, on the loader's device
+    labels: torch.Tensor  # (B,) int64, CPU; -1 where unlabelled
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    resolution: int = 224
+    backend: str = "auto"
+    device: str = "cpu"
+    batch_size: int = 64
+    workers: int = 2
+    train: bool = False
+    shuffle: bool = False
+    seed: int = 0
+    epoch: int = 0
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    crop_fraction: float = CROP_FRACTION  # evaluation: center crop of this share of the short side
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; valid: {', '.join(BACKENDS)}")
+        if self.resolution < 16:
+            raise ValueError(f"resolution must be >= 16 pixels, got {self.resolution}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+
+    @property
+    def resize_size(self) -> int:
+        return int(round(self.resolution / self.crop_fraction))
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str) -> str:
+    """"auto" -> dali when installed, else torchvision; errors name the valid backends."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "dali" if dali_available() else "torchvision"
+    if backend == "dali" and not dali_available():
+        raise ValueError("--backend dali needs nvidia-dali (pip install 'filterx[dali]'); or use torchvision / pil")
+    return backend
+
+
+def load_batches(
+    tars: Sequence[str | Path], cfg: LoaderConfig, *, rank: int = 0, world_size: int = 1
+) -> Iterator[Batch]:
+    """Batches over every sample of ``tars`` (one epoch), this rank's share under DDP.
+
+    With ``world_size > 1`` samples are dealt round-robin after the (seeded, same on every rank)
+    shuffle and padded by wrapping so that every rank gets the same number of batches.
+    """
+    tars = [Path(t) for t in tars]
+    if not tars:
+        raise ValueError("no shards to read")
+    for t in tars:
+        if not t.is_file():
+            raise FileNotFoundError(f"shard {t} does not exist")
+        if not tario.index_path(t).is_file():
+            log.warning("DALI index for %s is missing; rebuilding it", t)
+            tario.rebuild_index(t)
+    backend = resolve_backend(cfg.backend)
+    if backend == "dali":
+        yield from _dali_batches(tars, cfg, rank, world_size)
+    else:
+        yield from _torch_batches(tars, cfg, backend, rank, world_size)
+
+
+# ---------------------------------------------------------------- sample lists
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    tar: int
+    sample_id: int
+    jpg: tario.MemberEntry
+    cls: tario.MemberEntry | None
+
+
+def sample_refs(tars: Sequence[Path]) -> list[SampleRef]:
+    """Every sample of ``tars`` in file order, from their index files."""
+    refs = []
+    for t, tar in enumerate(tars):
+        members: dict[str, dict[str, tario.MemberEntry]] = {}
+        for e in tario.read_index(tario.index_path(tar)):
+            members.setdefault(e.key, {})[e.ext] = e
+        for key, m in members.items():
+            if "jpg" not in m:
+                raise ValueError(f"{tar}: sample {key} has no .jpg member")
+            refs.append(SampleRef(t, int(key), m["jpg"], m.get("cls")))
+    return refs
+
+
+def rank_share(n: int, cfg: LoaderConfig, rank: int, world_size: int) -> np.ndarray:
+    """Positions (into the sample list) this rank reads, in order: the shared permutation dealt
+    round-robin, wrapped so that every rank gets ceil(n / world_size)."""
+    order = np.arange(n)
+    if cfg.shuffle:
+        order = np.random.default_rng([cfg.seed, cfg.epoch]).permutation(n)
+    per_rank = math.ceil(n / world_size)
+    order = np.resize(order, per_rank * world_size) if world_size > 1 else order
+    return order[rank::world_size]
+
+
+# ---------------------------------------------------------------- torchvision / PIL
+
+
+def _decode_pil(data: bytes, cfg: LoaderConfig, rng: np.random.Generator) -> np.ndarray:
+    """uint8 (3, R, R) through PIL with DCT-domain scaling."""
+    from PIL import Image
+
+    r = cfg.resolution
+    with Image.open(io.BytesIO(data)) as im:
+        if cfg.train:
+            im = im.convert("RGB")
+            box = _random_crop_box(im.width, im.height, rng)
+            im = im.resize((r, r), Image.BILINEAR, box=box)
+            if rng.random() < 0.5:
+                im = im.transpose(Image.FLIP_LEFT_RIGHT)
+        else:
+            s = cfg.resize_size
+            # draft picks the largest 1/2^k scale whose short side still covers s
+            w, h = im.size
+            im.draft("RGB", (max(1, w * s // min(w, h)), max(1, h * s // min(w, h))))
+            im = im.convert("RGB")
+            w, h = im.size
+            nw, nh = (s, max(s, round(h * s / w))) if w <= h else (max(s, round(w * s / h)), s)
+            im = im.resize((nw, nh), Image.BILINEAR, reducing_gap=None)
+            left, top = int(round((nw - r) / 2.0)), int(round((nh - r) / 2.0))
+            im = im.crop((left, top, left + r, top + r))
+        return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+def _random_crop_box(w: int, h: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop parameters (area 0.08-1, log-uniform aspect 3/4-4/3)."""
+    area = w * h
+    for _ in range(10):
+        target = area * rng.uniform(0.08, 1.0)
+        aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            return x, y, x + cw, y + ch
+    side = min(w, h)
+    x, y = (w - side) // 2, (h - side) // 2
+    return x, y, x + side, y + side
+
+
+def _resize_crop_tensor(img, cfg: LoaderConfig, rng: np.random.Generator):
+    """uint8 (3, H, W) tensor -> uint8 (3, R, R) with torchvision's functional ops."""
+    import torchvision.transforms.v2.functional as TF
+
+    r = cfg.resolution
+    if cfg.train:
+        x0, y0, x1, y1 = _random_crop_box(img.shape[2], img.shape[1], rng)
+        img = TF.resized_crop(img, y0, x0, y1 - y0, x1 - x0, [r, r], antialias=True)
+        return TF.horizontal_flip(img) if rng.random() < 0.5 else img
+    img = TF.resize(img, [cfg.resize_size], antialias=True)
+    return TF.center_crop(img, [r, r])
+
+
+def _decode_torchvision(data: bytes, cfg: LoaderConfig, rng: np.random.Generator):
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    img = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    return _resize_crop_tensor(img, cfg, rng)
+
+
+class _SampleStream(IterableDataset):
+    """(id, uint8 image or raw bytes, label) for one rank; split over loader workers."""
+
+    def __init__(self, tars, refs, positions, cfg: LoaderConfig, backend: str, raw: bool):
+        super().__init__()
+        self.tars, self.refs, self.positions = tars, refs, positions
+        self.cfg, self.backend, self.raw = cfg, backend, raw
+
+    def __iter__(self):
+        from torch.utils.data import get_worker_info
+
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        rng = np.random.default_rng([self.cfg.seed, self.cfg.epoch, wid])
+        decode = _decode_pil if self.backend == "pil" else _decode_torchvision
+        files: dict[int, object] = {}
+        try:
+            for pos in self.positions[wid::nw]:
+                ref = self.refs[pos]
+                f = files.get(ref.tar) or files.setdefault(ref.tar, open(self.tars[ref.tar], "rb"))
+                data = _read(f, ref.jpg, self.tars[ref.tar])
+                label = int(_read(f, ref.cls, self.tars[ref.tar])) if ref.cls else -1
+                if self.raw:
+                    yield ref.sample_id, torch.frombuffer(bytearray(data), dtype=torch.uint8), label
+                    continue
+                img = decode(data, self.cfg, rng)
+                yield ref.sample_id, torch.as_tensor(img), label
+        finally:
+            for f in files.values():
+                f.close()
+
+
+def _read(f, e: tario.MemberEntry, tar: Path) -> bytes:
+    f.seek(e.offset)
+    data = f.read(e.size)
+    if len(data) != e.size:
+        raise ValueError(f"{tar}: member {e.key}.{e.ext} is truncated")
+    return data
+
+
+def _collate_raw(items):
+    ids, datas, labels = zip(*items)
+    return torch.tensor(ids, dtype=torch.int64), list(datas), torch.tensor(labels, dtype=torch.int64)
+
+
+def normalize(images_u8, cfg: LoaderConfig):
+    """uint8 (B, 3, R, R) -> float32 normalised, on the images' device."""
+    mean = torch.tensor(cfg.mean, device=images_u8.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(cfg.std, device=images_u8.device).view(1, 3, 1, 1) * 255
+    return (images_u8.float() - mean) / std
+
+
+def _torch_batches(tars, cfg: LoaderConfig, backend: str, rank: int, world_size: int) -> Iterator[Batch]:
+    from torch.utils.data import DataLoader
+
+    refs = sample_refs(tars)
+    positions = rank_share(len(refs), cfg, rank, world_size)
+    on_gpu = cfg.device.startswith("cuda")
+    # On CUDA torchvision decodes whole batches with nvJPEG: workers only read bytes.
+    raw = on_gpu and backend == "torchvision"
+    stream = _SampleStream(tars, refs, positions, cfg, backend, raw)
+    loader = DataLoader(
+        stream,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.workers,
+        collate_fn=_collate_raw if raw else None,
+        pin_memory=on_gpu,
+        persistent_workers=False,
+    )
+    rng = np.random.default_rng([cfg.seed, cfg.epoch, 1 << 20])
+    for ids, images, labels in loader:
+        if raw:
+            from torchvision.io import ImageReadMode, decode_jpeg
+
+            decoded = decode_jpeg(images, mode=ImageReadMode.RGB, device=cfg.device)
+            images = torch.stack([_resize_crop_tensor(im, cfg, rng) for im in decoded])
+        else:
+            images = images.to(cfg.device, non_blocking=True)
+        yield Batch(ids, normalize(images, cfg), labels)
+
+
+# ---------------------------------------------------------------- DALI
+
+
+def _dali_pipeline(tars, cfg: LoaderConfig, shard_id: int, num_shards: int):
+    from nvidia.dali import fn, pipeline_def, types
+
+    on_gpu = cfg.device.startswith("cuda")
+    device_id = (int(cfg.device.split(":")[1]) if ":" in cfg.device else 0) if on_gpu else None
+    r = cfg.resolution
+
+    @pipeline_def(batch_size=cfg.batch_size, num_threads=max(1, cfg.workers), device_id=device_id,
+                  seed=cfg.seed + 7919 * cfg.epoch, prefetch_queue_depth=2, exec_dynamic=True)
+    def pipe():
+        jpg, cls = fn.readers.webdataset(
+            paths=[str(t) for t in tars],
+            index_paths=[str(tario.index_path(t)) for t in tars],
+            ext=["jpg", "cls"],
+            missing_component_behavior="error",
+            random_shuffle=cfg.shuffle,
+            initial_fill=1024,
+            shard_id=shard_id,
+            num_shards=num_shards,
+            pad_last_batch=True,
+            name="reader",
+        )
+        info = fn.get_property(jpg, key="source_info")
+        dev = "mixed" if on_gpu else "cpu"
+        if cfg.train:
+            img = fn.decoders.image_random_crop(jpg, device=dev, output_type=types.RGB,
+                                                random_area=[0.08, 1.0], random_aspect_ratio=[0.75, 4 / 3])
+            img = fn.resize(img, size=[r, r], antialias=True)
+            mirror = fn.random.coin_flip(probability=0.5)
+        else:
+            img = fn.decoders.image(jpg, device=dev, output_type=types.RGB)
+            img = fn.resize(img, resize_shorter=cfg.resize_size, antialias=True)
+            mirror = 0
+        img = fn.crop_mirror_normalize(
+            img, crop=(r, r), mirror=mirror, dtype=types.FLOAT, output_layout="CHW",
+            mean=[m * 255 for m in cfg.mean], std=[s * 255 for s in cfg.std],
+        )
+        return img, cls, info
+
+    p = pipe()
+    p.build()
+    return p
+
+
+def _key_from_source_info(info: np.ndarray) -> int:
+    # source_info is "<tar path>:<offset>:<member name>"; the member name is KEY.jpg
+    name = bytes(info).decode("utf-8").rsplit(":", 1)[-1]
+    return int(name.rpartition(".")[0])
+
+
+def _dali_batches(tars, cfg: LoaderConfig, rank: int, world_size: int) -> Iterator[Batch]:
+    p = _dali_pipeline(tars, cfg, rank, world_size)
+    total = p.epoch_size("reader")
+    # DALI's reader shard i holds samples [floor(i N / S), floor((i + 1) N / S)).
+    count = (total * (rank + 1)) // world_size - (total * rank) // world_size
+    remaining = count
+    while remaining > 0:
+        img, cls, info = p.run()
+        n = min(cfg.batch_size, remaining)
+        remaining -= n
+        ids = torch.tensor([_key_from_source_info(np.asarray(info[i])) for i in range(n)], dtype=torch.int64)
+        labels = torch.tensor([int(bytes(np.asarray(cls[i]))) for i in range(n)], dtype=torch.int64)
+        if cfg.device.startswith("cuda"):
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+
+            t = img.as_tensor()
+            images = torch.empty(t.shape(), dtype=torch.float32, device=cfg.device)
+            feed_ndarray(t, images, cuda_stream=torch.cuda.current_stream())
+            images = images[:n]
+        else:
+            images = torch.from_numpy(img.as_array()[:n])
+        yield Batch(ids, images, labels)

@@ -1,0 +1,386 @@
+"""shard: an ImageFolder tree or a list file -> a dataset dir (filterx.dataset).
+
+Two passes, both parallel over worker processes and both resumable:
+
+1. scan: every input is opened and decoded (at 1/8 scale through libjpeg's DCT scaling, so
+   this costs a fraction of a full decode) to find corrupt, truncated and non-image files.
+   Results are kept per chunk of inputs under ``OUT/.work/scan``.
+2. write: good inputs get dense sample ids in input order and are written into tars of
+   ``shard_size`` samples with their original bytes. Only inputs that are not baseline RGB or
+   grayscale JPEG (PNG, CMYK JPEG, ...) or all inputs when ``resize_short`` is set are
+   re-encoded (JPEG, quality 90).
+
+Finally ``index.zarr`` is written (atomically) and ``shard_report.json`` lists every skipped
+input with its reason. A killed run, re-run with the same arguments, redoes only the chunks
+and shards that were not finished.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+import filterx
+from filterx import atomic, dataset, tario
+from filterx.progress import progress
+from filterx.scorers import ClassInfo
+
+log = logging.getLogger(__name__)
+
+WORK = ".work"
+JPEG_QUALITY = 90
+# Crash injection for resume tests: abort after this many shards are written.
+_ABORT_ENV = "FILTERX_ABORT_AFTER_SHARDS"
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    src: Path
+    out: Path
+    shard_size: int = 1000
+    resize_short: int | None = None
+    workers: int = 0  # 0: one per core
+    quiet: bool = False
+
+
+@dataclass(frozen=True)
+class ShardSummary:
+    out: Path
+    num_samples: int
+    num_shards: int
+    num_classes: int
+    skipped: int
+    reencoded: int
+    empty_classes: list[str]
+    seconds: float
+
+    def line(self) -> str:
+        rate = self.num_samples / max(self.seconds, 1e-9)
+        empty = f"; empty classes: {', '.join(self.empty_classes)}" if self.empty_classes else ""
+        return (
+            f"wrote {self.num_samples} samples in {self.num_shards} shards ({self.num_classes} "
+            f"classes) to {self.out} in {self.seconds:.1f}s ({rate:.0f} img/s); skipped "
+            f"{self.skipped} bad inputs, re-encoded {self.reencoded}{empty}; "
+            f"report: {self.out / dataset.SHARD_REPORT}"
+        )
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def list_image_folder(src: Path) -> tuple[list[tuple[str, int]], list[str]]:
+    """Files of an ImageFolder tree as (relative path, label) and the sorted class folders.
+
+    Every regular, non-hidden file is an input: whether it is an image is decided by the
+    scan, so that non-images are reported rather than silently ignored.
+    """
+    classes = sorted(p.name for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise ValueError(f"{src} has no class sub-folders; expected SRC/<class>/<image> files")
+    items = []
+    for label, cls in enumerate(classes):
+        for root, dirs, files in os.walk(src / cls):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for f in sorted(files):
+                if not f.startswith("."):
+                    items.append((os.path.relpath(os.path.join(root, f), src), label))
+    return items, classes
+
+
+def list_file(src: Path) -> tuple[list[tuple[str, int]], list[str], Path]:
+    """Parse a list file of ``path[,label]`` lines (``#`` comments, blank lines ignored).
+
+    Labels may be integers (class names are then the integers) or class names (sorted to
+    indexes). Paths are relative to the list file's directory unless absolute. Returns the
+    items, the class names and the root that relative paths refer to.
+    """
+    root = src.parent
+    rows = []
+    for n, line in enumerate(src.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        path, sep, label = line.rpartition(",") if "," in line else (line, "", "")
+        rows.append((path.strip(), label.strip() if sep else None, n))
+    if not rows:
+        raise ValueError(f"list file {src} holds no paths")
+    given = [r[1] for r in rows if r[1] is not None]
+    if len(given) not in (0, len(rows)):
+        raise ValueError(f"list file {src}: give a label on every line or on none")
+    if not given:
+        return [(p, -1) for p, _, _ in rows], [], root
+    if all(g.lstrip("-").isdigit() for g in given):
+        labels = [int(g) for g in given]
+        if min(labels) < 0:
+            raise ValueError(f"list file {src}: negative label {min(labels)}")
+        classes = [str(i) for i in range(max(labels) + 1)]
+        return [(p, lab) for (p, _, _), lab in zip(rows, labels)], classes, root
+    classes = sorted(set(given))
+    to_index = {c: i for i, c in enumerate(classes)}
+    return [(p, to_index[g]) for p, g, _ in rows], classes, root
+
+
+# ---------------------------------------------------------------- scan
+
+
+def inspect_image(data: bytes) -> tuple[str, str]:
+    """Classify image bytes as ("copy" | "reencode", "") or ("bad", reason).
+
+    "copy": a baseline RGB or grayscale JPEG every decoder reads as it is.
+    "reencode": a readable image in another format or colour mode (PNG, CMYK JPEG, ...).
+    """
+    from PIL import Image
+
+    if not data:
+        return "bad", "empty file"
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt, mode = im.format, im.mode
+            if fmt == "JPEG":
+                im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+            im.load()
+    except Exception as exc:  # PIL raises many types for bad data; all mean "unreadable"
+        return "bad", f"unreadable image ({type(exc).__name__}: {exc})"
+    if fmt == "JPEG" and mode in ("RGB", "L"):
+        return "copy", ""
+    return "reencode", f"{fmt} {mode}"
+
+
+def _scan_chunk(args: tuple[Path, list[str]]) -> list[tuple[str, str]]:
+    root, paths = args
+    out = []
+    for rel in paths:
+        try:
+            data = (root / rel).read_bytes()
+        except OSError as exc:
+            out.append(("bad", f"cannot read ({exc.strerror or exc})"))
+            continue
+        out.append(inspect_image(data))
+    return out
+
+
+# ---------------------------------------------------------------- write
+
+
+def encode_jpeg(data: bytes, resize_short: int | None) -> bytes:
+    """Decode any image, convert to RGB, optionally shrink its short side, encode as JPEG."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        if resize_short and im.format == "JPEG":
+            # DCT-domain downscale first (exact enough: the final resize is done below).
+            im.draft("RGB", (resize_short, resize_short))
+        im = im.convert("RGB")
+        if resize_short and min(im.size) > resize_short:
+            w, h = im.size
+            s = resize_short / min(w, h)
+            im = im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BICUBIC)
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=JPEG_QUALITY)
+        return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class _ShardJob:
+    path: Path
+    root: Path
+    first_id: int
+    rels: list[str]
+    labels: list[int]
+    class_names: list[str]
+    reencode: list[bool]
+    resize_short: int | None
+
+
+def _write_shard(job: _ShardJob) -> int:
+    def samples() -> Iterator[tario.TarSample]:
+        for i, (rel, label, re) in enumerate(zip(job.rels, job.labels, job.reencode)):
+            data = (job.root / rel).read_bytes()
+            if re or job.resize_short:
+                data = encode_jpeg(data, job.resize_short)
+            meta = {"path": rel, "label": label}
+            if label >= 0:
+                meta["class"] = job.class_names[label]
+            yield tario.TarSample(tario.sample_key(job.first_id + i), tario.sample_members(data, label, meta))
+
+    tario.write_tar(job.path, samples())
+    return len(job.rels)
+
+
+def _shard_complete(path: Path, count: int) -> bool:
+    idx = tario.index_path(path)
+    if not (path.is_file() and idx.is_file()):
+        return False
+    try:
+        return len({e.key for e in tario.read_index(idx)}) == count
+    except (ValueError, IndexError):
+        return False
+
+
+# ---------------------------------------------------------------- main
+
+
+def _pool(workers: int):
+    # Workers use PIL only, so the platform's default start method is safe.
+    return ProcessPoolExecutor(workers)
+
+
+def _map(fn, jobs: list, workers: int, desc: str, unit_counts: list[int], quiet: bool):
+    """Run ``fn`` over ``jobs`` (in-process when workers == 1), yielding (job index, result)."""
+    bar = progress(total=sum(unit_counts), desc=desc, quiet=quiet)
+    try:
+        if workers == 1 or len(jobs) <= 1:
+            for i, job in enumerate(jobs):
+                yield i, fn(job)
+                bar.update(unit_counts[i])
+        else:
+            with _pool(workers) as pool:
+                for i, res in enumerate(pool.map(fn, jobs)):
+                    yield i, res
+                    bar.update(unit_counts[i])
+    finally:
+        bar.close()
+
+
+def shard(cfg: ShardConfig) -> ShardSummary:
+    """Build the dataset dir ``cfg.out`` from ``cfg.src`` (ImageFolder tree or list file)."""
+    t0 = time.perf_counter()
+    src, out = Path(cfg.src).expanduser(), Path(cfg.out).expanduser()
+    if not src.exists():
+        raise FileNotFoundError(f"source {str(src)!r} does not exist")
+    if cfg.shard_size < 1:
+        raise ValueError(f"shard size must be >= 1, got {cfg.shard_size}")
+    if cfg.resize_short is not None and cfg.resize_short < 8:
+        raise ValueError(f"--resize-short must be >= 8 pixels, got {cfg.resize_short}")
+    if src.is_dir():
+        items, class_names = list_image_folder(src)
+        root = src
+    else:
+        items, class_names, root = list_file(src)
+    workers = cfg.workers or os.cpu_count() or 1
+
+    with atomic.run_lock(out, "shard"):
+        work = out / WORK
+        settings = {"src": str(src.resolve()), "n": len(items), "shard_size": cfg.shard_size,
+                    "resize_short": cfg.resize_short}
+        _check_settings(out, work, settings)
+
+        statuses = _scan(items, root, work, cfg.shard_size, workers, cfg.quiet)
+        good = [i for i, (st, _) in enumerate(statuses) if st != "bad"]
+        bad = [{"path": items[i][0], "reason": r} for i, (st, r) in enumerate(statuses) if st == "bad"]
+        if not good:
+            raise ValueError(f"no readable images under {src} ({len(bad)} inputs, all bad)")
+        chunks = [good[i : i + cfg.shard_size] for i in range(0, len(good), cfg.shard_size)]
+
+        (out / dataset.SHARDS).mkdir(parents=True, exist_ok=True)
+        atomic.clean_stale_tmp(out / dataset.SHARDS)
+        jobs, first = [], 0
+        for s, chunk in enumerate(chunks):
+            path = out / dataset.SHARDS / f"{dataset.shard_name(s)}.tar"
+            if not _shard_complete(path, len(chunk)):
+                jobs.append(_ShardJob(path, root, first, [items[i][0] for i in chunk],
+                                      [items[i][1] for i in chunk], class_names,
+                                      [statuses[i][0] == "reencode" for i in chunk], cfg.resize_short))
+            first += len(chunk)
+        abort_after = int(os.environ.get(_ABORT_ENV, "0"))
+        for done, _ in _map(_write_shard, jobs, workers, "shard: write", [len(j.rels) for j in jobs], cfg.quiet):
+            if abort_after and done + 1 >= abort_after:
+                raise RuntimeError(f"aborted after {abort_after} shards ({_ABORT_ENV})")
+
+        classes = _class_infos(class_names)
+        labels = np.array([items[i][1] for i in good], dtype=np.int64)
+        counts = [len(c) for c in chunks]
+        _write_index(out, classes, labels, [items[i][0] for i in good], counts, src, cfg)
+        per_class = np.bincount(labels[labels >= 0], minlength=len(classes))
+        empty = [classes[c].name for c in np.flatnonzero(per_class == 0)]
+        reencoded = sum(statuses[i][0] == "reencode" for i in good) if not cfg.resize_short else len(good)
+        summary = ShardSummary(out, len(good), len(chunks), len(classes), len(bad), reencoded, empty,
+                               time.perf_counter() - t0)
+        report = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(summary).items()},
+                  "skipped_inputs": bad}
+        atomic.write_text(out / dataset.SHARD_REPORT, json.dumps(report, indent=1, ensure_ascii=False))
+        atomic.remove(work)
+    return summary
+
+
+def _check_settings(out: Path, work: Path, settings: dict) -> None:
+    """Refuse to mix a resumed run with different settings, and a dataset dir with a new one."""
+    saved = work / "settings.json"
+    if saved.is_file():
+        if json.loads(saved.read_text()) != settings:
+            raise ValueError(
+                f"{out} holds an unfinished shard run with other settings "
+                f"({saved.read_text().strip()}); remove {work} to start over"
+            )
+        return
+    if dataset.is_dataset(out):
+        raise ValueError(f"{out} already holds a dataset; choose another output dir or remove it")
+    work.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(saved, json.dumps(settings))
+
+
+def _scan(items, root: Path, work: Path, chunk: int, workers: int, quiet: bool) -> list[tuple[str, str]]:
+    """Scan results for every input, reusing chunks a killed run finished."""
+    scan_dir = work / "scan"
+    scan_dir.mkdir(parents=True, exist_ok=True)
+    atomic.clean_stale_tmp(scan_dir)
+    spans = [(i, min(i + chunk, len(items))) for i in range(0, len(items), chunk)]
+    results: dict[int, list] = {}
+    todo = []
+    for c, (a, b) in enumerate(spans):
+        f = scan_dir / f"{c:06d}.json"
+        if f.is_file():
+            results[c] = [tuple(r) for r in json.loads(f.read_text())]
+        else:
+            todo.append(c)
+    jobs = [(root, [items[i][0] for i in range(*spans[c])]) for c in todo]
+    counts = [spans[c][1] - spans[c][0] for c in todo]
+    for j, res in _map(_scan_chunk, jobs, workers, "shard: scan", counts, quiet):
+        c = todo[j]
+        atomic.write_text(scan_dir / f"{c:06d}.json", json.dumps(res))
+        results[c] = res
+    return [r for c in range(len(spans)) for r in results[c]]
+
+
+def _class_infos(class_names: list[str]) -> tuple[ClassInfo, ...]:
+    try:
+        from filterx.classes import class_info_for_folders
+    except ImportError:  # pragma: no cover - classes module is part of the package
+        return tuple(ClassInfo(i, n, None) for i, n in enumerate(class_names))
+    return tuple(class_info_for_folders(class_names))
+
+
+def _write_index(out: Path, classes, labels, rels, counts, src: Path, cfg: ShardConfig) -> None:
+    import zarr
+
+    n = len(labels)
+    keys = np.array([tario.sample_key(i) for i in range(n)])
+    shards = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
+    chunk = max(1, min(n, 1 << 16))
+    with atomic.atomic_path(out / dataset.INDEX) as tmp:
+        g = zarr.open_group(tmp, mode="w")
+        g.create_array("label", data=labels, chunks=(chunk,))
+        g.create_array("shard", data=shards, chunks=(chunk,))
+        k = g.create_array("key", shape=(n,), dtype=str, chunks=(chunk,))
+        k[:] = keys
+        p = g.create_array("path", shape=(n,), dtype=str, chunks=(chunk,))
+        p[:] = np.array(rels)
+        g.attrs.update({
+            "filterx_index": dataset.INDEX_FORMAT,
+            "filterx_version": filterx.__version__,
+            "classes": [{"index": c.index, "name": c.name, "wnid": c.wnid} for c in classes],
+            "source_root": str(src.resolve()),
+            "shard_size": cfg.shard_size,
+            "shard_counts": counts,
+            "resize_short": cfg.resize_short,
+            "fingerprint": dataset.fingerprint(keys, labels, counts),
+        })
