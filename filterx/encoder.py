@@ -239,7 +239,7 @@ def train_encoder(cfg: EncoderConfig) -> EncoderSummary:
             loss.backward()
             opt.step()
             sched.step()
-            loss_sum += float(loss) * len(idx)
+            loss_sum += loss.item() * len(idx)
             correct += int((logits.argmax(1) == y).sum())
             bar.update(len(idx))
         row = {"epoch": epoch, "loss": loss_sum / len(perm), "train_acc": correct / len(perm)}

@@ -96,12 +96,15 @@ def resolve_backend(backend: str) -> str:
 
 
 def load_batches(
-    tars: Sequence[str | Path], cfg: LoaderConfig, *, rank: int = 0, world_size: int = 1
+    tars: Sequence[str | Path], cfg: LoaderConfig, *, rank: int = 0, world_size: int = 1,
+    ids: np.ndarray | None = None,
 ) -> Iterator[Batch]:
     """Batches over every sample of ``tars`` (one epoch), this rank's share under DDP.
 
     With ``world_size > 1`` samples are dealt round-robin after the (seeded, same on every rank)
     shuffle and padded by wrapping so that every rank gets the same number of batches.
+    ``ids`` restricts the epoch to those sample ids (torchvision and PIL backends; DALI reads
+    whole tars, so for DALI materialise a subset with ``filterx select --format wds``).
     """
     tars = [Path(t) for t in tars]
     if not tars:
@@ -113,10 +116,13 @@ def load_batches(
             log.warning("DALI index for %s is missing; rebuilding it", t)
             tario.rebuild_index(t)
     backend = resolve_backend(cfg.backend)
+    if backend == "dali" and ids is not None:
+        raise ValueError("the dali backend reads whole shards; materialise the subset with "
+                         "`filterx select --format wds` or use --backend torchvision / pil")
     if backend == "dali":
         yield from _dali_batches(tars, cfg, rank, world_size)
     else:
-        yield from _torch_batches(tars, cfg, backend, rank, world_size)
+        yield from _torch_batches(tars, cfg, backend, rank, world_size, ids)
 
 
 # ---------------------------------------------------------------- sample lists
@@ -179,9 +185,15 @@ def _decode_pil(data: bytes, cfg: LoaderConfig, rng: np.random.Generator) -> np.
             w, h = im.size
             nw, nh = (s, max(s, round(h * s / w))) if w <= h else (max(s, round(w * s / h)), s)
             im = im.resize((nw, nh), Image.BILINEAR, reducing_gap=None)
-            left, top = int(round((nw - r) / 2.0)), int(round((nh - r) / 2.0))
+            left, top = center_offset(nw, r), center_offset(nh, r)
             im = im.crop((left, top, left + r, top + r))
         return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+def center_offset(size: int, crop: int) -> int:
+    """Start of a centred crop, rounding half up as DALI does. torchvision's center_crop rounds
+    half to even (Python's round), one pixel off DALI whenever size - crop is odd."""
+    return (size - crop + 1) // 2
 
 
 def _random_crop_box(w: int, h: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
@@ -209,7 +221,8 @@ def _resize_crop_tensor(img, cfg: LoaderConfig, rng: np.random.Generator):
         img = TF.resized_crop(img, y0, x0, y1 - y0, x1 - x0, [r, r], antialias=True)
         return TF.horizontal_flip(img) if rng.random() < 0.5 else img
     img = TF.resize(img, [cfg.resize_size], antialias=True)
-    return TF.center_crop(img, [r, r])
+    top, left = center_offset(img.shape[1], r), center_offset(img.shape[2], r)
+    return img[:, top : top + r, left : left + r]
 
 
 def _decode_torchvision(data: bytes, cfg: LoaderConfig, rng: np.random.Generator):
@@ -271,10 +284,16 @@ def normalize(images_u8, cfg: LoaderConfig):
     return (images_u8.float() - mean) / std
 
 
-def _torch_batches(tars, cfg: LoaderConfig, backend: str, rank: int, world_size: int) -> Iterator[Batch]:
+def _torch_batches(tars, cfg: LoaderConfig, backend: str, rank: int, world_size: int,
+                   ids: np.ndarray | None = None) -> Iterator[Batch]:
     from torch.utils.data import DataLoader
 
     refs = sample_refs(tars)
+    if ids is not None:
+        wanted = set(np.asarray(ids, dtype=np.int64).tolist())
+        refs = [r for r in refs if r.sample_id in wanted]
+        if len(refs) != len(wanted):
+            raise ValueError(f"{len(wanted) - len(refs)} of the requested sample ids are not in these shards")
     positions = rank_share(len(refs), cfg, rank, world_size)
     on_gpu = cfg.device.startswith("cuda")
     # On CUDA torchvision decodes whole batches with nvJPEG: workers only read bytes.

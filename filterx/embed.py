@@ -1,0 +1,201 @@
+"""embed: encoder features for every sample of a dataset, into zarr aligned to sample ids.
+
+    DATASET/embeddings/<encoder tag>.zarr/
+      emb    (N, D) float16, one chunk of rows per shard (shard s = chunk s)
+      done   (num_shards,) bool, one chunk per element: the per-shard done mask
+
+Rows of a shard are written first and its ``done`` flag after them, so a run killed at any
+point leaves every shard either done (all rows written) or not done; a re-run embeds only the
+shards that are not done. Under ``torchrun`` the undone shards are dealt to ranks
+round-robin; each rank writes only its own shards' chunks, so no two processes ever write
+the same file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from filterx import atomic
+from filterx.dataset import Dataset
+from filterx.encoder import Encoder, load_encoder
+from filterx.loader import LoaderConfig, load_batches
+from filterx.progress import progress
+from filterx.runtime import init_distributed, resolve_device
+
+log = logging.getLogger(__name__)
+
+_ABORT_ENV = "FILTERX_ABORT_AFTER_SHARDS"  # crash injection for resume tests (os._exit)
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    dataset: Path
+    encoder: Path
+    backend: str = "auto"
+    device: str = "auto"
+    batch_size: int = 128
+    workers: int = 2
+    quiet: bool = False
+
+
+@dataclass(frozen=True)
+class EmbedSummary:
+    path: Path
+    embedded_shards: int
+    skipped_shards: int
+    samples: int
+    seconds: float
+    rank: int = 0
+    world_size: int = 1
+
+    def line(self) -> str:
+        rate = self.samples / max(self.seconds, 1e-9)
+        who = f" (rank {self.rank} of {self.world_size})" if self.world_size > 1 else ""
+        return (f"embedded {self.samples} images in {self.embedded_shards} shards{who} in "
+                f"{self.seconds:.1f}s ({rate:.0f} img/s); {self.skipped_shards} shards were already "
+                f"done; embeddings: {self.path}")
+
+
+def embeddings_complete(ds: Dataset, tag: str) -> bool:
+    """Whether every shard of ``ds`` has embeddings for encoder ``tag``."""
+    import zarr
+
+    path = ds.embeddings_path(tag)
+    if not (path / "zarr.json").is_file():
+        return False
+    return bool(np.all(zarr.open_group(path, mode="r")["done"][:]))
+
+
+def read_embeddings(ds: Dataset, tag: str, ids: np.ndarray | None = None) -> np.ndarray:
+    """(N, D) or (len(ids), D) float32 embeddings; ValueError if some are not computed yet."""
+    import zarr
+
+    path = ds.embeddings_path(tag)
+    if not embeddings_complete(ds, tag):
+        raise ValueError(f"embeddings {path} are missing or incomplete; run: filterx embed {ds.root} --encoder ...")
+    emb = zarr.open_group(path, mode="r")["emb"]
+    out = emb[:] if ids is None else emb.get_orthogonal_selection((np.asarray(ids), slice(None)))
+    return np.asarray(out, dtype=np.float32)
+
+
+def _open_store(ds: Dataset, enc: Encoder, rank: int):
+    """Create the store once (rank 0, atomically), then open it for writing on every rank."""
+    import zarr
+
+    path = ds.embeddings_path(enc.tag)
+    if rank == 0 and not (path / "zarr.json").is_file():
+        dim = int(enc.info["feature_dim"])
+        chunk_rows = max(ds.shard_counts)
+        with atomic.atomic_path(path) as tmp:
+            g = zarr.open_group(tmp, mode="w")
+            g.create_array("emb", shape=(ds.num_samples, dim), dtype="float16",
+                           chunks=(chunk_rows, dim), fill_value=np.nan)
+            g.create_array("done", shape=(ds.num_shards,), dtype=bool, chunks=(1,), fill_value=False)
+            g.attrs.update({"encoder_tag": enc.tag, "arch": enc.info["arch"], "resolution": enc.resolution,
+                            "feature_dim": dim, "dataset_fingerprint": ds.fingerprint,
+                            "shard_counts": ds.shard_counts})
+    _barrier()
+    g = zarr.open_group(path, mode="r+")
+    if g.attrs.get("dataset_fingerprint") != ds.fingerprint or list(g.attrs["shard_counts"]) != ds.shard_counts:
+        raise ValueError(f"{path} was made for another version of this dataset; remove it and re-run embed")
+    if int(g["emb"].chunks[0]) < max(ds.shard_counts) and ds.num_shards > 1:
+        raise ValueError(f"{path}: chunking does not match the shards; remove it and re-run embed")
+    return g
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def embed(cfg: EmbedConfig) -> EmbedSummary:
+    """Embed every shard of ``cfg.dataset`` not yet done with ``cfg.encoder``."""
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    info = init_distributed(device)
+    ds = Dataset.open(cfg.dataset)
+    if info.world_size > 1 and device.startswith("cuda"):
+        device = f"cuda:{info.local_rank}"
+    enc = load_encoder(cfg.encoder, device)
+    if info.is_main:
+        ds.ensure_indexes()
+    _barrier()
+    store = _open_store(ds, enc, info.rank)
+    done = np.asarray(store["done"][:], dtype=bool)
+    todo = [s for s in range(ds.num_shards) if not done[s]]
+    mine = todo[info.rank :: info.world_size]
+    lock = atomic.run_lock(ds.embeddings_path(enc.tag).parent, f"embed-{enc.tag}-rank{info.rank}")
+    with lock:
+        samples = _embed_shards(ds, enc, store, mine, cfg, device)
+    _barrier()
+    return EmbedSummary(ds.embeddings_path(enc.tag), len(mine), int(done.sum()), samples,
+                        time.perf_counter() - t0, info.rank, info.world_size)
+
+
+def _embed_shards(ds: Dataset, enc: Encoder, store, shards: list[int], cfg: EmbedConfig, device: str) -> int:
+    if not shards:
+        return 0
+    features = enc.features
+    on_gpu = device.startswith("cuda")
+    if on_gpu:
+        features = features.to(memory_format=torch.channels_last)
+    lcfg = LoaderConfig(resolution=enc.resolution, backend=cfg.backend, device=device,
+                        batch_size=cfg.batch_size, workers=cfg.workers,
+                        mean=tuple(enc.info["mean"]), std=tuple(enc.info["std"]))
+    starts = ds.shard_starts
+    dim = int(enc.info["feature_dim"])
+    pending: dict[int, np.ndarray] = {}  # rows of shards being read, allocated on first use
+    filled = {s: 0 for s in shards}
+    shard_of = np.repeat(np.arange(ds.num_shards), ds.shard_counts)
+    abort_after = int(os.environ.get(_ABORT_ENV, "0"))
+    written = 0
+    bar = progress(total=int(sum(ds.shard_counts[s] for s in shards)), desc=f"embed {ds.name}", quiet=cfg.quiet)
+    with torch.inference_mode():
+        for batch in load_batches([ds.shard_path(s) for s in shards], lcfg):
+            x = batch.images.contiguous(memory_format=torch.channels_last) if on_gpu else batch.images
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
+                f = features(x)
+            f = f.float().cpu().numpy().astype(np.float16)
+            ids = batch.ids.numpy()
+            for s in np.unique(shard_of[ids]):
+                rows = ids[shard_of[ids] == s]
+                buf = pending.get(s)
+                if buf is None:
+                    buf = pending[s] = np.zeros((ds.shard_counts[s], dim), dtype=np.float16)
+                buf[rows - starts[s]] = f[shard_of[ids] == s]
+                filled[s] += len(rows)
+                if filled[s] == ds.shard_counts[s]:
+                    store["emb"][starts[s] : starts[s + 1]] = pending.pop(s)
+                    store["done"][s] = True  # after the rows: a kill in between redoes the shard
+                    written += 1
+                    if abort_after and written >= abort_after:
+                        os._exit(137)
+            bar.update(len(ids))
+    bar.close()
+    unfinished = sorted(s for s in shards if filled[s] != ds.shard_counts[s])
+    if unfinished:
+        raise RuntimeError(f"shards {unfinished} were not read completely; re-run embed")
+    return int(sum(ds.shard_counts[s] for s in shards))
+
+
+def ensure_embeddings(dataset: Path, encoder: Path, **kwargs) -> str:
+    """Embed ``dataset`` with ``encoder`` unless complete embeddings exist; returns the tag."""
+    ds = Dataset.open(dataset)
+    tag = load_encoder_tag(encoder)
+    if not embeddings_complete(ds, tag):
+        summary = embed(replace(EmbedConfig(Path(dataset), Path(encoder)), **kwargs))
+        log.info(summary.line())
+    return tag
+
+
+def load_encoder_tag(path: Path) -> str:
+    return load_encoder(path).tag

@@ -1,0 +1,213 @@
+"""Networks the trainer builds by name, and a uniform (backbone, head) view of them.
+
+    build_model("resnet50", 1000)          # torchvision ResNet, no downloaded weights
+    build_model("alexnet_lrn", 31)         # Krizhevsky et al. 2012 / BVLC AlexNet with LRN
+    list_models()                          # the registered names
+
+Every model ends in one ``nn.Linear`` head (``fc`` for ResNets, ``fc8`` for ``alexnet_lrn``);
+the rest is the backbone. Fine-tuning replaces the head (:func:`replace_head`), gives it its
+own learning rate (:func:`split_backbone_head`), and domain adaptation reads the head's input,
+the pooled (B, D) features (:func:`features_and_logits`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_MODELS: dict[str, tuple[Callable[..., nn.Module], str]] = {}
+
+
+def register_model(name: str, head: str) -> Callable:
+    """Register ``fn(num_classes, **kwargs) -> nn.Module`` under ``name``; ``head`` is the
+    attribute path of its final linear layer."""
+
+    def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} is already registered")
+        _MODELS[name] = (fn, head)
+        return fn
+
+    return wrap
+
+
+def list_models() -> tuple[str, ...]:
+    return tuple(sorted(_MODELS))
+
+
+def build_model(arch: str, num_classes: int, **kwargs) -> nn.Module:
+    """An untrained ``arch`` with a ``num_classes``-way head (float32, CPU). ``kwargs`` go to
+    the architecture (alexnet_lrn: ``dropout``, ``fc_dim``; ResNets: torchvision's, e.g.
+    ``zero_init_residual``)."""
+    if arch not in _MODELS:
+        raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(list_models())}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    fn, head = _MODELS[arch]
+    try:
+        model = fn(num_classes, **kwargs)
+    except TypeError as exc:
+        raise ValueError(f"bad options {kwargs} for {arch}: {exc}") from None
+    # Plain attributes (not buffers): they survive DDP wrapping of a parent and cost nothing.
+    model.filterx_arch = arch
+    model.filterx_head = head
+    return model
+
+
+# ---------------------------------------------------------------- ResNets (torchvision)
+
+
+def _resnet(name: str) -> Callable[..., nn.Module]:
+    def make(num_classes: int, **kwargs) -> nn.Module:
+        import torchvision
+
+        return getattr(torchvision.models, name)(weights=None, num_classes=num_classes, **kwargs)
+
+    return make
+
+
+for _name in ("resnet18", "resnet34", "resnet50"):
+    register_model(_name, head="fc")(_resnet(_name))
+
+
+# ---------------------------------------------------------------- AlexNet with LRN
+
+
+class _CeilMaxPool(nn.MaxPool2d):
+    """Caffe's max pooling (ceil mode) that also accepts maps smaller than its window, padding
+    them with -inf, so that test images down to 16 px go through. At 112 and 224 px every map
+    is at least 3x3 and this is exactly ``nn.MaxPool2d(3, 2, ceil_mode=True)``."""
+
+    def __init__(self) -> None:
+        super().__init__(kernel_size=3, stride=2, ceil_mode=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if h < 3 or w < 3:
+            x = F.pad(x, (0, max(0, 3 - w), 0, max(0, 3 - h)), value=float("-inf"))
+        return super().forward(x)
+
+
+class AlexNetLRN(nn.Module):
+    """The BVLC AlexNet (Krizhevsky et al. 2012; Caffe's ``bvlc_alexnet``), as used in
+    domain-adaptation work (DDC, DAN, DANN on Office-31), not torchvision's variant:
+
+    conv1 96@11x11/4 -> ReLU -> LRN -> pool -> conv2 256@5x5 pad 2 groups 2 -> ReLU -> LRN ->
+    pool -> conv3 384@3x3 -> conv4 384@3x3 g2 -> conv5 256@3x3 g2 -> pool -> [6x6 avg] ->
+    fc6 4096 -> dropout -> fc7 4096 -> dropout -> fc8.
+
+    LRN is ``nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1)``, which like Caffe divides
+    alpha by the window size. conv1 is padded by 2 so that 224 px input gives Caffe's 227 px map
+    sizes (55, 27, 13, 6). An adaptive average pool to 6x6 before fc6 makes the network accept
+    112 px (and small test sizes); at 224 it is the identity. Initialisation is Caffe's:
+    N(0, 0.01) weights (0.005 for fc6/fc7), biases 0.1 on conv2/4/5 and fc6/7, 0 elsewhere.
+
+    ``fc_dim`` (4096 in the published network) narrows fc6/fc7, e.g. for fast tests.
+    Input float (B, 3, R, R), R >= 16; output logits (B, num_classes).
+    """
+
+    def __init__(self, num_classes: int = 1000, dropout: float = 0.5, fc_dim: int = 4096) -> None:
+        super().__init__()
+        lrn = dict(size=5, alpha=1e-4, beta=0.75, k=1.0)
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 96, 11, stride=4, padding=2), nn.ReLU(inplace=True),
+            nn.LocalResponseNorm(**lrn), _CeilMaxPool(),
+            nn.Conv2d(96, 256, 5, padding=2, groups=2), nn.ReLU(inplace=True),
+            nn.LocalResponseNorm(**lrn), _CeilMaxPool(),
+            nn.Conv2d(256, 384, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(384, 384, 3, padding=1, groups=2), nn.ReLU(inplace=True),
+            nn.Conv2d(384, 256, 3, padding=1, groups=2), nn.ReLU(inplace=True),
+            _CeilMaxPool(),
+        )
+        self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
+        self.fc6 = nn.Linear(256 * 6 * 6, fc_dim)
+        self.fc7 = nn.Linear(fc_dim, fc_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.fc8 = nn.Linear(fc_dim, num_classes)
+        self._caffe_init()
+
+    def _caffe_init(self) -> None:
+        convs = [m for m in self.features if isinstance(m, nn.Conv2d)]
+        for i, m in enumerate(convs):
+            nn.init.normal_(m.weight, 0.0, 0.01)
+            nn.init.constant_(m.bias, 0.1 if i in (1, 3, 4) else 0.0)
+        for m, std, bias in ((self.fc6, 0.005, 0.1), (self.fc7, 0.005, 0.1), (self.fc8, 0.01, 0.0)):
+            nn.init.normal_(m.weight, 0.0, std)
+            nn.init.constant_(m.bias, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.flatten(self.avgpool(self.features(x)), 1)
+        x = self.dropout(F.relu(self.fc6(x), inplace=True))
+        x = self.dropout(F.relu(self.fc7(x), inplace=True))
+        return self.fc8(x)
+
+
+@register_model("alexnet_lrn", head="fc8")
+def alexnet_lrn(num_classes: int, dropout: float = 0.5, fc_dim: int = 4096) -> nn.Module:
+    return AlexNetLRN(num_classes, dropout=dropout, fc_dim=fc_dim)
+
+
+# ---------------------------------------------------------------- backbone / head
+
+
+def head_name(model: nn.Module) -> str:
+    """Attribute path of the final linear layer: the registered one for models made by
+    :func:`build_model`, else the last ``nn.Linear`` in module order."""
+    name = getattr(model, "filterx_head", None)
+    if name is not None:
+        return name
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear head")
+    return linears[-1]
+
+
+def get_head(model: nn.Module) -> nn.Linear:
+    return model.get_submodule(head_name(model))
+
+
+def feature_dim(model: nn.Module) -> int:
+    """D, the width of the features the head reads."""
+    return int(get_head(model).in_features)
+
+
+def split_backbone_head(model: nn.Module) -> tuple[list[nn.Parameter], str]:
+    """(backbone parameters, head attribute path): for separate learning rates or freezing."""
+    name = head_name(model)
+    prefix = name + "."
+    backbone = [p for n, p in model.named_parameters() if not n.startswith(prefix)]
+    return backbone, name
+
+
+def backbone_modules(model: nn.Module) -> list[nn.Module]:
+    """Every submodule outside the head (for putting a frozen backbone in eval mode)."""
+    name = head_name(model)
+    return [m for n, m in model.named_modules() if n and n != name and not n.startswith(name + ".")]
+
+
+def replace_head(model: nn.Module, num_classes: int, std: float = 0.01) -> nn.Linear:
+    """Put a fresh ``num_classes``-way head (weights N(0, std), bias 0, as new layers get in
+    fine-tuning practice) in place of the old one, on the old one's device; returns it."""
+    name = head_name(model)
+    old = model.get_submodule(name)
+    head = nn.Linear(old.in_features, num_classes).to(old.weight.device)
+    nn.init.normal_(head.weight, 0.0, std)
+    nn.init.zeros_(head.bias)
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, head)
+    return head
+
+
+def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features (B, D), logits (B, C)) from one forward pass: the features are the head's
+    input, captured by a forward pre-hook, so this works for any registered model."""
+    captured: list[torch.Tensor] = []
+    handle = get_head(model).register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+    try:
+        logits = model(x)
+    finally:
+        handle.remove()
+    return captured[0], logits

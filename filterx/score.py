@@ -1,0 +1,235 @@
+"""score: run a registered scorer and store its scores with the dataset.
+
+    DATASET/scores.zarr/<name>    (N,) float32, aligned to sample ids, NaN where not scored
+                                  attrs: method, params, encoder, seed, filterx version, ...
+    DATASET/reports/scores-<name>-<table>.csv   tables a scorer returns (e.g. per-class accuracy)
+
+``score`` loads what the scorer ``needs`` (embeddings, the target split, the classifier head,
+labels, class metadata), embedding any dataset whose embeddings for the encoder are missing.
+The scorer itself only sees arrays.
+
+Candidates: the pool (``candidates="source"``) or the target's own training split
+(``"target-train"``, for influence "data dropout"): the latter scores are stored with the
+target dataset, NaN on its validation split.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import filterx
+from filterx import atomic
+from filterx.dataset import Dataset
+from filterx.scorers import ScoreInputs, get_scorer, resolved_params, run_scorer
+
+log = logging.getLogger(__name__)
+
+CANDIDATES = ("source", "target-train")
+_EMB_INPUTS = {"source_emb", "target_emb", "target_val_emb", "head_weight", "head_bias"}
+_TARGET_INPUTS = {"target_emb", "target_labels", "target_val_emb", "target_val_labels"}
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    method: str
+    source: Path
+    target: Path | None = None
+    encoder: Path | None = None
+    params: dict = field(default_factory=dict)
+    seed: int = 0
+    name: str | None = None
+    candidates: str = "source"
+    device: str = "auto"
+    backend: str = "auto"
+    batch_size: int = 128
+    workers: int = 2
+    quiet: bool = False
+
+
+@dataclass(frozen=True)
+class ScoreSummary:
+    dataset: Path
+    name: str
+    scored: int
+    total: int
+    seconds: float
+    attrs: dict
+
+    def line(self) -> str:
+        extra = {k: v for k, v in self.attrs.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+        facts = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(extra.items())[:6])
+        return (f"scored {self.scored} of {self.total} samples with {self.name} in {self.seconds:.1f}s "
+                f"({self.scored / max(self.seconds, 1e-9):.0f} samples/s); stored in "
+                f"{self.dataset / 'scores.zarr' / self.name}" + (f"; {facts}" if facts else ""))
+
+
+def score(cfg: ScoreConfig) -> ScoreSummary:
+    """Score the candidates with ``cfg.method`` and store the result (see module docstring)."""
+    from filterx.runtime import resolve_device
+
+    t0 = time.perf_counter()
+    scorer = get_scorer(cfg.method)
+    params = resolved_params(cfg.method, **cfg.params)
+    bad = sorted(set(cfg.params) - set(scorer.defaults))
+    if bad:
+        raise ValueError(f"method {cfg.method!r} takes no parameter(s) {bad}; valid: {sorted(scorer.defaults)}")
+    if cfg.candidates not in CANDIDATES:
+        raise ValueError(f"unknown candidates {cfg.candidates!r}; valid: {', '.join(CANDIDATES)}")
+    needs = set(scorer.needs)
+    if cfg.candidates == "target-train":
+        needs |= {"target_emb"}
+    if needs & _EMB_INPUTS and cfg.encoder is None:
+        raise ValueError(f"--method {cfg.method} needs --encoder (make one with: filterx train-encoder TARGET OUT)")
+    if (needs & _TARGET_INPUTS or cfg.candidates == "target-train") and cfg.target is None:
+        raise ValueError(f"--method {cfg.method} needs --target")
+    device = resolve_device(cfg.device)
+    source = Dataset.open(cfg.source)
+    target = Dataset.open(cfg.target) if cfg.target is not None else None
+
+    inputs, scored_ds, scored_ids, enc_info = _gather_inputs(cfg, needs, source, target, device)
+    name = cfg.name or cfg.method
+    with atomic.run_lock(scored_ds.root, f"score-{name}"):
+        result = run_scorer(cfg.method, inputs, seed=cfg.seed, **cfg.params)
+        full = np.full(scored_ds.num_samples, np.nan, dtype=np.float32)
+        full[scored_ids] = result.scores
+        attrs = {
+            "method": cfg.method,
+            "params": _jsonable(params),
+            "seed": cfg.seed,
+            "candidates": cfg.candidates,
+            "encoder": enc_info,
+            "source_fingerprint": source.fingerprint,
+            "target": None if target is None else {"root": str(target.root), "fingerprint": target.fingerprint},
+            "filterx_version": filterx.__version__,
+            "result": _jsonable(dict(result.attrs)),
+        }
+        write_scores(scored_ds, name, full, attrs)
+        for table, rows in result.tables.items():
+            write_table(scored_ds.root / "reports" / f"scores-{name}-{table}.csv", rows)
+    return ScoreSummary(scored_ds.root, name, int(len(scored_ids)), scored_ds.num_samples,
+                        time.perf_counter() - t0, dict(result.attrs))
+
+
+def _gather_inputs(cfg: ScoreConfig, needs: set, source: Dataset, target: Dataset | None, device: str):
+    """Load what the scorer needs; returns (inputs, dataset scored, its scored ids, encoder info)."""
+    from filterx.embed import ensure_embeddings, read_embeddings
+
+    enc_info = None
+    emb_kwargs = dict(device=device, backend=cfg.backend, batch_size=cfg.batch_size, workers=cfg.workers,
+                      quiet=cfg.quiet)
+    arrays: dict[str, Any] = {}
+    train_ids = val_ids = None
+    if cfg.encoder is not None and needs & _EMB_INPUTS:
+        import torch
+
+        info = torch.load(Path(cfg.encoder).expanduser(), map_location="cpu", weights_only=False) \
+            if Path(cfg.encoder).expanduser().is_file() else None
+        if info is None:
+            raise FileNotFoundError(f"encoder {str(cfg.encoder)!r} does not exist")
+        enc_info = {"path": str(Path(cfg.encoder).resolve()), "tag": info.get("tag"), "arch": info.get("arch")}
+        if "head_weight" in needs:
+            arrays["head_weight"] = info["state_dict"]["fc.weight"].float().numpy()
+            arrays["head_bias"] = info["state_dict"]["fc.bias"].float().numpy()
+        if target is not None:
+            train_ids, val_ids = _target_split(target, info)
+            if info.get("target", {}).get("fingerprint") not in (None, target.fingerprint):
+                log.warning("encoder %s was trained on another target (%s), not %s",
+                            cfg.encoder, info["target"].get("root"), target.root)
+            tag = ensure_embeddings(target.root, Path(cfg.encoder), **emb_kwargs)
+            t_emb = read_embeddings(target, tag)
+            arrays["target_emb"], arrays["target_val_emb"] = t_emb[train_ids], t_emb[val_ids]
+        if cfg.candidates == "source" and "source_emb" in needs:
+            tag = ensure_embeddings(source.root, Path(cfg.encoder), **emb_kwargs)
+            arrays["source_emb"] = read_embeddings(source, tag)
+    if target is not None:
+        if train_ids is None:
+            train_ids, val_ids = np.flatnonzero(target.labels >= 0), np.zeros(0, dtype=np.int64)
+        arrays["target_labels"] = target.labels[train_ids]
+        arrays["target_val_labels"] = target.labels[val_ids]
+    if cfg.candidates == "target-train":
+        scored_ds, scored_ids = target, train_ids
+        if "target_emb" in arrays:
+            arrays["source_emb"] = arrays["target_emb"]
+        arrays["source_labels"] = target.labels[train_ids]
+        arrays["source_classes"] = target.classes
+    else:
+        scored_ds, scored_ids = source, np.arange(source.num_samples)
+        arrays["source_labels"] = source.labels
+        arrays["source_classes"] = source.classes
+    inputs = ScoreInputs(num_source=len(scored_ids), device=device,
+                         **{k: v for k, v in arrays.items() if k in ScoreInputs.__dataclass_fields__})
+    return inputs, scored_ds, scored_ids, enc_info
+
+
+def _target_split(target: Dataset, info: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The encoder's own train/val split when it was trained on this target, else all/none."""
+    if info.get("target", {}).get("fingerprint") == target.fingerprint:
+        return np.asarray(info["train_ids"], dtype=np.int64), np.asarray(info["val_ids"], dtype=np.int64)
+    return np.flatnonzero(target.labels >= 0), np.zeros(0, dtype=np.int64)
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def write_scores(ds: Dataset, name: str, scores: np.ndarray, attrs: dict) -> Path:
+    """Store (N,) float32 ``scores`` as ``scores.zarr/<name>`` atomically (replacing an old one)."""
+    import zarr
+
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"invalid score name {name!r}")
+    root = ds.scores_path
+    if not (root / "zarr.json").is_file():
+        with atomic.atomic_path(root) as tmp:
+            zarr.open_group(tmp, mode="w").attrs["filterx_scores"] = 1
+    atomic.clean_stale_tmp(root)
+    out = root / name
+    with atomic.atomic_path(out) as tmp:
+        arr = zarr.create_array(tmp, shape=scores.shape, dtype="float32", chunks=(max(1, min(len(scores), 1 << 20)),),
+                                fill_value=np.nan)
+        arr[:] = scores
+        arr.attrs.update(attrs)
+    return out
+
+
+def list_scores(ds: Dataset) -> list[str]:
+    """Names of the score arrays stored with ``ds``."""
+    root = ds.scores_path
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / "zarr.json").is_file() and atomic.TMP_MARK not in p.name)
+
+
+def read_scores(ds: Dataset, name: str) -> tuple[np.ndarray, dict]:
+    """((N,) float32 scores, attrs) of ``scores.zarr/<name>``; errors list the stored names."""
+    import zarr
+
+    if name not in list_scores(ds):
+        have = ", ".join(list_scores(ds)) or "none yet"
+        raise ValueError(f"{ds.root} has no scores named {name!r} (stored: {have}); "
+                         f"run: filterx score --method {name} --source {ds.root} ...")
+    arr = zarr.open_array(ds.scores_path / name, mode="r")
+    scores = np.asarray(arr[:], dtype=np.float32)
+    if scores.shape != (ds.num_samples,):
+        raise ValueError(f"scores {name!r} have {scores.shape[0]} rows but {ds.root} has {ds.num_samples} samples")
+    return scores, dict(arr.attrs)
+
+
+def write_table(path: Path, rows: list[dict]) -> None:
+    """Write row dicts as CSV atomically (columns in first-seen order)."""
+    cols: list[str] = []
+    for r in rows:
+        cols.extend(k for k in r if k not in cols)
+    with atomic.atomic_path(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=cols)
+            w.writeheader()
+            w.writerows(rows)

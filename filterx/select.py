@@ -1,0 +1,147 @@
+"""select: stored scores -> a manifest of the samples to keep.
+
+Budget: exactly one of ``fraction`` (of the scored samples), ``count``, or ``threshold``
+(keep every score >= threshold). Order: score descending, ties broken by the lower sample id,
+NaN (unscored) never selected, so the same scores always give the same selection.
+``per_class_cap`` keeps at most that many samples of any one class, walking down the ranking
+until the budget is met or the ranking is exhausted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from filterx import manifest
+from filterx.dataset import Dataset
+from filterx.score import read_scores
+
+log = logging.getLogger(__name__)
+
+
+def rank_ids(scores: np.ndarray) -> np.ndarray:
+    """Ids of the scored (non-NaN) samples, best first; ties by ascending id."""
+    scores = np.asarray(scores, dtype=np.float64)
+    ids = np.flatnonzero(~np.isnan(scores))
+    order = np.lexsort((ids, -scores[ids]))
+    return ids[order]
+
+
+def budget_count(num_scored: int, *, fraction: float | None = None, count: int | None = None) -> int:
+    """How many samples a fraction or count budget keeps (fraction of the scored samples)."""
+    if fraction is not None:
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"--fraction must be in (0, 1], got {fraction}")
+        return int(round(fraction * num_scored))
+    if count is None or count < 1:
+        raise ValueError(f"--count must be >= 1, got {count}")
+    if count > num_scored:
+        raise ValueError(f"--count {count} is more than the {num_scored} scored samples")
+    return count
+
+
+def select_ids(scores: np.ndarray, *, fraction: float | None = None, count: int | None = None,
+               threshold: float | None = None, labels: np.ndarray | None = None,
+               per_class_cap: int | None = None) -> np.ndarray:
+    """Selected sample ids in rank order (best first). Exactly one budget must be given."""
+    given = [b is not None for b in (fraction, count, threshold)]
+    if sum(given) != 1:
+        raise ValueError("give exactly one of --fraction, --count, --threshold")
+    ranked = rank_ids(scores)
+    if threshold is not None:
+        ranked = ranked[np.asarray(scores)[ranked] >= threshold]
+        limit = len(ranked)
+    else:
+        limit = budget_count(len(ranked), fraction=fraction, count=count)
+    if per_class_cap is None:
+        return ranked[:limit]
+    if per_class_cap < 1:
+        raise ValueError(f"--per-class-cap must be >= 1, got {per_class_cap}")
+    if labels is None:
+        raise ValueError("--per-class-cap needs sample labels")
+    lab = np.asarray(labels)[ranked]
+    # rank of each sample within its class along the ranking: keep those under the cap
+    order = np.argsort(lab, kind="stable")
+    sorted_lab = lab[order]
+    first = np.searchsorted(sorted_lab, sorted_lab, side="left")
+    within = np.empty(len(lab), dtype=np.int64)
+    within[order] = np.arange(len(lab)) - first
+    return ranked[within < per_class_cap][:limit]
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    source: Path
+    method: str  # name of the stored score array
+    output: Path
+    fraction: float | None = None
+    count: int | None = None
+    threshold: float | None = None
+    per_class_cap: int | None = None
+    fmt: str | None = None  # inferred from the output name when None
+    txt_field: str = "key"
+    encoder_tag: str | None = None  # refuse scores made with another encoder
+    quiet: bool = False
+
+
+@dataclass(frozen=True)
+class SelectSummary:
+    output: Path
+    fmt: str
+    selected: int
+    scored: int
+    classes_kept: int
+    classes_removed: int
+    images_removed: int
+    seconds: float
+
+    def line(self) -> str:
+        return (f"selected {self.selected} of {self.scored} scored samples "
+                f"({self.selected / max(self.scored, 1):.1%}) into {self.output} ({self.fmt}); "
+                f"classes kept: {self.classes_kept}, removed entirely: {self.classes_removed}; "
+                f"images removed: {self.images_removed}")
+
+
+def infer_format(output: Path, fmt: str | None) -> str:
+    if fmt is not None:
+        if fmt not in manifest.FORMATS:
+            raise ValueError(f"unknown format {fmt!r}; valid: {', '.join(manifest.FORMATS)}")
+        return fmt
+    suffix = output.suffix.lstrip(".")
+    if suffix in ("jsonl", "npy", "txt"):
+        return suffix
+    if suffix == "":
+        return "wds"
+    raise ValueError(f"cannot tell the format of {output.name!r}; name it .jsonl, .npy or .txt, "
+                     f"a directory for wds, or pass --format ({', '.join(manifest.FORMATS)})")
+
+
+def select(cfg: SelectConfig) -> SelectSummary:
+    """Select from ``cfg.source``'s stored scores ``cfg.method`` and write the manifest."""
+    t0 = time.perf_counter()
+    fmt = infer_format(Path(cfg.output), cfg.fmt)
+    ds = Dataset.open(cfg.source)
+    scores, attrs = read_scores(ds, cfg.method)
+    used = (attrs.get("encoder") or {}).get("tag")
+    if cfg.encoder_tag and used and used != cfg.encoder_tag:
+        raise ValueError(f"scores {cfg.method!r} in {ds.root} were made with encoder {used}, "
+                         f"not the requested {cfg.encoder_tag}; re-run filterx score with that encoder")
+    ranked = select_ids(scores, fraction=cfg.fraction, count=cfg.count, threshold=cfg.threshold,
+                        labels=ds.labels, per_class_cap=cfg.per_class_cap)
+    scored = int((~np.isnan(scores)).sum())
+    budget = {k: v for k, v in (("fraction", cfg.fraction), ("count", cfg.count), ("threshold", cfg.threshold)) if v is not None}
+    header = manifest.make_header(ds, cfg.method, budget, len(ranked), {
+        "per_class_cap": cfg.per_class_cap,
+        "scores": {k: attrs.get(k) for k in ("method", "params", "seed", "encoder", "candidates")},
+    })
+    manifest.write_manifest(cfg.output, fmt, ds, ranked, scores[ranked], header, txt_field=cfg.txt_field,
+                            quiet=cfg.quiet)
+    pool = ds.labels[~np.isnan(scores)]
+    kept = np.unique(ds.labels[ranked][ds.labels[ranked] >= 0])
+    present = np.unique(pool[pool >= 0])
+    return SelectSummary(Path(cfg.output), fmt, len(ranked), scored, len(kept),
+                         len(np.setdiff1d(present, kept)), scored - len(ranked), time.perf_counter() - t0)

@@ -1,0 +1,538 @@
+"""What pretrain and finetune share: data sources, the torchrun runtime, learning-rate
+schedules, evaluation, checkpoints, and the epoch loop with resumption.
+
+Exact resumption: everything random in an epoch is a function of (seed, epoch, rank) only. The
+loader's shuffle and augmentation are seeded with (seed, epoch); torch/numpy/python RNGs are
+reseeded from (seed, epoch, rank) at the start of every epoch (dropout, new heads). So an epoch
+run after a restart from the previous epoch's checkpoint (model, optimizer, scheduler) computes
+exactly what the uninterrupted run did, on the same machine and thread count.
+
+Output directory (written by rank 0, atomically):
+
+    checkpoint.pt    the full state after the latest epoch (resume reads it)
+    epoch_NNNN.pt    the same, kept every ``save_every`` epochs when asked
+    metrics.jsonl    one JSON line per epoch (loss, top-1/top-5, lr, img/s, ...)
+    model.pt         the final weights with arch, classes and metrics (what finetune reads)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import filterx
+from filterx import atomic
+from filterx.dataset import Dataset, is_dataset
+from filterx.loader import Batch, LoaderConfig, dali_available, load_batches, resolve_backend
+from filterx.progress import progress
+from filterx.runtime import init_distributed, resolve_device
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+MODEL = "model.pt"
+CHECKPOINT_FORMAT = 1
+SCHEDULES = ("step", "cosine", "inv")
+# Crash injection for resume tests: os._exit(ABORT_EXIT_CODE) once this many epochs are saved.
+ABORT_ENV = "FILTERX_ABORT_AFTER_EPOCHS"
+ABORT_EXIT_CODE = 75
+
+
+# ---------------------------------------------------------------- data sources
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """The samples a run reads: ``tars`` restricted to ``ids`` (None: every sample of the tars,
+    which lets DALI read them). ``sample_ids``/``labels`` list the selected samples (int64)."""
+
+    tars: list[Path]
+    ids: np.ndarray | None
+    num_classes: int
+    class_names: tuple[str, ...]
+    sample_ids: np.ndarray
+    labels: np.ndarray
+    source: Path
+    fingerprint: str | None = None
+
+    @property
+    def count(self) -> int:
+        return len(self.sample_ids)
+
+    def subset(self, ids: np.ndarray) -> "TrainingData":
+        """The same source restricted to ``ids`` (a subset of ``sample_ids``)."""
+        pos = np.searchsorted(self.sample_ids, ids)
+        if len(ids) and (pos.max() >= len(self.sample_ids) or not np.array_equal(self.sample_ids[pos], ids)):
+            raise ValueError("subset ids are not all in the source")
+        return TrainingData(self.tars, np.asarray(ids, np.int64), self.num_classes, self.class_names,
+                            np.asarray(ids, np.int64), self.labels[pos], self.source, self.fingerprint)
+
+
+def resolve_training_data(source: str | Path) -> TrainingData:
+    """A dataset dir (every sample) or a manifest (its selected samples) -> what to read.
+
+    A manifest whose selection was materialised as tars (``--format wds``) reads those tars
+    whole; any other manifest reads the selected ids out of its dataset's tars. Raises
+    FileNotFoundError/ValueError naming the path when it is neither, or when the manifest's
+    dataset is missing or has another fingerprint.
+    """
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"training data {str(path)!r} does not exist; give a dataset dir "
+                                "(made by filterx shard) or a manifest (made by filterx select)")
+    if is_dataset(path):
+        ds = Dataset.open(path)
+        ids = np.arange(ds.num_samples, dtype=np.int64)
+        return TrainingData(ds.tar_paths(), None, ds.num_classes, tuple(c.name for c in ds.classes),
+                            ids, ds.labels, ds.root, ds.fingerprint)
+    try:
+        from filterx.manifest import read_manifest
+    except ImportError:
+        raise ValueError(f"{path} is not a filterx dataset dir (no index.zarr), and this filterx "
+                         "cannot read manifests") from None
+    try:
+        m = read_manifest(path)
+        ds = m.open_dataset()
+    except FileNotFoundError as exc:
+        if str(path) in str(exc):
+            raise
+        raise FileNotFoundError(f"manifest {path}: {exc}") from None
+    except (ValueError, KeyError, OSError) as exc:
+        if isinstance(exc, ValueError) and str(path) in str(exc):
+            raise
+        raise ValueError(f"{path} is neither a filterx dataset dir nor a readable manifest "
+                         f"({type(exc).__name__}: {exc})") from None
+    ids = np.asarray(m.ids, dtype=np.int64)
+    if len(ids) == 0:
+        raise ValueError(f"manifest {path} selects no samples")
+    if len(ids) and (ids.min() < 0 or ids.max() >= ds.num_samples):
+        raise ValueError(f"manifest {path} has sample ids outside [0, {ds.num_samples}) of {ds.root}")
+    tars = [Path(t) for t in m.tars] if m.tars else ds.tar_paths()
+    return TrainingData(tars, None if m.tars else ids, ds.num_classes, tuple(c.name for c in ds.classes),
+                        ids, ds.labels[ids], path, ds.fingerprint)
+
+
+def held_out_split(data: TrainingData, fraction: float, seed: int) -> tuple[TrainingData, TrainingData]:
+    """(train, held-out): ``fraction`` of every class held out (seeded, stratified)."""
+    from filterx.encoder import stratified_split
+
+    train_pos, val_pos = stratified_split(data.labels, fraction, seed)
+    if len(val_pos) == 0:
+        raise ValueError(f"a held-out fraction of {fraction} leaves no evaluation images in {data.source}")
+    return data.subset(data.sample_ids[train_pos]), data.subset(data.sample_ids[val_pos])
+
+
+def choose_backend(backend: str, ids: np.ndarray | None) -> str:
+    """auto -> DALI for whole tars when installed, torchvision for an id subset or without DALI."""
+    if backend == "auto":
+        return "dali" if ids is None and dali_available() else "torchvision"
+    backend = resolve_backend(backend)
+    if backend == "dali" and ids is not None:
+        raise ValueError("--backend dali reads whole shards, and this run reads a subset of them; "
+                         "materialise it with `filterx select --format wds` or use --backend torchvision / pil")
+    return backend
+
+
+def batches_per_epoch(n: int, batch_size: int, workers: int, world_size: int, backend: str) -> int:
+    """Training steps one rank takes per epoch over ``n`` samples: the loader's batches, less
+    those of a single image (BatchNorm cannot train on them). The same on every rank."""
+    def usable(c: int) -> int:
+        return c // batch_size + (1 if c % batch_size >= 2 else 0)
+
+    if backend == "dali":  # DALI's shards differ by one sample: every rank stops at the shortest
+        return min(usable((n * (r + 1)) // world_size - (n * r) // world_size) for r in range(world_size))
+    per_rank = math.ceil(n / world_size)
+    nw = max(1, workers)  # the loader deals a rank's samples round-robin over its workers
+    return sum(usable(len(range(w, per_rank, nw))) for w in range(nw))
+
+
+def usable_batches(batches: Iterable[Batch], steps: int) -> Iterator[Batch]:
+    """The first ``steps`` batches of two or more images (see :func:`batches_per_epoch`)."""
+    taken = 0
+    it = iter(batches)
+    try:
+        for b in it:
+            if taken == steps:
+                break
+            if len(b.ids) >= 2:
+                taken += 1
+                yield b
+    finally:
+        close = getattr(it, "close", None)
+        if close:
+            close()
+
+
+# ---------------------------------------------------------------- runtime
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: str
+    rank: int = 0
+    world_size: int = 1
+    owns_group: bool = False  # this run initialised torch.distributed (and tears it down)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+
+def setup_runtime(device: str) -> Runtime:
+    """Resolve the device and join the torchrun job, if any (NCCL on CUDA, gloo on the CPU)."""
+    import torch.distributed as dist
+
+    device = resolve_device(device)
+    was_up = dist.is_available() and dist.is_initialized()
+    info = init_distributed(device)
+    if device == "cuda":
+        device = f"cuda:{info.local_rank}"
+    return Runtime(device, info.rank, info.world_size, owns_group=info.world_size > 1 and not was_up)
+
+
+def teardown_runtime(rt: Runtime) -> None:
+    import torch.distributed as dist
+
+    if rt.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(rt: Runtime) -> None:
+    if rt.world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def all_reduce_sum(values: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    if rt.world_size > 1:
+        import torch.distributed as dist
+
+        values = values.clone()
+        dist.all_reduce(values)
+    return values
+
+
+def autocast(rt: Runtime):
+    """bf16 autocast on CUDA; full float32 on the CPU (bf16 CPU kernels are slower there)."""
+    if rt.cuda:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_input(x: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    x = x.to(rt.device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if rt.cuda else x
+
+
+def prepare_model(model: nn.Module, rt: Runtime, sync_bn: bool) -> nn.Module:
+    """On the device, channels_last on CUDA, SyncBatchNorm across ranks on CUDA when asked
+    (torch has no CPU SyncBatchNorm: on the CPU each rank normalises with its own batch)."""
+    if sync_bn and rt.world_size > 1 and rt.cuda:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(rt.device)
+    return model.to(memory_format=torch.channels_last) if rt.cuda else model
+
+
+def wrap_ddp(model: nn.Module, rt: Runtime) -> nn.Module:
+    if rt.world_size == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [torch.device(rt.device).index] if rt.cuda else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+# ---------------------------------------------------------------- schedules and seeds
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Learning-rate multiplier per training step (LambdaLR): ``step`` (x ``gamma`` every
+    ``step_epochs``), ``cosine``, or ``inv`` = (1 + inv_gamma p) ** -inv_power with p the
+    training progress 0 -> 1 (Ganin & Lempitsky's domain-adaptation schedule); times a linear
+    warm-up over the first ``warmup_steps``."""
+
+    kind: str
+    steps_per_epoch: int
+    total_steps: int
+    step_epochs: int = 30
+    gamma: float = 0.1
+    inv_gamma: float = 10.0
+    inv_power: float = 0.75
+    warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.kind!r}; valid: {', '.join(SCHEDULES)}")
+
+    def factor(self, step: int) -> float:
+        p = min(1.0, step / max(1, self.total_steps))
+        if self.kind == "step":
+            f = self.gamma ** ((step // max(1, self.steps_per_epoch)) // max(1, self.step_epochs))
+        elif self.kind == "cosine":
+            f = 0.5 * (1.0 + math.cos(math.pi * p))
+        else:
+            f = (1.0 + self.inv_gamma * p) ** (-self.inv_power)
+        if step < self.warmup_steps:
+            f *= (step + 1) / self.warmup_steps
+        return f
+
+    def scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        # a lambda (not this object) so that the schedule's settings are not saved in, and
+        # restored from, the scheduler's state: a resumed run may extend ``epochs``.
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: self.factor(s))
+
+
+def reseed(seed: int, epoch: int, rank: int) -> None:
+    """Seed torch, numpy and python from (seed, epoch, rank) alone (see the module doc)."""
+    a, b = np.random.SeedSequence([seed, epoch, rank]).generate_state(2)
+    torch.manual_seed(int(a))
+    np.random.seed(int(b))
+    random.seed(int(a) ^ int(b))
+
+
+def rng_states() -> dict:
+    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# ---------------------------------------------------------------- losses and evaluation
+
+
+def labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy over the labelled rows (label >= 0); 0 (not NaN) when there are none,
+    so that a rank with an unlabelled batch still takes its DDP step."""
+    per = F.cross_entropy(logits, labels.clamp_min(0), reduction="none", label_smoothing=label_smoothing)
+    keep = (labels >= 0).to(per.dtype)
+    return (per * keep).sum() / keep.sum().clamp_min(1.0)
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """(B,) bool: the label is among the ``k`` highest logits (k capped at the class count)."""
+    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
+    return (top == labels[:, None]).any(dim=1)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: TrainingData, *, resolution: int, backend: str, batch_size: int,
+             workers: int, rt: Runtime, prefix: str = "val") -> dict:
+    """Top-1 (and top-5 with >= 5 classes) accuracy and mean loss of ``model`` over the
+    labelled samples of ``data`` (center crops), each rank reading its share; exact under DDP
+    (the padding the loader adds to even out ranks is removed by sample id)."""
+    was_training = model.training
+    model.eval()
+    cfg = LoaderConfig(resolution=resolution, backend=backend, device=rt.device, batch_size=batch_size,
+                       workers=workers, train=False, shuffle=False)
+    ids, top1, top5, losses = [], [], [], []
+    for b in load_batches(data.tars, cfg, rank=rt.rank, world_size=rt.world_size, ids=data.ids):
+        with autocast(rt):
+            logits = model(to_input(b.images, rt)).float()
+        y = b.labels.to(logits.device)
+        keep = y >= 0
+        logits, y = logits[keep], y[keep]
+        ids.append(b.ids[keep.cpu()].numpy())
+        top1.append(topk_correct(logits, y, 1).cpu().numpy())
+        top5.append(topk_correct(logits, y, 5).cpu().numpy())
+        losses.append(F.cross_entropy(logits, y, reduction="none").cpu().numpy())
+    model.train(was_training)
+    parts = [np.concatenate(a) if a else np.zeros(0) for a in (ids, top1, top5, losses)]
+    if rt.world_size > 1:
+        import torch.distributed as dist
+
+        gathered: list = [None] * rt.world_size
+        dist.all_gather_object(gathered, parts)
+        parts = [np.concatenate([g[i] for g in gathered]) for i in range(4)]
+    ids_all, first = np.unique(parts[0].astype(np.int64), return_index=True)
+    n = len(ids_all)
+    out = {f"{prefix}_top1": float(parts[1][first].mean()) if n else float("nan"),
+           f"{prefix}_loss": float(parts[3][first].mean()) if n else float("nan"),
+           f"{prefix}_count": n}
+    if data.num_classes >= 5:
+        out[f"{prefix}_top5"] = float(parts[2][first].mean()) if n else float("nan")
+    return out
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def config_dict(cfg) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in cfg.__dict__.items()}
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    with atomic.atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A filterx checkpoint / model file (pretrain or finetune); clear errors for other files."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ValueError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(payload, dict) or payload.get("filterx_checkpoint") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a filterx training checkpoint (made by filterx pretrain / finetune)")
+    return payload
+
+
+def check_resumable(saved: dict, current: dict, soft: tuple[str, ...], path: Path) -> None:
+    """Raise ValueError when a resumed run changes a setting that changes its results; warn
+    for ``soft`` ones (epochs, workers, device ...)."""
+    ignore = {"resume", "quiet", "out"}
+    diff = {k: (saved.get(k), v) for k, v in current.items() if k not in ignore and saved.get(k) != v}
+    hard = {k: d for k, d in diff.items() if k not in soft}
+    if hard:
+        changes = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in hard.items())
+        raise ValueError(f"cannot resume {path} with other settings ({changes}); "
+                         "use the original settings or another output dir")
+    for k, (a, b) in diff.items():
+        log.warning("resuming %s with %s changed from %r to %r: the result will differ from an "
+                    "uninterrupted run", path, k, a, b)
+
+
+def write_metrics(out: Path, history: list[dict]) -> None:
+    atomic.write_text(out / METRICS, "".join(json.dumps(row) + "\n" for row in history))
+
+
+def maybe_abort(epochs_done: int) -> None:
+    """The crash hook: exit at once, as a kill would, after ``FILTERX_ABORT_AFTER_EPOCHS``."""
+    value = os.environ.get(ABORT_ENV)
+    if value and epochs_done == int(value):
+        logging.shutdown()
+        os._exit(ABORT_EXIT_CODE)
+
+
+# ---------------------------------------------------------------- the epoch loop
+
+
+@dataclass
+class Run:
+    """One training run as the loop sees it. ``train_epoch(epoch, bar)`` returns the summed
+    statistics of the epoch on this rank (a dict of float tensors, ``n`` = images);
+    ``summarize`` turns the all-reduced sums into the logged metrics; ``evaluate(epoch)``
+    returns held-out metrics; ``payload()`` the checkpoint contents besides epoch/history."""
+
+    out: Path
+    desc: str
+    epochs: int
+    samples_per_epoch: int  # over all ranks
+    train_epoch: Callable[[int, object], dict]
+    summarize: Callable[[dict], dict]
+    evaluate: Callable[[int], dict]
+    payload: Callable[[], dict]
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    seed: int
+    save_every: int = 0
+    history: list = field(default_factory=list)
+
+
+def fit(run: Run, rt: Runtime, start_epoch: int, quiet: bool) -> list[dict]:
+    """Epochs ``start_epoch .. run.epochs - 1``; after each, rank 0 saves the checkpoint and
+    the metrics; all ranks then wait for it (so that a crash never loses a saved epoch)."""
+    bar = progress(total=run.epochs * run.samples_per_epoch, desc=run.desc, quiet=quiet or not rt.is_main)
+    bar.initial = bar.n = start_epoch * run.samples_per_epoch
+    bar.refresh()
+    for epoch in range(start_epoch, run.epochs):
+        reseed(run.seed, epoch, rt.rank)
+        lr = float(run.scheduler.get_last_lr()[0])
+        t0 = time.perf_counter()
+        sums = run.train_epoch(epoch, bar)
+        keys = sorted(sums)
+        total = all_reduce_sum(torch.stack([sums[k].detach().double().cpu() for k in keys]), rt)
+        seconds = time.perf_counter() - t0
+        totals = dict(zip(keys, total.tolist()))
+        row = {"epoch": epoch, "lr": lr, **run.summarize(totals), "images": int(totals["n"]),
+               "img_s": totals["n"] / max(seconds, 1e-9), "seconds": seconds}
+        row.update(run.evaluate(epoch))
+        run.history.append(row)
+        if rt.is_main:
+            payload = {**run.payload(), "epoch": epoch + 1, "history": run.history, "rng": rng_states()}
+            save_checkpoint(run.out / CHECKPOINT, payload)
+            if run.save_every and (epoch + 1) % run.save_every == 0:
+                save_checkpoint(run.out / f"epoch_{epoch + 1:04d}.pt", payload)
+            write_metrics(run.out, run.history)
+            shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
+            log.info("%s epoch %d/%d %s", run.desc, epoch + 1, run.epochs, shown)
+            bar.set_postfix({k: f"{row[k]:.3f}" for k in ("loss", "val_top1", "test_top1") if k in row})
+        barrier(rt)
+        maybe_abort(epoch + 1)
+    bar.close()
+    return run.history
+
+
+def finish(run: Run, rt: Runtime, extra: dict) -> Path:
+    """Write ``model.pt`` (rank 0): the final weights and metadata, without optimizer state."""
+    path = run.out / MODEL
+    if rt.is_main:
+        payload = {k: v for k, v in run.payload().items() if k not in ("optimizer", "scheduler")}
+        save_checkpoint(path, {**payload, **extra, "epoch": len(run.history), "history": run.history,
+                               "filterx_version": filterx.__version__})
+    barrier(rt)
+    return path
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    kind: str
+    out: Path
+    model: Path
+    epochs: int
+    start_epoch: int
+    world_size: int
+    seconds: float
+    history: list = field(default_factory=list)
+
+    @property
+    def final(self) -> dict:
+        return self.history[-1] if self.history else {}
+
+    def best(self, key: str) -> tuple[float, int] | None:
+        """(best value of ``key``, its epoch), or None when no epoch logged it."""
+        rows = [(r[key], r["epoch"]) for r in self.history if key in r and not math.isnan(r[key])]
+        return max(rows, key=lambda t: (t[0], -t[1])) if rows else None
+
+    def line(self) -> str:
+        f = self.final
+        parts = [f"{self.kind}: {self.epochs} epochs"
+                 + (f" (resumed at {self.start_epoch})" if self.start_epoch else "")
+                 + f" on {self.world_size} rank(s) in {self.seconds:.1f}s"]
+        if "loss" in f:
+            parts.append(f"final loss {f['loss']:.4f}, {f['img_s']:.0f} img/s")
+        for key in ("val_top1", "test_top1"):
+            best = self.best(key)
+            if best:
+                parts.append(f"{key} {f[key]:.1%} (best {best[0]:.1%} at epoch {best[1]})")
+        parts.append(f"saved to {self.model}")
+        return "; ".join(parts)
