@@ -1,0 +1,90 @@
+"""The spine scorers on synthetic arrays, checked against brute force."""
+
+import numpy as np
+import pytest
+
+from filterx.scorers import ScoreInputs, get_scorer, list_scorers, run_scorer
+
+
+def blobs(seed=0, n_source=600, n_target=120, d=16):
+    """Source: 3 Gaussian blobs; target: drawn near blob 0 only. Returns (S, T, source blob ids)."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(0, 4, (3, d))
+    which = rng.integers(0, 3, n_source)
+    S = centers[which] + rng.normal(0, 1, (n_source, d))
+    T = centers[0] + 0.3 + rng.normal(0, 1, (n_target, d))
+    return S.astype(np.float32), T.astype(np.float32), which
+
+
+def auc(scores, positive):
+    """Probability that a random positive outscores a random negative."""
+    from scipy.stats import rankdata
+
+    r = rankdata(scores)
+    n1, n0 = positive.sum(), (~positive).sum()
+    return (r[positive].sum() - n1 * (n1 + 1) / 2) / (n1 * n0)
+
+
+def test_registry_lists_and_rejects():
+    names = list_scorers()
+    assert {"random", "clustering", "domain-cls", "entropy"} <= set(names)
+    with pytest.raises(ValueError, match="valid methods: .*clustering"):
+        get_scorer("clusterin")
+    with pytest.raises(ValueError, match="takes no parameter"):
+        run_scorer("clustering", ScoreInputs(num_source=1), kk=3)
+    with pytest.raises(ValueError, match="needs inputs"):
+        run_scorer("clustering", ScoreInputs(num_source=1))
+
+
+def test_random_is_seeded():
+    a = run_scorer("random", ScoreInputs(num_source=1000), seed=1).scores
+    b = run_scorer("random", ScoreInputs(num_source=1000), seed=1).scores
+    c = run_scorer("random", ScoreInputs(num_source=1000), seed=2).scores
+    assert a.dtype == np.float32 and np.array_equal(a, b) and not np.array_equal(a, c)
+    assert 0.45 < a.mean() < 0.55
+
+
+@pytest.mark.parametrize("distance", ["min", "avg"])
+def test_clustering_matches_brute_force(distance):
+    import faiss
+
+    S, T, which = blobs()
+    res = run_scorer("clustering", ScoreInputs(num_source=len(S), source_emb=S, target_emb=T), seed=0,
+                     k=8, distance=distance, normalize=False)
+    km = faiss.Kmeans(S.shape[1], 8, niter=25, seed=0, max_points_per_centroid=100_000)
+    km.train(T)
+    d = np.sqrt(((S[:, None, :] - km.centroids[None]) ** 2).sum(-1))
+    ref = -(d.min(1) if distance == "min" else d.mean(1))
+    np.testing.assert_allclose(res.scores, ref, rtol=1e-4, atol=1e-4)
+    assert auc(res.scores, which == 0) > 0.95
+    assert res.attrs["k_used"] == 8
+
+
+def test_clustering_caps_k_at_the_target_size():
+    S, T, _ = blobs(n_target=5)
+    res = run_scorer("clustering", ScoreInputs(num_source=len(S), source_emb=S, target_emb=T), k=200)
+    assert res.attrs["k_used"] == 5 and np.isfinite(res.scores).all()
+
+
+@pytest.mark.parametrize("params", [{"model": "linear", "steps": 200}, {"model": "mlp", "steps": 200, "folds": 2}])
+def test_domain_classifier_finds_target_like_source(params):
+    S, T, which = blobs(seed=1)
+    res = run_scorer("domain-cls", ScoreInputs(num_source=len(S), source_emb=S, target_emb=T), seed=0, **params)
+    assert auc(res.scores, which == 0) > 0.9
+    assert res.attrs["mean_target_logit"] > res.attrs["mean_source_logit"]
+
+
+@pytest.mark.parametrize("order", ["high", "low"])
+def test_entropy_matches_softmax_entropy(order):
+    rng = np.random.default_rng(0)
+    S = rng.normal(size=(300, 12)).astype(np.float32)
+    W = rng.normal(size=(5, 12)).astype(np.float32)
+    b = rng.normal(size=5).astype(np.float32)
+    z = S.astype(np.float64) @ W.T + b
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    ref = -(p * np.log(p)).sum(1)
+    res = run_scorer("entropy", ScoreInputs(num_source=300, source_emb=S, head_weight=W, head_bias=b), order=order)
+    np.testing.assert_allclose(res.scores, ref if order == "high" else -ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="valid: high, low"):
+        run_scorer("entropy", ScoreInputs(num_source=300, source_emb=S, head_weight=W, head_bias=b), order="mid")
