@@ -324,11 +324,12 @@ def head_influence_scores(candidates, weight, bias, s_test, *, labels=None,
             raise ValueError(f"labels have shape {tuple(labels.shape)}, expected ({n},)")
         _check_labels(labels, C, "candidate labels")
     fused = _head_kernel(kernel, dev, dtype)
-    stacked_w, stacked_b = torch.cat([W, S[:, :D]]), torch.cat([b, S[:, D]])
+    # Without the kernel, one GEMM against [W; S[:, :D]] gives logits | x·S_c + S_c[D].
+    stacked_w, stacked_b = (W, b) if fused else (torch.cat([W, S[:, :D]]), torch.cat([b, S[:, D]]))
     out = np.empty(n, dtype=np.float32)
     for start in range(0, n, batch_size):
         xb = _to(candidates[start : start + batch_size], dev, dtype)
-        z = torch.addmm(stacked_b, xb, stacked_w.T)  # (B, 2C): logits | x·S_c + S_c[D]
+        z = torch.addmm(stacked_b, xb, stacked_w.T)
         r = torch.softmax(z[:, :C], dim=1)
         y = z[:, :C].argmax(1) if labels is None else labels[start : start + len(xb)].to(dev)
         r[torch.arange(len(xb), device=dev), y] -= 1.0
