@@ -17,6 +17,20 @@ USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
 
 
 class FilterxGroup(click.Group):
+    def main(self, args=None, prog_name=None, **kwargs):
+        """Usage errors (bad option values, missing paths) as one line, exit status 2."""
+        kwargs.pop("standalone_mode", None)
+        try:
+            rv = super().main(args, prog_name or "filterx", standalone_mode=False, **kwargs)
+        except click.UsageError as exc:
+            cmd = f" {exc.ctx.info_name}" if exc.ctx is not None and exc.ctx.parent is not None else ""
+            click.echo(f"filterx{cmd}: error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("filterx: aborted", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
     def invoke(self, ctx):
         from filterx.atomic import LockedError
 
@@ -268,8 +282,8 @@ def score(method, source, target, encoder, name, candidates, seed, device, backe
 @click.option("--method", required=True, help="Name of the stored scores (the method, or --name given to score).")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
               help="Manifest file (.jsonl, .npy, .txt) or a directory for --format wds.")
-@click.option("--fraction", type=float, help="Keep this share of the scored samples, in (0, 1].")
-@click.option("--count", type=int, help="Keep this many samples.")
+@click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), help="Keep this share of the scored samples, in (0, 1].")
+@click.option("--count", type=click.IntRange(1), help="Keep this many samples.")
 @click.option("--threshold", type=float, help="Keep every sample scoring >= this.")
 @click.option("--per-class-cap", type=click.IntRange(1), help="At most this many samples of one class.")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "npy", "txt", "wds"]), help="Default: from the output name.")

@@ -17,8 +17,9 @@ polarity). An encoder trained on that target alone put the pool's dark-on-light 
 further away than photos, so no embedding-based method could find them: "relevant" has to
 mean related in appearance, as ImageNet's mugs are to Office-31's.
 
-The relevant part of the pool is the images of the target's classes (pool digits 0-4); a
-filtering method's precision is the share of its selection that falls in it.
+Two relevant parts are known: the images of the target's classes (pool digits 0-4), and the
+images of the target's domain (all pool digits, handwritten like the target). A filtering
+method's precision is the share of its selection that falls in either.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ TARGET_DIGITS = (0, 1, 2, 3, 4)
 class SampleData:
     source: Path  # ImageFolder tree
     target: Path  # ImageFolder tree
-    relevant_classes: tuple[str, ...]  # pool class folders that are relevant to the target
+    relevant_classes: tuple[str, ...]  # pool classes that are the target's classes
+    domain_classes: tuple[str, ...] = ()  # pool classes of the target's domain (a superset)
 
 
 def make_sample_data(out: str | Path, *, per_class: int = 100, target_per_class: int = 60,
@@ -81,8 +83,10 @@ def make_sample_data(out: str | Path, *, per_class: int = 100, target_per_class:
             save(_render_digit(target_digits[d], rng, size(), style="camera"),
                  out / "target" / f"digit_{d}" / f"t{d}_{i:04d}.jpg")
     relevant = tuple(f"digit_{d}" for d in TARGET_DIGITS) if digits else ()
-    (out / "sample_data.json").write_text(json.dumps({"relevant_classes": list(relevant), "seed": seed}))
-    return SampleData(out / "source", out / "target", relevant)
+    domain = tuple(f"digit_{d}" for d in range(10)) if digits else ()
+    (out / "sample_data.json").write_text(json.dumps(
+        {"relevant_classes": list(relevant), "domain_classes": list(domain), "seed": seed}))
+    return SampleData(out / "source", out / "target", relevant, domain)
 
 
 def _split_digits(rng: np.random.Generator) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:

@@ -64,7 +64,10 @@ class ScoreSummary:
     attrs: dict
 
     def line(self) -> str:
-        extra = {k: v for k, v in self.attrs.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+        # what the scorer reported; a solver's residual first, as users must see it
+        keys = sorted(self.attrs, key=lambda k: k != "residual")
+        extra = {k: self.attrs[k] for k in keys
+                 if isinstance(self.attrs[k], (int, float, str)) and not isinstance(self.attrs[k], bool)}
         facts = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(extra.items())[:6])
         return (f"scored {self.scored} of {self.total} samples with {self.name} in {self.seconds:.1f}s "
                 f"({self.scored / max(self.seconds, 1e-9):.0f} samples/s); stored in "
@@ -77,8 +80,15 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
 
     t0 = time.perf_counter()
     scorer = get_scorer(cfg.method)
-    params = resolved_params(cfg.method, **cfg.params)
-    bad = sorted(set(cfg.params) - set(scorer.defaults))
+    cfg_params = dict(cfg.params)
+    # influence's parameter block is chosen here: the head works on arrays (the registry),
+    # the last block needs pixels (filterx.influence_pixels).
+    block = cfg_params.pop("params", "head") if cfg.method == "influence" else "head"
+    curvature = cfg_params.pop("curvature", "gauss-newton") if block == "last-block" else None
+    if block not in ("head", "last-block"):
+        raise ValueError(f"unknown influence parameters {block!r}; valid: head, last-block")
+    params = resolved_params(cfg.method, **cfg_params)
+    bad = sorted(set(cfg_params) - set(scorer.defaults))
     if bad:
         raise ValueError(f"method {cfg.method!r} takes no parameter(s) {bad}; valid: {sorted(scorer.defaults)}")
     if cfg.candidates not in CANDIDATES:
@@ -94,10 +104,15 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
     source = Dataset.open(cfg.source)
     target = Dataset.open(cfg.target) if cfg.target is not None else None
 
-    inputs, scored_ds, scored_ids, enc_info = _gather_inputs(cfg, needs, source, target, device)
     name = cfg.name or cfg.method
+    if block == "last-block":
+        scored_ds, scored_ids, result, enc_info = _last_block(cfg, params, curvature, source, target, device)
+        params = {**params, "params": "last-block", "curvature": curvature}
+    else:
+        inputs, scored_ds, scored_ids, enc_info = _gather_inputs(cfg, needs, source, target, device)
     with atomic.run_lock(scored_ds.root, f"score-{name}"):
-        result = run_scorer(cfg.method, inputs, seed=cfg.seed, **cfg.params)
+        if block == "head":
+            result = run_scorer(cfg.method, inputs, seed=cfg.seed, **cfg_params)
         full = np.full(scored_ds.num_samples, np.nan, dtype=np.float32)
         full[scored_ids] = result.scores
         attrs = {
@@ -167,6 +182,28 @@ def _gather_inputs(cfg: ScoreConfig, needs: set, source: Dataset, target: Datase
     inputs = ScoreInputs(num_source=len(scored_ids), device=device,
                          **{k: v for k, v in arrays.items() if k in ScoreInputs.__dataclass_fields__})
     return inputs, scored_ds, scored_ids, enc_info
+
+
+def _last_block(cfg: ScoreConfig, params: dict, curvature: str, source: Dataset, target: Dataset, device: str):
+    """Influence over the encoder's last block + head, from pixels (filterx.influence_pixels)."""
+    from filterx.encoder import load_encoder
+    from filterx.influence import SolverOptions
+    from filterx.influence_pixels import last_block_influence
+
+    enc = load_encoder(cfg.encoder, device)
+    train_ids, val_ids = _target_split(target, enc.info)
+    solver_keys = {"solver", "damping", "weight_decay", "cg_tol", "cg_max_iter", "lissa_scale", "lissa_depth",
+                   "lissa_repeats", "lissa_batch_size"}
+    options = SolverOptions(seed=cfg.seed, **{k: v for k, v in params.items() if k in solver_keys})
+    val_classes = params.get("val_classes")
+    ids, result = last_block_influence(
+        source, target, enc, train_ids=train_ids, val_ids=val_ids, options=options, labels=params["labels"],
+        candidates=cfg.candidates, val_classes=None if val_classes is None else tuple(val_classes),
+        curvature=curvature, backend=cfg.backend, device=device, batch_size=min(cfg.batch_size, 64),
+        workers=cfg.workers, quiet=cfg.quiet)
+    scored_ds = target if cfg.candidates == "target-train" else source
+    enc_info = {"path": str(Path(cfg.encoder).resolve()), "tag": enc.tag, "arch": enc.info["arch"]}
+    return scored_ds, ids, result, enc_info
 
 
 def _target_split(target: Dataset, info: dict) -> tuple[np.ndarray, np.ndarray]:

@@ -33,18 +33,20 @@ from filterx.loader import LoaderConfig, load_batches
 from filterx.models import build_model, list_models
 from filterx.runtime import seed_everything
 from filterx.train_common import (
-    CHECKPOINT, CHECKPOINT_FORMAT, SCHEDULES, Run, Runtime, Schedule, TrainingData, TrainSummary,
-    autocast, batches_per_epoch, check_resumable, choose_backend, config_dict, evaluate, finish, fit,
-    held_out_split, labelled_cross_entropy, load_checkpoint, prepare_model,
-    resolve_training_data, set_rng_states, setup_runtime, teardown_runtime, to_input, topk_correct,
-    usable_batches, wrap_ddp,
+    CHECKPOINT, CHECKPOINT_FORMAT, SCHEDULES, Run, Runtime, Schedule, TrainSummary, check_resumable,
+    config_dict, evaluate, finish, fit, load_checkpoint, prepare_model, set_rng_states, setup_runtime,
+    supervised_step, teardown_runtime, to_input, topk_correct, wrap_ddp,
+)
+from filterx.train_data import (  # noqa: F401  (resolve_training_data: re-exported for callers)
+    TrainingData, batches_per_epoch, choose_backend, held_out_split, resolve_training_data, usable_batches,
 )
 from filterx.train_finetune import FinetuneConfig, finetune  # noqa: F401  (one import for both)
 
 log = logging.getLogger(__name__)
 
 # Settings a resumed run may change without a ValueError (it warns that results will differ).
-SOFT_SETTINGS = ("epochs", "workers", "backend", "device", "save_every", "batch_size")
+# Paths may move between runs: the data's fingerprint and count (train_data) must not change.
+SOFT_SETTINGS = ("epochs", "workers", "backend", "device", "save_every", "batch_size", "data", "val")
 
 
 @dataclass(frozen=True)
@@ -92,10 +94,6 @@ class PretrainConfig:
             raise ValueError("give either val (a dataset to evaluate on) or val_fraction, not both")
 
 
-def _data_info(data: TrainingData) -> dict:
-    return {"source": str(data.source), "fingerprint": data.fingerprint, "count": data.count}
-
-
 def pretrain(cfg: PretrainConfig) -> TrainSummary:
     """Train ``cfg.arch`` from scratch on ``cfg.data``; see the module doc. Returns the summary
     (per-epoch history: loss, train_top1, lr, img_s, val_top1/val_top5/val_loss when evaluating)."""
@@ -139,7 +137,7 @@ def _pretrain(cfg: PretrainConfig, rt: Runtime, out: Path, train: TrainingData, 
                         warmup_steps=steps * cfg.warmup_epochs)
     sched = schedule.scheduler(opt)
     settings = {**config_dict(cfg), "world_size": rt.world_size, "global_batch": global_batch,
-                "train_data": _data_info(train)}
+                "train_data": train.identity()}
 
     start_epoch, history = 0, []
     ckpt_path = out / CHECKPOINT
@@ -168,19 +166,14 @@ def _pretrain(cfg: PretrainConfig, rt: Runtime, out: Path, train: TrainingData, 
         sums = {"n": zero.clone(), "labelled": zero.clone(), "loss": zero.clone(), "top1": zero.clone(),
                 "top5": zero.clone()}
         for b in usable_batches(batches, steps):
-            x, y = to_input(b.images, rt), b.labels.to(rt.device, non_blocking=True)
-            with autocast(rt):
-                logits = ddp(x)
-            loss = labelled_cross_entropy(logits.float(), y, cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            y = b.labels.to(rt.device, non_blocking=True)
+            loss, logits = supervised_step(ddp, opt, to_input(b.images, rt), y, rt, cfg.label_smoothing)
             sched.step()
             with torch.no_grad():
                 keep = y >= 0
                 sums["n"] += len(y)
                 sums["labelled"] += keep.sum()
-                sums["loss"] += loss.detach() * keep.sum()
+                sums["loss"] += loss * keep.sum()
                 sums["top1"] += topk_correct(logits[keep], y[keep], 1).sum()
                 sums["top5"] += topk_correct(logits[keep], y[keep], 5).sum()
             bar.update(len(y) * rt.world_size)

@@ -1,5 +1,6 @@
-"""What pretrain and finetune share: data sources, the torchrun runtime, learning-rate
-schedules, evaluation, checkpoints, and the epoch loop with resumption.
+"""What pretrain and finetune share: the torchrun runtime, learning-rate schedules, the
+supervised step, evaluation, checkpoints, and the epoch loop with resumption (the data
+sources are in :mod:`filterx.train_data`).
 
 Exact resumption: everything random in an epoch is a function of (seed, epoch, rank) only. The
 loader's shuffle and augmentation are seeded with (seed, epoch); torch/numpy/python RNGs are
@@ -26,7 +27,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
@@ -35,10 +36,10 @@ import torch.nn.functional as F
 
 import filterx
 from filterx import atomic
-from filterx.dataset import Dataset, is_dataset
-from filterx.loader import Batch, LoaderConfig, dali_available, load_batches, resolve_backend
+from filterx.loader import LoaderConfig, load_batches
 from filterx.progress import progress
 from filterx.runtime import init_distributed, resolve_device
+from filterx.train_data import TrainingData
 
 log = logging.getLogger(__name__)
 
@@ -50,131 +51,6 @@ SCHEDULES = ("step", "cosine", "inv")
 # Crash injection for resume tests: os._exit(ABORT_EXIT_CODE) once this many epochs are saved.
 ABORT_ENV = "FILTERX_ABORT_AFTER_EPOCHS"
 ABORT_EXIT_CODE = 75
-
-
-# ---------------------------------------------------------------- data sources
-
-
-@dataclass(frozen=True)
-class TrainingData:
-    """The samples a run reads: ``tars`` restricted to ``ids`` (None: every sample of the tars,
-    which lets DALI read them). ``sample_ids``/``labels`` list the selected samples (int64)."""
-
-    tars: list[Path]
-    ids: np.ndarray | None
-    num_classes: int
-    class_names: tuple[str, ...]
-    sample_ids: np.ndarray
-    labels: np.ndarray
-    source: Path
-    fingerprint: str | None = None
-
-    @property
-    def count(self) -> int:
-        return len(self.sample_ids)
-
-    def subset(self, ids: np.ndarray) -> "TrainingData":
-        """The same source restricted to ``ids`` (a subset of ``sample_ids``)."""
-        pos = np.searchsorted(self.sample_ids, ids)
-        if len(ids) and (pos.max() >= len(self.sample_ids) or not np.array_equal(self.sample_ids[pos], ids)):
-            raise ValueError("subset ids are not all in the source")
-        return TrainingData(self.tars, np.asarray(ids, np.int64), self.num_classes, self.class_names,
-                            np.asarray(ids, np.int64), self.labels[pos], self.source, self.fingerprint)
-
-
-def resolve_training_data(source: str | Path) -> TrainingData:
-    """A dataset dir (every sample) or a manifest (its selected samples) -> what to read.
-
-    A manifest whose selection was materialised as tars (``--format wds``) reads those tars
-    whole; any other manifest reads the selected ids out of its dataset's tars. Raises
-    FileNotFoundError/ValueError naming the path when it is neither, or when the manifest's
-    dataset is missing or has another fingerprint.
-    """
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"training data {str(path)!r} does not exist; give a dataset dir "
-                                "(made by filterx shard) or a manifest (made by filterx select)")
-    if is_dataset(path):
-        ds = Dataset.open(path)
-        ids = np.arange(ds.num_samples, dtype=np.int64)
-        return TrainingData(ds.tar_paths(), None, ds.num_classes, tuple(c.name for c in ds.classes),
-                            ids, ds.labels, ds.root, ds.fingerprint)
-    try:
-        from filterx.manifest import read_manifest
-    except ImportError:
-        raise ValueError(f"{path} is not a filterx dataset dir (no index.zarr), and this filterx "
-                         "cannot read manifests") from None
-    try:
-        m = read_manifest(path)
-        ds = m.open_dataset()
-    except FileNotFoundError as exc:
-        if str(path) in str(exc):
-            raise
-        raise FileNotFoundError(f"manifest {path}: {exc}") from None
-    except (ValueError, KeyError, OSError) as exc:
-        if isinstance(exc, ValueError) and str(path) in str(exc):
-            raise
-        raise ValueError(f"{path} is neither a filterx dataset dir nor a readable manifest "
-                         f"({type(exc).__name__}: {exc})") from None
-    ids = np.asarray(m.ids, dtype=np.int64)
-    if len(ids) == 0:
-        raise ValueError(f"manifest {path} selects no samples")
-    if len(ids) and (ids.min() < 0 or ids.max() >= ds.num_samples):
-        raise ValueError(f"manifest {path} has sample ids outside [0, {ds.num_samples}) of {ds.root}")
-    tars = [Path(t) for t in m.tars] if m.tars else ds.tar_paths()
-    return TrainingData(tars, None if m.tars else ids, ds.num_classes, tuple(c.name for c in ds.classes),
-                        ids, ds.labels[ids], path, ds.fingerprint)
-
-
-def held_out_split(data: TrainingData, fraction: float, seed: int) -> tuple[TrainingData, TrainingData]:
-    """(train, held-out): ``fraction`` of every class held out (seeded, stratified)."""
-    from filterx.encoder import stratified_split
-
-    train_pos, val_pos = stratified_split(data.labels, fraction, seed)
-    if len(val_pos) == 0:
-        raise ValueError(f"a held-out fraction of {fraction} leaves no evaluation images in {data.source}")
-    return data.subset(data.sample_ids[train_pos]), data.subset(data.sample_ids[val_pos])
-
-
-def choose_backend(backend: str, ids: np.ndarray | None) -> str:
-    """auto -> DALI for whole tars when installed, torchvision for an id subset or without DALI."""
-    if backend == "auto":
-        return "dali" if ids is None and dali_available() else "torchvision"
-    backend = resolve_backend(backend)
-    if backend == "dali" and ids is not None:
-        raise ValueError("--backend dali reads whole shards, and this run reads a subset of them; "
-                         "materialise it with `filterx select --format wds` or use --backend torchvision / pil")
-    return backend
-
-
-def batches_per_epoch(n: int, batch_size: int, workers: int, world_size: int, backend: str) -> int:
-    """Training steps one rank takes per epoch over ``n`` samples: the loader's batches, less
-    those of a single image (BatchNorm cannot train on them). The same on every rank."""
-    def usable(c: int) -> int:
-        return c // batch_size + (1 if c % batch_size >= 2 else 0)
-
-    if backend == "dali":  # DALI's shards differ by one sample: every rank stops at the shortest
-        return min(usable((n * (r + 1)) // world_size - (n * r) // world_size) for r in range(world_size))
-    per_rank = math.ceil(n / world_size)
-    nw = max(1, workers)  # the loader deals a rank's samples round-robin over its workers
-    return sum(usable(len(range(w, per_rank, nw))) for w in range(nw))
-
-
-def usable_batches(batches: Iterable[Batch], steps: int) -> Iterator[Batch]:
-    """The first ``steps`` batches of two or more images (see :func:`batches_per_epoch`)."""
-    taken = 0
-    it = iter(batches)
-    try:
-        for b in it:
-            if taken == steps:
-                break
-            if len(b.ids) >= 2:
-                taken += 1
-                yield b
-    finally:
-        close = getattr(it, "close", None)
-        if close:
-            close()
 
 
 # ---------------------------------------------------------------- runtime
@@ -334,6 +210,20 @@ def labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smo
     per = F.cross_entropy(logits, labels.clamp_min(0), reduction="none", label_smoothing=label_smoothing)
     keep = (labels >= 0).to(per.dtype)
     return (per * keep).sum() / keep.sum().clamp_min(1.0)
+
+
+def supervised_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                    rt: Runtime, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SGD step of the pretrain loop on a batch already on the device: forward (bf16
+    autocast on CUDA), labelled cross-entropy in float32, backward (DDP all-reduces the
+    gradients here), optimizer step. Returns (loss, logits), detached."""
+    with autocast(rt):
+        logits = model(x)
+    loss = labelled_cross_entropy(logits.float(), y, label_smoothing)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach(), logits.detach()
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:

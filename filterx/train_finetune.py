@@ -45,17 +45,20 @@ from filterx.models import (
 )
 from filterx.runtime import seed_everything
 from filterx.train_common import (
-    CHECKPOINT, CHECKPOINT_FORMAT, MODEL, SCHEDULES, Run, Runtime, Schedule, TrainingData, TrainSummary,
-    autocast, batches_per_epoch, check_resumable, choose_backend, config_dict, evaluate, finish, fit,
-    held_out_split, labelled_cross_entropy, load_checkpoint, prepare_model,
-    resolve_training_data, set_rng_states, setup_runtime, teardown_runtime, to_input, topk_correct,
-    usable_batches, wrap_ddp,
+    CHECKPOINT, CHECKPOINT_FORMAT, MODEL, SCHEDULES, Run, Runtime, Schedule, TrainSummary, autocast,
+    check_resumable, config_dict, evaluate, finish, fit, labelled_cross_entropy, load_checkpoint,
+    prepare_model, set_rng_states, setup_runtime, teardown_runtime, to_input, topk_correct, wrap_ddp,
+)
+from filterx.train_data import (
+    TrainingData, batches_per_epoch, choose_backend, held_out_split, resolve_training_data, usable_batches,
 )
 
 log = logging.getLogger(__name__)
 
 METHODS = ("plain", "dann", "pseudo-label")
-SOFT_SETTINGS = ("epochs", "workers", "backend", "device", "save_every", "world_size")
+# Paths may move between runs: the target's fingerprint and count (train_data) must not change.
+SOFT_SETTINGS = ("epochs", "workers", "backend", "device", "save_every", "world_size", "target", "test",
+                 "unlabeled", "init")
 
 
 @dataclass(frozen=True)
@@ -329,7 +332,7 @@ def _finetune(cfg: FinetuneConfig, rt: Runtime, out: Path, train: TrainingData, 
                         cfg.inv_gamma, cfg.inv_power)
     sched = schedule.scheduler(opt)
     settings = {**config_dict(cfg), "world_size": rt.world_size, "arch": arch,
-                "train_data": {"source": str(train.source), "fingerprint": train.fingerprint, "count": train.count}}
+                "train_data": train.identity()}
 
     start_epoch, history = 0, []
     ckpt_path = out / CHECKPOINT

@@ -18,7 +18,7 @@ MODELS = ("linear", "mlp")
 
 
 def train_domain_classifier(source: np.ndarray, target: np.ndarray, *, model: str = "linear",
-                            hidden: int = 256, steps: int = 1000, batch_size: int = 512,
+                            hidden: int = 256, steps: int = 500, batch_size: int = 512,
                             lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0,
                             device: str = "cpu"):
     """Train a balanced binary classifier (target = 1) on (Ns, D) source and (Nt, D) target rows.
@@ -70,7 +70,7 @@ def domain_logits(net, mean, std, x: np.ndarray, *, device: str = "cpu", block: 
 
 @register_scorer("domain-cls", needs=("source_emb", "target_emb"))
 def domain_scores(inputs: ScoreInputs, *, seed: int, model: str = "linear", hidden: int = 256,
-                  steps: int = 1000, batch_size: int = 512, lr: float = 1e-3,
+                  steps: int = 500, batch_size: int = 512, lr: float = 1e-3,
                   weight_decay: float = 1e-4, folds: int = 1) -> ScoreResult:
     """Logit of "target" from a balanced source-vs-target classifier on embeddings."""
     if folds < 1:

@@ -1,0 +1,64 @@
+"""The command line: the chain end to end, and user errors as one line with exit status 2."""
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from filterx.cli import main
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_chain_shard_score_select(image_folder, sample_dirs, encoder_file, tmp_path):
+    code, out, err = run("shard", image_folder, tmp_path / "ds", "--shard-size", 10, "--workers", 1, "-q", "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["num_samples"] == 27 and summary["skipped"] == 4
+    shutil.copytree(sample_dirs[0], tmp_path / "src")
+    code, out, err = run("score", "--method", "clustering", "--source", tmp_path / "src", "--target", sample_dirs[1],
+                         "--encoder", encoder_file, "--k", 3, "--distance", "avg", "--backend", "pil",
+                         "--device", "cpu", "--workers", 0, "-q")
+    assert code == 0, err
+    assert "scored" in out and "clustering" in out
+    code, out, err = run("select", "--source", tmp_path / "src", "--method", "clustering", "--fraction", 0.25,
+                         "-o", tmp_path / "subset.jsonl", "-q")
+    assert code == 0, err
+    assert "selected" in out
+    header = json.loads((tmp_path / "subset.jsonl").read_text().splitlines()[0])
+    assert header["method"] == "clustering" and header["budget"] == {"fraction": 0.25}
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["shard", "/no/such/dir", "/tmp/x"], "'/no/such/dir' does not exist"),
+    (["score", "--method", "magic", "--source", "."], "unknown method 'magic'; valid methods: "),
+    (["select", "--source", ".", "--method", "x", "--fraction", "1.5", "-o", "x.jsonl"], "1.5 is not in the range"),
+    (["select", "--source", ".", "--method", "x", "--fraction", "0.1", "-o", "x.jsonl"], "not a filterx dataset dir"),
+    (["embed", ".", "--encoder", "/no/encoder.pt"], "'/no/encoder.pt' does not exist"),
+])
+def test_user_errors_are_one_line(args, needle, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(*args)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("filterx") and needle in lines[0], err
+
+
+def test_one_class_target_is_refused(image_folder, tmp_path):
+    (tmp_path / "one" / "mug").mkdir(parents=True)
+    for p in sorted((image_folder / "class 0 é").glob("img_*.jpg"))[:4]:
+        shutil.copy(p, tmp_path / "one" / "mug" / p.name)
+    assert run("shard", tmp_path / "one", tmp_path / "ds", "-q")[0] == 0
+    code, _, err = run("train-encoder", tmp_path / "ds", tmp_path / "enc.pt", "--epochs", 1, "-q")
+    assert code == 2 and "1 class(es)" in err and "clustering or domain-cls" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_every_command_help_has_an_example():
+    for name in main.commands:
+        code, out, _ = run(name, "--help")
+        assert code == 0 and "Example" in out, name

@@ -1,0 +1,105 @@
+"""score: orchestration over real datasets, embeddings and the scores store."""
+
+import numpy as np
+import pytest
+import zarr
+
+from filterx.dataset import Dataset
+from filterx.embed import embeddings_complete
+from filterx.encoder import load_encoder
+from filterx.score import ScoreConfig, read_scores, score
+
+KW = dict(device="cpu", backend="pil", batch_size=16, workers=0, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def dirs(sample_dirs, encoder_file, tmp_path_factory):
+    import shutil
+
+    root = tmp_path_factory.mktemp("score")
+    shutil.copytree(sample_dirs[0], root / "source")
+    shutil.copytree(sample_dirs[1], root / "target")
+    return root / "source", root / "target", encoder_file
+
+
+def test_score_embeds_what_is_missing_and_stores_attrs(dirs):
+    src, tgt, enc = dirs
+    tag = load_encoder(enc).tag
+    s = score(ScoreConfig("clustering", src, tgt, enc, {"k": 4}, seed=3, **KW))
+    ds = Dataset.open(src)
+    assert embeddings_complete(ds, tag) and embeddings_complete(Dataset.open(tgt), tag)
+    scores, attrs = read_scores(ds, "clustering")
+    assert scores.shape == (ds.num_samples,) and np.isfinite(scores).all() and (scores <= 0).all()
+    assert attrs["method"] == "clustering" and attrs["seed"] == 3
+    assert attrs["params"] == {"k": 4, "distance": "min", "niter": 25, "normalize": True}
+    assert attrs["encoder"]["tag"] == tag and attrs["result"]["k_used"] == 4
+    assert s.scored == ds.num_samples
+    again = score(ScoreConfig("clustering", src, tgt, enc, {"k": 4}, seed=3, **KW))
+    np.testing.assert_array_equal(read_scores(ds, "clustering")[0], scores)
+    assert again.scored == s.scored
+
+
+def test_entropy_uses_the_encoder_head_and_named_store(dirs):
+    src, tgt, enc = dirs
+    score(ScoreConfig("entropy", src, tgt, enc, {"order": "low"}, name="entropy-low", **KW))
+    scores, attrs = read_scores(Dataset.open(src), "entropy-low")
+    num_classes = load_encoder(enc).info["num_classes"]
+    assert (scores <= 0).all() and (-scores <= np.log(num_classes) + 1e-5).all()
+    assert attrs["params"] == {"order": "low"}
+
+
+def test_class_mask_needs_no_encoder(dirs):
+    src, _, _ = dirs
+    score(ScoreConfig("class-mask", src, params={"classes": "digit_3,texture_stripes"}, **KW))
+    ds = Dataset.open(src)
+    scores, _ = read_scores(ds, "class-mask")
+    masked = np.isin(ds.labels, [c.index for c in ds.classes if c.name in ("digit_3", "texture_stripes")])
+    assert (scores[masked] < scores[~masked].min()).all()
+    tables = list((ds.root / "reports").glob("scores-class-mask-*.csv"))
+    assert [t.name for t in tables] == ["scores-class-mask-masked_classes.csv"]
+
+
+def test_target_train_candidates_leave_validation_unscored(dirs):
+    src, tgt, enc = dirs
+    score(ScoreConfig("random", src, tgt, enc, candidates="target-train", **KW))
+    info = load_encoder(enc).info
+    scores, attrs = read_scores(Dataset.open(tgt), "random")
+    assert np.isnan(scores[info["val_ids"]]).all() and np.isfinite(scores[info["train_ids"]]).all()
+    assert attrs["candidates"] == "target-train"
+
+
+def test_user_errors(dirs):
+    src, tgt, enc = dirs
+    with pytest.raises(ValueError, match="needs --encoder"):
+        score(ScoreConfig("clustering", src, tgt, **KW))
+    with pytest.raises(ValueError, match="needs --target"):
+        score(ScoreConfig("domain-cls", src, encoder=enc, **KW))
+    with pytest.raises(ValueError, match="valid methods"):
+        score(ScoreConfig("nope", src, **KW))
+    with pytest.raises(ValueError, match=r"takes no parameter\(s\) \['kay'\]"):
+        score(ScoreConfig("clustering", src, tgt, enc, {"kay": 3}, **KW))
+
+
+def test_influence_data_dropout_on_the_target(dirs):
+    src, tgt, enc = dirs
+    s = score(ScoreConfig("influence", src, tgt, enc, {"labels": "given", "solver": "cg"}, candidates="target-train",
+                          name="dropout", **KW))
+    info = load_encoder(enc).info
+    scores, attrs = read_scores(Dataset.open(tgt), "dropout")
+    assert np.isfinite(scores[info["train_ids"]]).all() and np.isnan(scores[info["val_ids"]]).all()
+    assert attrs["result"]["residual"] < 1e-4 and attrs["params"]["labels"] == "given"
+    assert "residual=" in s.line()
+
+
+def test_influence_last_block_from_pixels(dirs):
+    src, tgt, enc = dirs
+    # ResNet-18's layer4 is 8.4M parameters: a strong damping keeps CG to a few passes on a CPU
+    score(ScoreConfig("influence", src, tgt, enc, {"params": "last-block", "solver": "cg", "damping": 10.0,
+                                                   "cg_max_iter": 8, "cg_tol": 1e-3},
+                      name="influence-lb", **KW))
+    scores, attrs = read_scores(Dataset.open(src), "influence-lb")
+    assert np.isfinite(scores).all() and scores.std() > 0
+    assert attrs["params"]["params"] == "last-block" and attrs["params"]["curvature"] == "gauss-newton"
+    assert attrs["result"]["residual"] < 1e-2 and attrs["result"]["num_params"] > 8_000_000
+    with pytest.raises(ValueError, match="valid: head, last-block"):
+        score(ScoreConfig("influence", src, tgt, enc, {"params": "everything"}, **KW))

@@ -1,0 +1,60 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from filterx.select import budget_count, infer_format, rank_ids, select_ids
+
+
+def test_rank_order_ties_and_nan():
+    s = np.array([0.5, np.nan, 0.9, 0.5, 0.1, 0.9], dtype=np.float32)
+    assert rank_ids(s).tolist() == [2, 5, 0, 3, 4]
+    assert select_ids(s, count=3).tolist() == [2, 5, 0]
+    assert select_ids(s, threshold=0.5).tolist() == [2, 5, 0, 3]
+    assert select_ids(s, fraction=0.4).tolist() == [2, 5]  # 40% of the 5 scored
+
+
+def test_per_class_cap():
+    s = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    labels = np.array([0, 0, 0, 1, 1, 2])
+    assert select_ids(s, count=4, labels=labels, per_class_cap=2).tolist() == [0, 1, 3, 4]
+    assert select_ids(s, count=5, labels=labels, per_class_cap=1).tolist() == [0, 3, 5]
+
+
+@pytest.mark.parametrize("kw, msg", [
+    ({"fraction": 0.0}, r"\(0, 1\]"), ({"fraction": 1.5}, r"\(0, 1\]"), ({"count": 0}, ">= 1"),
+    ({"count": 99}, "more than"), ({}, "exactly one"), ({"count": 1, "fraction": 0.5}, "exactly one"),
+])
+def test_bad_budgets(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        select_ids(np.arange(10.0), **kw)
+
+
+def test_format_inference(tmp_path):
+    assert infer_format(tmp_path / "a.jsonl", None) == "jsonl"
+    assert infer_format(tmp_path / "a.npy", None) == "npy"
+    assert infer_format(tmp_path / "subset", None) == "wds"
+    with pytest.raises(ValueError, match="cannot tell the format"):
+        infer_format(tmp_path / "a.csv", None)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.floats(-5, 5, width=32), st.just(float("nan"))), min_size=1, max_size=60),
+       st.floats(0.01, 1.0), st.integers(1, 4))
+def test_selection_properties(values, fraction, cap):
+    s = np.array(values, dtype=np.float32)
+    labels = np.arange(len(s)) % 3
+    scored = int((~np.isnan(s)).sum())
+    sel = select_ids(s, fraction=fraction, labels=labels, per_class_cap=cap) if scored else np.array([], int)
+    if not scored:
+        return
+    k = budget_count(scored, fraction=fraction)
+    assert len(sel) <= k and len(set(sel.tolist())) == len(sel)
+    assert not np.isnan(s[sel]).any()
+    assert (np.bincount(labels[sel], minlength=3) <= cap).all()
+    # best first, ties by id
+    pairs = list(zip((-s[sel]).tolist(), sel.tolist()))
+    assert pairs == sorted(pairs)
+    # nothing left out that beats a selected sample of a class under its cap
+    plain = select_ids(s, fraction=fraction)
+    assert len(plain) == k and set(plain.tolist()) == set(rank_ids(s)[:k].tolist())
