@@ -289,8 +289,10 @@ def score(method, source, target, encoder, name, candidates, seed, device, backe
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "npy", "txt", "wds"]), help="Default: from the output name.")
 @click.option("--txt-field", default="key", show_default=True, type=click.Choice(["key", "path"]),
               help="txt format: write sample keys or original paths.")
+@click.option("--encoder", type=EXISTING_FILE, help="Refuse scores that were made with another encoder than this.")
 @common
-def select(source, method, output, fraction, count, threshold, per_class_cap, fmt, txt_field, quiet, verbose, as_json):
+def select(source, method, output, fraction, count, threshold, per_class_cap, fmt, txt_field, encoder, quiet, verbose,
+           as_json):
     """Turn stored scores into a manifest of the samples to keep (best first).
 
     \b
@@ -301,7 +303,12 @@ def select(source, method, output, fraction, count, threshold, per_class_cap, fm
     from filterx.select import SelectConfig, select as run
 
     _setup(quiet, verbose)
-    cfg = SelectConfig(source, method, output, fraction, count, threshold, per_class_cap, fmt, txt_field, quiet=quiet)
+    tag = None
+    if encoder is not None:
+        from filterx.embed import load_encoder_tag
+
+        tag = load_encoder_tag(encoder)
+    cfg = SelectConfig(source, method, output, fraction, count, threshold, per_class_cap, fmt, txt_field, tag, quiet)
     _emit(run(cfg), as_json)
 
 

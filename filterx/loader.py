@@ -115,6 +115,7 @@ def load_batches(
         if not tario.index_path(t).is_file():
             log.warning("DALI index for %s is missing; rebuilding it", t)
             tario.rebuild_index(t)
+        tario.check_complete(t)
     backend = resolve_backend(cfg.backend)
     if backend == "dali" and ids is not None:
         raise ValueError("the dali backend reads whole shards; materialise the subset with "

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from filterx import manifest
+from filterx import atomic, manifest
 from filterx.dataset import Dataset
 from filterx.score import read_scores
 
@@ -138,8 +138,10 @@ def select(cfg: SelectConfig) -> SelectSummary:
         "per_class_cap": cfg.per_class_cap,
         "scores": {k: attrs.get(k) for k in ("method", "params", "seed", "encoder", "candidates")},
     })
-    manifest.write_manifest(cfg.output, fmt, ds, ranked, scores[ranked], header, txt_field=cfg.txt_field,
-                            quiet=cfg.quiet)
+    out = Path(cfg.output)
+    with atomic.run_lock(out.parent, f"select-{out.name}"):
+        manifest.write_manifest(out, fmt, ds, ranked, scores[ranked], header, txt_field=cfg.txt_field,
+                                quiet=cfg.quiet)
     pool = ds.labels[~np.isnan(scores)]
     kept = np.unique(ds.labels[ranked][ds.labels[ranked] >= 0])
     present = np.unique(pool[pool >= 0])

@@ -145,6 +145,16 @@ def read_index(path: str | os.PathLike) -> list[MemberEntry]:
     return entries
 
 
+def check_complete(tar_path: str | os.PathLike, entries: Iterable[MemberEntry] | None = None) -> None:
+    """ValueError naming the tar if its index points past the end of the file (a truncated copy)."""
+    entries = read_index(index_path(tar_path)) if entries is None else entries
+    end = max((e.offset + e.size for e in entries), default=0)
+    size = os.path.getsize(tar_path)
+    if size < end:
+        raise ValueError(f"shard {tar_path} is truncated ({size} bytes, its index needs {end}); "
+                         "restore it or re-shard the dataset")
+
+
 def read_members(tar_path: str | os.PathLike, entries: Iterable[MemberEntry]) -> Iterator[tuple[MemberEntry, bytes]]:
     """Read the data of the given members by offset (no tar parsing)."""
     with open(tar_path, "rb") as f:

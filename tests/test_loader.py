@@ -99,3 +99,12 @@ def test_missing_index_is_rebuilt_and_bad_input_named(dataset_copy):
         LoaderConfig(backend="opencv")
     with pytest.raises(FileNotFoundError, match="missing.tar"):
         next(load_batches([dataset_copy / "missing.tar"], LoaderConfig()))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_truncated_tar_fails_with_one_clear_line(dataset_copy, backend):
+    ds = Dataset.open(dataset_copy)
+    tar = ds.shard_path(2)
+    tar.write_bytes(tar.read_bytes()[:3000])
+    with pytest.raises(ValueError, match=r"shard .*000002.tar is truncated"):
+        next(load_batches(ds.tar_paths(), LoaderConfig(resolution=32, backend=backend, workers=0)))
