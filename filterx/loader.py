@@ -30,7 +30,11 @@ from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
+# Imported here, not in the decode functions: forked loader workers inherit them instead of
+# each paying seconds of import time before their first sample.
+import torchvision.transforms.v2.functional as TF
 from torch.utils.data import IterableDataset
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from filterx import tario
 
@@ -214,8 +218,6 @@ def _random_crop_box(w: int, h: int, rng: np.random.Generator) -> tuple[int, int
 
 def _resize_crop_tensor(img, cfg: LoaderConfig, rng: np.random.Generator):
     """uint8 (3, H, W) tensor -> uint8 (3, R, R) with torchvision's functional ops."""
-    import torchvision.transforms.v2.functional as TF
-
     r = cfg.resolution
     if cfg.train:
         x0, y0, x1, y1 = _random_crop_box(img.shape[2], img.shape[1], rng)
@@ -227,8 +229,6 @@ def _resize_crop_tensor(img, cfg: LoaderConfig, rng: np.random.Generator):
 
 
 def _decode_torchvision(data: bytes, cfg: LoaderConfig, rng: np.random.Generator):
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     img = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     return _resize_crop_tensor(img, cfg, rng)
 
@@ -311,8 +311,6 @@ def _torch_batches(tars, cfg: LoaderConfig, backend: str, rank: int, world_size:
     rng = np.random.default_rng([cfg.seed, cfg.epoch, 1 << 20])
     for ids, images, labels in loader:
         if raw:
-            from torchvision.io import ImageReadMode, decode_jpeg
-
             decoded = decode_jpeg(images, mode=ImageReadMode.RGB, device=cfg.device)
             images = torch.stack([_resize_crop_tensor(im, cfg, rng) for im in decoded])
         else:

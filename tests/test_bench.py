@@ -1,0 +1,179 @@
+"""bench: the suite runner, results files, child-process measurement, realistic JPEGs."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench import suite
+from bench.images import make_realistic_jpegs
+
+STEM = r"(?P<suite>[a-z]+)(?P<quick>-quick)?_(?P<machine>[a-z0-9-]+)_(?P<cores>\d+)c_\d{8}-\d{4}(-\d+)?"
+
+
+# ---------------------------------------------------------------- realistic JPEGs
+
+
+@pytest.fixture(scope="module")
+def jpegs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("jpegs") / "photos"
+    return make_realistic_jpegs(out, 8, seed=3)
+
+
+def test_realistic_jpegs_are_imagenet_sized_photos(jpegs):
+    from PIL import Image
+
+    assert [p.name for p in jpegs] == [f"img_{i:06d}.jpg" for i in range(8)]
+    for p in jpegs:
+        with Image.open(p) as im:
+            assert im.format == "JPEG" and im.mode == "RGB"
+            long_side, short_side = max(im.size), min(im.size)
+            assert 400 <= long_side <= 500, (p, im.size)
+            assert 0.69 * long_side <= short_side <= 0.91 * long_side, (p, im.size)
+            arr = np.asarray(im, dtype=np.float32)
+        # a photo, not a flat field: strong spatial structure well above the added grain
+        assert arr.std() > 20, (p, arr.std())
+        assert np.abs(np.diff(arr.mean(axis=2), axis=1)).mean() > 2.0
+        assert p.stat().st_size > 15_000
+    sizes = [p.stat().st_size for p in jpegs]
+    assert 40_000 < np.mean(sizes) < 250_000, sizes
+    assert len({p.read_bytes() for p in jpegs}) == len(jpegs)
+
+
+def test_realistic_jpegs_are_cached_and_deterministic(jpegs, tmp_path):
+    mtimes = [p.stat().st_mtime_ns for p in jpegs]
+    again = make_realistic_jpegs(jpegs[0].parent, 8, seed=3)
+    assert again == jpegs and [p.stat().st_mtime_ns for p in again] == mtimes
+    # image i depends on (seed, i) only: a smaller set made elsewhere is a prefix
+    other = make_realistic_jpegs(tmp_path / "other", 3, seed=3)
+    assert [p.read_bytes() for p in other] == [p.read_bytes() for p in jpegs[:3]]
+    # another seed replaces the cache, and n shrinks the folder to n images
+    reseeded = make_realistic_jpegs(tmp_path / "other", 2, seed=4)
+    assert sorted(p.name for p in (tmp_path / "other").glob("*.jpg")) == ["img_000000.jpg",
+                                                                           "img_000001.jpg"]
+    assert reseeded[0].read_bytes() != jpegs[0].read_bytes()
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        make_realistic_jpegs(tmp_path / "none", 0)
+
+
+# ---------------------------------------------------------------- runner pieces
+
+
+def test_machine_slug_names_gpu_else_cpu():
+    cpu = {"cpu": "Intel(R) Xeon(R) Gold 6248 CPU @ 2.50GHz", "gpu": None, "cores": 2}
+    assert suite.machine_slug(cpu) == "intel-xeon-gold-6248"
+    gpu = {**cpu, "gpu": "NVIDIA H100 80GB HBM3"}
+    assert suite.machine_slug(gpu) == "nvidia-h100-80gb-hbm3"
+    import datetime as dt
+
+    stem = suite.results_stem("decode", cpu, True, dt.datetime(2025, 3, 4, 5, 6))
+    assert stem == "decode-quick_intel-xeon-gold-6248_2c_20250304-0506"
+
+
+def test_format_table_aligns_rows_with_different_keys():
+    text = suite.format_table([{"a": 1, "b": 2.5}, {"a": 10, "c": "x"}, {"b": 1234.5}])
+    lines = text.splitlines()
+    assert lines[0].split() == ["a", "b", "c"]
+    assert len({len(line) for line in lines}) == 1
+    assert lines[2].split() == ["1", "2.50", "-"]
+    assert lines[4].split() == ["-", "1234", "-"]
+
+
+def test_run_child_returns_result_and_its_own_peak_memory():
+    ballast = np.ones(300 * 2**20 // 8)  # 300 MiB touched in the runner, not in the child
+    res = suite.run_child("builtins:dict", {"a": 1, "b": [2, 3]})
+    assert res["a"] == 1 and res["b"] == [2, 3]
+    assert 1 < res["peak_rss_mb"] < 200, res  # the child's peak, not the runner's
+    del ballast
+    with pytest.raises(RuntimeError, match="exit code 1"):
+        suite.run_child("builtins:int", {"x": "not a number"})
+
+
+def test_round_robin_interleaves_and_keeps_failures():
+    order = []
+    jobs = {"a": ("builtins:dict", {"k": 1}), "bad": ("builtins:int", {"x": "?"})}
+    runs = suite.round_robin(jobs, 2, log=order.append)
+    assert [line.split()[1] for line in order] == ["a:", "bad:", "a:", "bad:"]
+    assert [r["k"] for r in runs["a"]] == [1, 1]
+    assert all("error" in r for r in runs["bad"])
+    s = suite.summarize_runs([{"img_s": 3.0, "peak_rss_mb": 5}, {"img_s": 1.0, "peak_rss_mb": 9},
+                              {"error": "x"}, {"img_s": 2.0, "peak_rss_mb": 7}])
+    assert (s["img_s"], s["img_s_min"], s["img_s_max"], s["runs"], s["peak_rss_mb"]) == (2.0, 1.0, 3.0, 3, 9)
+    assert suite.summarize_runs([{"error": "boom"}]) == {"img_s": None, "error": "boom"}
+    # ratios pair rounds: the load of round 2 (everything 3x slower) cancels out
+    x = [{"img_s": 2.0}, {"img_s": 9.0}, {"error": "x"}, {"img_s": 4.0}]
+    ref = [{"img_s": 1.0}, {"img_s": 3.0}, {"img_s": 1.0}, {"img_s": 2.0}]
+    assert suite.paired_ratio(x, ref) == pytest.approx(2.0)  # median of 2, 3, 2
+    assert suite.paired_ratio([{"error": "x"}], ref) is None
+
+
+# ---------------------------------------------------------------- runner end to end
+
+
+def _results(out: Path) -> dict[str, dict]:
+    found = {}
+    for p in out.glob("*.json"):
+        m = re.fullmatch(STEM + r"\.json", p.name)
+        assert m, p.name
+        assert p.with_suffix(".md").is_file()
+        found[m["suite"]] = json.loads(p.read_text())
+    return found
+
+
+def test_runner_reports_missing_and_failing_suites_and_goes_on(tmp_path, monkeypatch, capsys):
+    (tmp_path / "fake_ok.py").write_text(
+        "def run(quick, scale=1):\n"
+        "    return [{'case': 'ref', 'x_vs_ref': 1.0}, {'case': 'fast', 'x_vs_ref': 2.0 * scale}]\n")
+    (tmp_path / "fake_bad.py").write_text("def run(quick):\n    raise RuntimeError('boom')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(suite, "SUITES", {})
+    suite.register_suite("bad", "fake_bad", "raises")
+    suite.register_suite("gone", "fake_missing_module", "does not exist")
+    suite.register_suite("ok", "fake_ok", "two rows")
+    out = tmp_path / "results"
+    code = suite.main(["--suite", "bad,gone,ok", "--quick", "--out", str(out), "--opt", "scale=3"])
+    text = capsys.readouterr().out
+    assert code == 1
+    assert re.search(r"bad\s+failed\s+0 .*RuntimeError: boom", text)
+    assert re.search(r"gone\s+missing\s+0 .*fake_missing_module does not exist", text)
+    results = _results(out)
+    assert list(results) == ["ok"]  # only suites that produced rows write files
+    doc = results["ok"]
+    assert doc["quick"] is True and doc["options"] == {"scale": 3}
+    assert [r["x_vs_ref"] for r in doc["rows"]] == [1.0, 6.0]
+    assert doc["machine"]["cores"] >= 1 and doc["machine"]["torch"]
+    assert "--opt scale=3" in doc["command"]
+    # a scoped option the suite does not take fails that suite, naming the valid ones; an
+    # unscoped one that no suite takes fails the run
+    code = suite.main(["--suite", "ok", "--out", str(out), "--opt", "ok.nope=1"])
+    assert code == 1 and "valid: scale" in capsys.readouterr().out
+    code = suite.main(["--suite", "ok", "--no-write", "--opt", "nope=1"])
+    assert code == 1 and "option nope was taken by none" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        suite.main(["--suite", "nosuch"])
+
+
+def test_decode_suite_end_to_end_writes_ratios(tmp_path, capsys):
+    out = tmp_path / "results"
+    code = suite.main(["--suite", "decode", "--quick", "--out", str(out),
+                       "--data", str(tmp_path / "data"), "--opt", "images=16", "--opt", "repeats=1",
+                       "--opt", "resolutions=112", "--opt", "configs=pil-draft"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    doc = _results(out)["decode"]
+    md = next(out.glob("decode-quick_*.md")).read_text()
+    assert "CPU:" in md and "x_vs_pil_full" in md and "python -m bench --suite decode" in md
+    rows = {r["config"]: r for r in doc["rows"]}
+    assert set(rows) == {"pil-full", "pil-draft"}
+    assert rows["pil-full"]["x_vs_pil_full"] == pytest.approx(1.0)
+    for r in rows.values():
+        assert r["res"] == 112 and r["images"] == 16 and r["img_s"] > 0
+        assert r["x_vs_pil_full"] == pytest.approx(r["img_s"] / rows["pil-full"]["img_s"])
+        assert 10 < r["peak_rss_mb"] < 4000
+    # the same images through the same transform: draft decoding changes pixels only slightly
+    assert rows["pil-draft"]["out_mean"] == pytest.approx(rows["pil-full"]["out_mean"], abs=0.03)
