@@ -352,10 +352,9 @@ def _scan(items, root: Path, work: Path, chunk: int, workers: int, quiet: bool) 
 
 
 def _class_infos(class_names: list[str]) -> tuple[ClassInfo, ...]:
-    try:
-        from filterx.classes import class_info_for_folders
-    except ImportError:  # pragma: no cover - classes module is part of the package
-        return tuple(ClassInfo(i, n, None) for i, n in enumerate(class_names))
+    """Class metadata; folders named by ImageNet wnids get their human-readable names."""
+    from filterx.classes import class_info_for_folders
+
     return tuple(class_info_for_folders(class_names))
 
 

@@ -145,11 +145,7 @@ def _load_all() -> None:
     global _loaded
     if not _loaded:
         for mod in _SCORER_MODULES:
-            try:
-                importlib.import_module(mod)
-            except ModuleNotFoundError as exc:  # a scorer module not written yet
-                if exc.name != mod:
-                    raise
+            importlib.import_module(mod)
         _loaded = True
 
 
