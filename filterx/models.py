@@ -51,8 +51,7 @@ def build_model(arch: str, num_classes: int, **kwargs) -> nn.Module:
         model = fn(num_classes, **kwargs)
     except TypeError as exc:
         raise ValueError(f"bad options {kwargs} for {arch}: {exc}") from None
-    # Plain attributes (not buffers): they survive DDP wrapping of a parent and cost nothing.
-    model.filterx_arch = arch
+    # A plain attribute (not a buffer): not in the state dict, kept by SyncBatchNorm conversion.
     model.filterx_head = head
     return model
 

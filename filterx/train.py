@@ -8,8 +8,10 @@ x0.1 every 30 epochs, 90 epochs; bf16 autocast and channels_last on CUDA.
 
 Distributed: run the same call under ``torchrun --nproc_per_node N`` (add ``--nnodes`` /
 ``--rdzv-endpoint`` for several machines; the output dir must then be on a shared file system
-for resumption). Each rank reads its share of every epoch (the loader's rank split), gradients
-are averaged by DDP, rank 0 logs and saves. On CUDA BatchNorm is synchronised across ranks
+for resumption). Each rank reads its share of every epoch (the loader's rank split: with the
+torchvision / pil backends one seeded shuffle dealt round-robin, so a global batch is the same
+images whatever the world size; DALI gives each rank a fixed part of the tars, shuffled within
+it), gradients are averaged by DDP, rank 0 logs and saves. On CUDA BatchNorm is synchronised across ranks
 (``sync_bn``); torch has no CPU SyncBatchNorm, so on the CPU each rank normalises with its own
 batch and only networks without BatchNorm (``alexnet_lrn``) match a one-process run exactly.
 
