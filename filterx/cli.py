@@ -340,22 +340,164 @@ def demo(out, epochs, fraction, seed, quick, device, quiet, verbose, as_json):
     _emit(summary, as_json)
 
 
-def _add_optional_commands() -> None:
-    """Commands that live in their own modules (trainer), registered when present."""
-    import importlib
+def _arch_choice():
+    from filterx.models import list_models
 
-    for mod, names in (("filterx.cli_train", ("pretrain", "finetune")),):
-        try:
-            module = importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name != mod:
-                raise
-            continue
-        for n in names:
-            main.add_command(getattr(module, n))
+    return click.Choice(list_models())
 
 
-_add_optional_commands()
+def training_options(fn):
+    """Options shared by pretrain and finetune."""
+    for opt in reversed([
+        click.option("--resolution", default=224, show_default=True, type=click.IntRange(16),
+                     help="Input size (224 or 112 as in the literature; smaller for CPU runs)."),
+        click.option("--epochs", type=click.IntRange(1), help="Training epochs."),
+        click.option("--batch-size", type=click.IntRange(1), help="Per-rank batch size."),
+        click.option("--lr", type=float, help="Learning rate."),
+        click.option("--weight-decay", type=float, help="L2 weight decay."),
+        click.option("--schedule", type=click.Choice(["step", "cosine", "inv"]),
+                     help="step: x0.1 every --lr-step-epochs; inv: lr (1 + 10p)^-0.75; cosine."),
+        click.option("--lr-step-epochs", type=click.IntRange(1), help="Epochs between x0.1 steps."),
+        click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt after a kill."),
+        click.option("--seed", default=0, show_default=True),
+        click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])),
+        click.option("--backend", default="auto", show_default=True,
+                     type=click.Choice(["auto", "dali", "torchvision", "pil"])),
+        click.option("--workers", default=4, show_default=True, type=click.IntRange(0)),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _given(**kwargs) -> dict:
+    """The options the user set (None means: keep the config's literature default)."""
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _emit_rank0(summary, as_json: bool) -> None:
+    from filterx.runtime import dist_info
+
+    if dist_info().is_main:
+        _emit(summary, as_json)
+
+
+@main.command()
+@click.argument("data", type=click.Path(exists=True, path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--arch", default="resnet50", show_default=True, type=_arch_choice())
+@click.option("--val", type=click.Path(exists=True, path_type=Path), help="Dataset dir or manifest to evaluate on.")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), help="Else hold out this share.")
+@training_options
+@common
+def pretrain(data, out, arch, val, val_fraction, resolution, epochs, batch_size, lr, weight_decay, schedule,
+             lr_step_epochs, resume, seed, device, backend, workers, quiet, verbose, as_json):
+    """Pre-train a model on a manifest (any format) or a whole dataset dir.
+
+    Defaults follow the literature: SGD momentum 0.9, lr 0.01 per 256 images, weight decay
+    1e-4, x0.1 every 30 epochs, 90 epochs. Writes OUT/checkpoint.pt every epoch (resume with
+    --resume), OUT/metrics.jsonl and OUT/model.pt. Under torchrun it trains with DDP.
+
+    \b
+    Examples:
+      filterx pretrain subset.jsonl ws/pre --arch resnet50 --resolution 112
+      torchrun --nproc_per_node 8 -m filterx pretrain ws/subset ws/pre --arch resnet50
+    """
+    from filterx.train import PretrainConfig, pretrain as run
+
+    _setup(quiet, verbose)
+    cfg = PretrainConfig(data, out, arch=arch, resolution=resolution, seed=seed, device=device, backend=backend,
+                         workers=workers, resume=resume, val=val, quiet=quiet,
+                         **_given(val_fraction=val_fraction, epochs=epochs, batch_size=batch_size, lr=lr,
+                                  weight_decay=weight_decay, schedule=schedule, lr_step_epochs=lr_step_epochs))
+    _emit_rank0(run(cfg), as_json)
+
+
+@main.command()
+@click.argument("target", type=click.Path(exists=True, path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--init", type=click.Path(exists=True, path_type=Path),
+              help="A pretrain model.pt / checkpoint.pt or an encoder; omit to train from scratch.")
+@click.option("--arch", type=_arch_choice(), help="Architecture when training from scratch.")
+@click.option("--test", type=click.Path(exists=True, path_type=Path), help="Target test dataset dir or manifest.")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True),
+              help="Without --test: share of TARGET held out as the test split [0.2].")
+@click.option("--method", default="plain", show_default=True, type=click.Choice(["plain", "dann", "pseudo-label"]))
+@click.option("--unlabeled", type=click.Path(exists=True, path_type=Path),
+              help="Unlabelled target-domain dataset for dann / pseudo-label.")
+@click.option("--freeze-backbone", is_flag=True, help="Train the new head only.")
+@click.option("--pseudo-threshold", type=click.FloatRange(0, 1), help="pseudo-label: confidence cut-off [0.95].")
+@training_options
+@common
+def finetune(target, out, init, arch, test, val_fraction, method, unlabeled, freeze_backbone, pseudo_threshold,
+             resolution, epochs, batch_size, lr, weight_decay, schedule, lr_step_epochs, resume, seed, device,
+             backend, workers, quiet, verbose, as_json):
+    """Fine-tune on the target: a new head (lr x10), reporting target test top-1 per epoch.
+
+    Default schedule: the inverse decay lr (1 + 10p)^-0.75 of domain adaptation. With
+    --unlabeled, --method dann (gradient reversal) or pseudo-label adapts to that domain.
+
+    \b
+    Examples:
+      filterx finetune ws/target ws/ft --init ws/pre/model.pt --test ws/target-test
+      filterx finetune ws/target ws/ft-scratch --arch resnet50      # the no-pre-training baseline
+    """
+    from filterx.train import FinetuneConfig, finetune as run
+
+    _setup(quiet, verbose)
+    if init is None and arch is None:
+        raise click.UsageError("give --init (a pre-trained model) or --arch (to train from scratch)")
+    cfg = FinetuneConfig(target, out, init=init, arch=arch, test=test, unlabeled=unlabeled, method=method,
+                         freeze_backbone=freeze_backbone, resolution=resolution, seed=seed, device=device,
+                         backend=backend, workers=workers, resume=resume, quiet=quiet,
+                         **_given(val_fraction=val_fraction, pseudo_threshold=pseudo_threshold, epochs=epochs,
+                                  batch_size=batch_size, lr=lr, weight_decay=weight_decay, schedule=schedule,
+                                  lr_step_epochs=lr_step_epochs))
+    _emit_rank0(run(cfg), as_json)
+
+
+@main.command()
+@click.argument("dataset", type=EXISTING_DIR)
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for report.md/.html and the PNG plots.")
+@click.option("--method", "methods", multiple=True, help="Stored score names to include (repeatable); default: all.")
+@click.option("--fraction", default=0.1, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="Selection cut to mark and evaluate.")
+@click.option("--grid", default=16, show_default=True, type=click.IntRange(0),
+              help="Top and bottom images shown per method (0: no image grids).")
+@click.option("--relevant-classes", help="Class names/wnids (or @file) to measure each selection's precision against.")
+@common
+def report(dataset, output, methods, fraction, grid, relevant_classes, quiet, verbose, as_json):
+    """Plots and a summary of a dataset's scores: histograms with the cut, per-class shares,
+    overlap between methods, and the top- and bottom-scored images.
+
+    \b
+    Example:
+      filterx report ws/source -o ws/report --fraction 0.06 --relevant-classes @office31
+    """
+    from filterx.report import make_report
+
+    _setup(quiet, verbose)
+    summary = make_report(dataset, output, methods=list(methods) or None, fraction=fraction, grid=grid,
+                          relevant_classes=relevant_classes)
+    click.echo(json.dumps(summary.to_dict(), default=str, sort_keys=True) if as_json else summary.line())
+
+
+@main.command()
+@click.argument("dataset", type=EXISTING_DIR)
+@common
+def info(dataset, quiet, verbose, as_json):
+    """What a dataset dir holds: samples, classes, shards, embeddings, score arrays.
+
+    \b
+    Example:
+      filterx info ws/source
+    """
+    from filterx.info import dataset_info
+
+    _setup(quiet, verbose)
+    details = dataset_info(dataset)
+    click.echo(json.dumps(details.to_dict(), default=str, sort_keys=True) if as_json else details.text())
+
 
 if __name__ == "__main__":
     main()

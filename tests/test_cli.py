@@ -62,3 +62,30 @@ def test_every_command_help_has_an_example():
     for name in main.commands:
         code, out, _ = run(name, "--help")
         assert code == 0 and "Example" in out, name
+
+
+def test_pretrain_on_a_manifest_then_finetune(sample_dirs, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(sample_dirs[0], src)
+    assert run("score", "--method", "random", "--source", src, "-q")[0] == 0
+    assert run("select", "--source", src, "--method", "random", "--count", 40, "-o", tmp_path / "m.jsonl", "-q")[0] == 0
+    code, out, err = run("pretrain", tmp_path / "m.jsonl", tmp_path / "pre", "--arch", "resnet18", "--resolution", 32,
+                         "--epochs", 1, "--batch-size", 16, "--backend", "pil", "--workers", 0, "--device", "cpu",
+                         "-q", "--json")
+    assert code == 0, err
+    assert json.loads(out)["epochs"] == 1 and (tmp_path / "pre" / "model.pt").is_file()
+    code, out, err = run("finetune", sample_dirs[1], tmp_path / "ft", "--init", tmp_path / "pre" / "model.pt",
+                         "--resolution", 32, "--epochs", 1, "--batch-size", 16, "--backend", "pil", "--workers", 0,
+                         "--device", "cpu", "-q")
+    assert code == 0, err
+    assert "test_top1" in out
+
+
+def test_manifest_of_a_missing_dataset_is_one_line(sample_dirs, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(sample_dirs[0], src)
+    run("score", "--method", "random", "--source", src, "-q")
+    run("select", "--source", src, "--method", "random", "--count", 10, "-o", tmp_path / "m.jsonl", "-q")
+    shutil.rmtree(src)
+    code, _, err = run("pretrain", tmp_path / "m.jsonl", tmp_path / "pre", "--epochs", 1, "-q")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "does not exist" in err
