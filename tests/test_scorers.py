@@ -66,7 +66,7 @@ def test_clustering_caps_k_at_the_target_size():
     assert res.attrs["k_used"] == 5 and np.isfinite(res.scores).all()
 
 
-@pytest.mark.parametrize("params", [{"model": "linear", "steps": 200}, {"model": "mlp", "steps": 200, "folds": 2}])
+@pytest.mark.parametrize("params", [{"model": "linear", "steps": 200}, {"model": "mlp", "hidden": 64, "steps": 150, "folds": 2}])
 def test_domain_classifier_finds_target_like_source(params):
     S, T, which = blobs(seed=1)
     res = run_scorer("domain-cls", ScoreInputs(num_source=len(S), source_emb=S, target_emb=T), seed=0, **params)
