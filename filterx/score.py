@@ -65,13 +65,14 @@ class ScoreSummary:
 
     def line(self) -> str:
         # what the scorer reported; a solver's residual first, as users must see it
-        keys = sorted(self.attrs, key=lambda k: k != "residual")
+        keys = sorted((k for k in self.attrs if k != "match_report"), key=lambda k: k != "residual")
         extra = {k: self.attrs[k] for k in keys
                  if isinstance(self.attrs[k], (int, float, str)) and not isinstance(self.attrs[k], bool)}
         facts = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(extra.items())[:6])
         return (f"scored {self.scored} of {self.total} samples with {self.name} in {self.seconds:.1f}s "
                 f"({self.scored / max(self.seconds, 1e-9):.0f} samples/s); stored in "
-                f"{self.dataset / 'scores.zarr' / self.name}" + (f"; {facts}" if facts else ""))
+                f"{self.dataset / 'scores.zarr' / self.name}" + (f"; {facts}" if facts else "")
+                + (f"\nclasses matched (check them):\n{self.attrs['match_report']}" if "match_report" in self.attrs else ""))
 
 
 def score(cfg: ScoreConfig) -> ScoreSummary:

@@ -26,7 +26,7 @@ import math
 import numpy as np
 import torch
 
-from filterx.classes import MATCH_MODES, match_classes
+from filterx.classes import MATCH_MODES, describe_matches, match_classes
 from filterx.scorers import ClassInfo, ScoreInputs, ScoreResult, register_scorer
 
 MASKED_SCORE = -1.0
@@ -281,6 +281,7 @@ def class_mask(
         "named_names": [pool[i].name for i in named],
         "num_named_images": int(counts[named].sum()),
         "matches": [{"entry": m.entry, "indices": [c.index for c in m.classes]} for m in matches],
+        "match_report": describe_matches(matches),
     }
     table = _class_rows(pool, masked, counts, entry=entries)
     return ScoreResult(class_mask_scores(labels, masked), attrs, {"masked_classes": table})
