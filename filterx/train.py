@@ -35,8 +35,8 @@ from filterx.loader import LoaderConfig, load_batches
 from filterx.models import build_model, list_models
 from filterx.runtime import seed_everything
 from filterx.train_common import (
-    CHECKPOINT, CHECKPOINT_FORMAT, SCHEDULES, Run, Runtime, Schedule, TrainSummary, check_resumable,
-    config_dict, evaluate, finish, fit, load_checkpoint, prepare_model, set_rng_states, setup_runtime,
+    CHECKPOINT, CHECKPOINT_FORMAT, SCHEDULES, Run, Runtime, Schedule, TrainSummary, resume_from,
+    config_dict, evaluate, finish, fit, prepare_model, setup_runtime,
     supervised_step, teardown_runtime, to_input, topk_correct, wrap_ddp,
 )
 from filterx.train_data import (  # noqa: F401  (resolve_training_data: re-exported for callers)
@@ -141,21 +141,10 @@ def _pretrain(cfg: PretrainConfig, rt: Runtime, out: Path, train: TrainingData, 
     settings = {**config_dict(cfg), "world_size": rt.world_size, "global_batch": global_batch,
                 "train_data": train.identity()}
 
-    start_epoch, history = 0, []
-    ckpt_path = out / CHECKPOINT
-    if ckpt_path.exists():
-        if not cfg.resume:
-            raise ValueError(f"{out} already holds a training run ({CHECKPOINT}); pass resume=True "
-                             "(--resume) to continue it, or choose another output dir")
-        saved = load_checkpoint(ckpt_path)
-        check_resumable(saved["settings"], settings, SOFT_SETTINGS + ("world_size",), ckpt_path)
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
-        set_rng_states(saved["rng"])
-        start_epoch, history = int(saved["epoch"]), list(saved["history"])
-        if rt.is_main:
-            log.info("resuming %s after epoch %d of %d", ckpt_path, start_epoch, cfg.epochs)
+    start_epoch, history = resume_from(out, cfg.resume, settings, SOFT_SETTINGS + ("world_size",),
+                                       {"model": model}, opt, sched)
+    if start_epoch and rt.is_main:
+        log.info("resuming %s after epoch %d of %d", out / CHECKPOINT, start_epoch, cfg.epochs)
     ddp = wrap_ddp(model, rt)
 
     def train_epoch(epoch: int, bar) -> dict:

@@ -297,6 +297,31 @@ def load_checkpoint(path: str | Path) -> dict:
     return payload
 
 
+def resume_from(out: Path, resume: bool, settings: dict, soft: tuple[str, ...],
+                modules: dict[str, nn.Module | None], opt, sched) -> tuple[int, list[dict]]:
+    """(start epoch, history): restore ``out/checkpoint.pt`` into ``modules`` (checkpoint key ->
+    module; None entries skipped), the optimizer, scheduler and RNG states when resuming.
+
+    A checkpoint without ``resume`` is refused (no silent overwrite); settings that differ from
+    the saved run, other than ``soft`` ones, are refused by name.
+    """
+    path = out / CHECKPOINT
+    if not path.exists():
+        return 0, []
+    if not resume:
+        raise ValueError(f"{out} already holds a training run ({CHECKPOINT}); pass resume=True "
+                         "(--resume) to continue it, or choose another output dir")
+    saved = load_checkpoint(path)
+    check_resumable(saved["settings"], settings, soft, path)
+    for key, module in modules.items():
+        if module is not None:
+            module.load_state_dict(saved[key])
+    opt.load_state_dict(saved["optimizer"])
+    sched.load_state_dict(saved["scheduler"])
+    set_rng_states(saved["rng"])
+    return int(saved["epoch"]), list(saved["history"])
+
+
 def check_resumable(saved: dict, current: dict, soft: tuple[str, ...], path: Path) -> None:
     """Raise ValueError when a resumed run changes a setting that changes its results; warn
     for ``soft`` ones (epochs, workers, device ...)."""

@@ -45,9 +45,9 @@ from filterx.models import (
 )
 from filterx.runtime import seed_everything
 from filterx.train_common import (
-    CHECKPOINT, CHECKPOINT_FORMAT, MODEL, SCHEDULES, Run, Runtime, Schedule, TrainSummary, autocast,
-    check_resumable, config_dict, evaluate, finish, fit, labelled_cross_entropy, load_checkpoint,
-    prepare_model, set_rng_states, setup_runtime, teardown_runtime, to_input, topk_correct, wrap_ddp,
+    CHECKPOINT_FORMAT, MODEL, SCHEDULES, Run, Runtime, Schedule, TrainSummary, autocast,
+    resume_from, config_dict, evaluate, finish, fit, labelled_cross_entropy, load_checkpoint,
+    prepare_model, setup_runtime, teardown_runtime, to_input, topk_correct, wrap_ddp,
 )
 from filterx.train_data import (
     TrainingData, batches_per_epoch, choose_backend, held_out_split, resolve_training_data, usable_batches,
@@ -334,21 +334,8 @@ def _finetune(cfg: FinetuneConfig, rt: Runtime, out: Path, train: TrainingData, 
     settings = {**config_dict(cfg), "world_size": rt.world_size, "arch": arch,
                 "train_data": train.identity()}
 
-    start_epoch, history = 0, []
-    ckpt_path = out / CHECKPOINT
-    if ckpt_path.exists():
-        if not cfg.resume:
-            raise ValueError(f"{out} already holds a training run ({CHECKPOINT}); pass resume=True "
-                             "(--resume) to continue it, or choose another output dir")
-        saved = load_checkpoint(ckpt_path)
-        check_resumable(saved["settings"], settings, SOFT_SETTINGS, ckpt_path)
-        net.load_state_dict(saved["model"])
-        if domain is not None:
-            domain.load_state_dict(saved["domain"])
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
-        set_rng_states(saved["rng"])
-        start_epoch, history = int(saved["epoch"]), list(saved["history"])
+    start_epoch, history = resume_from(out, cfg.resume, settings, SOFT_SETTINGS,
+                                       {"model": net, "domain": domain}, opt, sched)
     ddp = wrap_ddp(ft, rt)
     frozen_modules = backbone_modules(net) if cfg.freeze_backbone else []
     loader = LoaderConfig(resolution=cfg.resolution, backend=backend, device=rt.device,
