@@ -62,8 +62,42 @@ def _emit(summary, as_json: bool) -> None:
         click.echo(summary.line())
 
 
+def _load_config(ctx: click.Context, param, value):
+    """--config FILE.yaml: option values for this command (keys as on the command line, with or
+    without the leading dashes); options given on the command line win."""
+    if value is None:
+        return None
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(value).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise click.BadParameter(f"cannot read {value}: {exc}", ctx=ctx, param=param) from None
+    if not isinstance(data, dict):
+        raise click.BadParameter(f"{value} must hold a mapping of option: value", ctx=ctx, param=param)
+    # keys as spelled on the command line: long option names, or argument names
+    spelling = {}
+    for p in ctx.command.params:
+        if p.name == "config":
+            continue
+        opts = [o for o in p.opts if o.startswith("--")] or ([p.name] if isinstance(p, click.Argument) else p.opts)
+        for o in opts:
+            spelling[o.lstrip("-").replace("_", "-").lower()] = p.name
+    defaults = {}
+    for key, v in data.items():
+        name = spelling.get(str(key).lstrip("-").replace("_", "-").lower())
+        if name is None:
+            raise click.BadParameter(f"{value}: {key!r} is not an option of this command; valid: "
+                                     f"{', '.join(sorted(spelling))}", ctx=ctx, param=param)
+        defaults[name] = v
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
 def common(fn):
-    """-q/-v/--json on every command."""
+    """-q/-v/--json/--config on every command."""
+    fn = click.option("--config", type=click.Path(exists=True, dir_okay=False), is_eager=True, expose_value=False,
+                      callback=_load_config, help="YAML file of option values (the command line wins).")(fn)
     fn = click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")(fn)
     fn = click.option("-v", "--verbose", is_flag=True, help="Log more.")(fn)
     fn = click.option("-q", "--quiet", is_flag=True, help="No progress bars or info logs.")(fn)

@@ -89,3 +89,19 @@ def test_manifest_of_a_missing_dataset_is_one_line(sample_dirs, tmp_path):
     shutil.rmtree(src)
     code, _, err = run("pretrain", tmp_path / "m.jsonl", tmp_path / "pre", "--epochs", 1, "-q")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "does not exist" in err
+
+
+def test_config_file_supplies_options_and_the_command_line_wins(dataset_dir, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(dataset_dir, src)
+    (tmp_path / "run.yaml").write_text(f"method: random\nsource: {src}\nseed: 5\nname: r5\n")
+    assert run("score", "--config", tmp_path / "run.yaml", "-q")[0] == 0
+    assert run("score", "--config", tmp_path / "run.yaml", "--name", "r6", "--seed", 6, "-q")[0] == 0
+    from filterx.dataset import Dataset
+    from filterx.score import read_scores
+
+    ds = Dataset.open(src)
+    assert read_scores(ds, "r5")[1]["seed"] == 5 and read_scores(ds, "r6")[1]["seed"] == 6
+    (tmp_path / "bad.yaml").write_text("sourcee: x\n")
+    code, _, err = run("score", "--config", tmp_path / "bad.yaml")
+    assert code == 2 and "'sourcee' is not an option" in err and "source" in err

@@ -110,3 +110,27 @@ def test_refuses_scores_from_another_encoder(scored, tmp_path):
     ds, _ = scored
     with pytest.raises(ValueError, match="made with encoder resnet18-r112-abc"):
         select(SelectConfig(ds.root, "demo-scores", tmp_path / "m.jsonl", count=3, encoder_tag="resnet50-r224-x"))
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), fmt=st.sampled_from(["jsonl", "npy", "txt"]))
+def test_manifest_round_trip_property(dataset_dir, tmp_path_factory, data, fmt):
+    ds = Dataset.open(dataset_dir)
+    ranked = np.array(data.draw(st.lists(st.integers(0, ds.num_samples - 1), unique=True, max_size=ds.num_samples)),
+                      dtype=np.int64)
+    scores = np.array(data.draw(st.lists(st.floats(-1e6, 1e6, width=32), min_size=len(ranked), max_size=len(ranked))),
+                      dtype=np.float32)
+    path = tmp_path_factory.mktemp("rt") / f"m.{fmt}"
+    header = make_header(ds, "prop", {"count": len(ranked)}, len(ranked))
+    write_manifest(path, fmt, ds, ranked, scores, header)
+    m = read_manifest(path)
+    assert m.ids.tolist() == sorted(ranked.tolist())
+    assert m.fingerprint == ds.fingerprint and m.header["method"] == "prop"
+    if fmt != "npy":
+        assert m.ranked.tolist() == ranked.tolist()
+    if fmt == "jsonl":
+        np.testing.assert_array_equal(m.scores, scores)
