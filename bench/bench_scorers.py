@@ -86,6 +86,9 @@ def run(quick: bool = True) -> list[dict]:
 
 
 if __name__ == "__main__":
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from bench.suite import format_table
 
     print(format_table(run(quick="--quick" in sys.argv)))

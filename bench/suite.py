@@ -63,6 +63,7 @@ register_suite("influence", "bench.bench_influence",
                "influence scoring: candidates/s and s_test solve time per solver")
 register_suite("trainer", "bench.bench_trainer", "pre-training step throughput")
 register_suite("scorers", "bench.bench_scorers", "each scorer's samples/s on precomputed embeddings")
+register_suite("kmeans", "bench.bench_kmeans", "FAISS k-means against filterx's torch k-means")
 
 
 # ---------------------------------------------------------------- machine

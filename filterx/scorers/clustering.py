@@ -1,7 +1,7 @@
 """clustering: distance of each source image to k-means centroids of the target.
 
-K-means (FAISS; GPU index when faiss-gpu and a GPU are present) runs over the target's
-embeddings; a source image scores minus its distance to the nearest centroid
+K-means runs over the target's embeddings: FAISS (its GPU index when faiss-gpu and a GPU are
+present), or filterx's torch k-means on CUDA when FAISS has no GPU build (``kmeans="auto"``); a source image scores minus its distance to the nearest centroid
 (``distance="min"``) or minus its mean Euclidean distance to all centroids (``"avg"``).
 Embeddings are L2-normalised first by default (``normalize=True``): features from a ReLU
 network differ mostly in scale along a few directions, and cosine geometry ranks images by
@@ -18,6 +18,13 @@ from filterx.scorers import ScoreInputs, ScoreResult, register_scorer
 
 log = logging.getLogger(__name__)
 DISTANCES = ("min", "avg")
+KMEANS = ("auto", "faiss", "torch")
+
+
+def _faiss_has_gpu() -> bool:
+    import faiss
+
+    return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -35,7 +42,7 @@ def faiss_kmeans(x: np.ndarray, k: int, *, niter: int = 25, seed: int = 0, gpu: 
 
     x = np.ascontiguousarray(x, dtype=np.float32)
     if gpu is None:
-        gpu = hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+        gpu = _faiss_has_gpu()
     km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, gpu=bool(gpu), verbose=False,
                       max_points_per_centroid=100_000)
     km.train(x)
@@ -70,10 +77,12 @@ def centroid_distances(x: np.ndarray, centroids: np.ndarray, *, distance: str, d
 
 @register_scorer("clustering", needs=("source_emb", "target_emb"))
 def clustering_scores(inputs: ScoreInputs, *, seed: int, k: int = 200, distance: str = "min",
-                      niter: int = 25, normalize: bool = True) -> ScoreResult:
+                      niter: int = 25, normalize: bool = True, kmeans: str = "auto") -> ScoreResult:
     """Minus the distance of each source image to k-means centroids of the target embeddings."""
     if distance not in DISTANCES:
         raise ValueError(f"unknown distance {distance!r}; valid: {', '.join(DISTANCES)}")
+    if kmeans not in KMEANS:
+        raise ValueError(f"unknown kmeans {kmeans!r}; valid: {', '.join(KMEANS)}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     target = inputs.target_emb
@@ -83,6 +92,14 @@ def clustering_scores(inputs: ScoreInputs, *, seed: int, k: int = 200, distance:
     k_used = min(k, len(target))
     if k_used < k:
         log.warning("k=%d is more than the %d target images; using k=%d", k, len(target), k_used)
-    centroids, objective = faiss_kmeans(target, k_used, niter=niter, seed=seed)
+    if kmeans == "auto":
+        kmeans = "torch" if inputs.device.startswith("cuda") and not _faiss_has_gpu() else "faiss"
+    if kmeans == "faiss":
+        centroids, objective = faiss_kmeans(target, k_used, niter=niter, seed=seed)
+    else:
+        from filterx.kmeans import torch_kmeans
+
+        km = torch_kmeans(target, k_used, niter=niter, seed=seed, device=inputs.device)
+        centroids, objective = km.centroids, km.objective
     dist = centroid_distances(source, centroids, distance=distance, device=inputs.device)
-    return ScoreResult(-dist, attrs={"k_used": k_used, "kmeans_objective": objective})
+    return ScoreResult(-dist, attrs={"k_used": k_used, "kmeans": kmeans, "kmeans_objective": objective})
