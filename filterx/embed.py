@@ -187,10 +187,13 @@ def _embed_shards(ds: Dataset, enc: Encoder, store, shards: list[int], cfg: Embe
     return int(sum(ds.shard_counts[s] for s in shards))
 
 
-def ensure_embeddings(dataset: Path, encoder: Path, **kwargs) -> str:
-    """Embed ``dataset`` with ``encoder`` unless complete embeddings exist; returns the tag."""
+def ensure_embeddings(dataset: Path, encoder: Path, tag: str | None = None, **kwargs) -> str:
+    """Embed ``dataset`` with ``encoder`` unless complete embeddings exist; returns the tag.
+
+    ``tag``: the encoder's tag when the caller has already read the file.
+    """
     ds = Dataset.open(dataset)
-    tag = load_encoder_tag(encoder)
+    tag = tag or load_encoder_tag(encoder)
     if not embeddings_complete(ds, tag):
         summary = embed(replace(EmbedConfig(Path(dataset), Path(encoder)), **kwargs))
         log.info(summary.line())
@@ -198,4 +201,6 @@ def ensure_embeddings(dataset: Path, encoder: Path, **kwargs) -> str:
 
 
 def load_encoder_tag(path: Path) -> str:
-    return load_encoder(path).tag
+    from filterx.encoder import read_encoder_file
+
+    return str(read_encoder_file(path)["tag"])

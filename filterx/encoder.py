@@ -299,8 +299,9 @@ class Encoder:
         return int(self.info["resolution"])
 
 
-def load_encoder(path: str | Path, device: str = "cpu") -> Encoder:
-    """Load an encoder file written by ``train_encoder``; clear errors for other files."""
+def read_encoder_file(path: str | Path) -> dict:
+    """The dict ``train_encoder`` saved (weights included, no model built); clear errors for
+    missing or foreign files."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"encoder {str(path)!r} does not exist; make one with: filterx train-encoder TARGET {path}")
@@ -310,6 +311,12 @@ def load_encoder(path: str | Path, device: str = "cpu") -> Encoder:
         raise ValueError(f"{path} is not a readable encoder file ({type(exc).__name__}: {exc})") from None
     if not isinstance(info, dict) or info.get("filterx_encoder") != ENCODER_FORMAT:
         raise ValueError(f"{path} is not a filterx encoder file (made by filterx train-encoder)")
+    return info
+
+
+def load_encoder(path: str | Path, device: str = "cpu") -> Encoder:
+    """Load an encoder file written by ``train_encoder`` as a model in eval mode on ``device``."""
+    info = read_encoder_file(path)
     model = build_resnet(info["arch"], info["num_classes"])
     model.load_state_dict(info.pop("state_dict"))
     model.eval().to(device)

@@ -144,12 +144,9 @@ def _gather_inputs(cfg: ScoreConfig, needs: set, source: Dataset, target: Datase
     arrays: dict[str, Any] = {}
     train_ids = val_ids = None
     if cfg.encoder is not None and needs & _EMB_INPUTS:
-        import torch
+        from filterx.encoder import read_encoder_file
 
-        info = torch.load(Path(cfg.encoder).expanduser(), map_location="cpu", weights_only=False) \
-            if Path(cfg.encoder).expanduser().is_file() else None
-        if info is None:
-            raise FileNotFoundError(f"encoder {str(cfg.encoder)!r} does not exist")
+        info = read_encoder_file(cfg.encoder)
         enc_info = {"path": str(Path(cfg.encoder).resolve()), "tag": info.get("tag"), "arch": info.get("arch")}
         if "head_weight" in needs:
             arrays["head_weight"] = info["state_dict"]["fc.weight"].float().numpy()
@@ -159,11 +156,11 @@ def _gather_inputs(cfg: ScoreConfig, needs: set, source: Dataset, target: Datase
             if info.get("target", {}).get("fingerprint") not in (None, target.fingerprint):
                 log.warning("encoder %s was trained on another target (%s), not %s",
                             cfg.encoder, info["target"].get("root"), target.root)
-            tag = ensure_embeddings(target.root, Path(cfg.encoder), **emb_kwargs)
+            tag = ensure_embeddings(target.root, Path(cfg.encoder), info.get("tag"), **emb_kwargs)
             t_emb = read_embeddings(target, tag)
             arrays["target_emb"], arrays["target_val_emb"] = t_emb[train_ids], t_emb[val_ids]
         if cfg.candidates == "source" and "source_emb" in needs:
-            tag = ensure_embeddings(source.root, Path(cfg.encoder), **emb_kwargs)
+            tag = ensure_embeddings(source.root, Path(cfg.encoder), info.get("tag"), **emb_kwargs)
             arrays["source_emb"] = read_embeddings(source, tag)
     if target is not None:
         if train_ids is None:

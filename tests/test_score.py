@@ -31,7 +31,8 @@ def test_score_embeds_what_is_missing_and_stores_attrs(dirs):
     scores, attrs = read_scores(ds, "clustering")
     assert scores.shape == (ds.num_samples,) and np.isfinite(scores).all() and (scores <= 0).all()
     assert attrs["method"] == "clustering" and attrs["seed"] == 3
-    assert attrs["params"] == {"k": 4, "distance": "min", "niter": 25, "normalize": True}
+    assert attrs["params"] == {"k": 4, "distance": "min", "niter": 25, "normalize": True, "kmeans": "auto"}
+    assert attrs["result"]["kmeans"] == "faiss"  # on the CPU
     assert attrs["encoder"]["tag"] == tag and attrs["result"]["k_used"] == 4
     assert s.scored == ds.num_samples
     again = score(ScoreConfig("clustering", src, tgt, enc, {"k": 4}, seed=3, **KW))
