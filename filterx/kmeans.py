@@ -28,15 +28,22 @@ def _kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
     from filterx.kernels import nearest_centroid
 
     n = x.shape[0]
+    # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2: one matrix-vector product per new centroid
+    # instead of an (n, D) difference tensor.
+    sq = (x * x).sum(1)
+
+    def dist2(i: int) -> torch.Tensor:
+        return (sq - 2 * (x @ x[i]) + sq[i]).clamp_min_(0)
+
     first = int(torch.randint(n, (1,), generator=gen))
     centroids = [x[first]]
-    d2 = ((x - x[first]) ** 2).sum(1)
+    d2 = dist2(first)
     for _ in range(1, k):
-        probs = d2.clamp_min(0).double().cpu()
+        probs = d2.double().cpu()
         total = float(probs.sum())
         idx = int(torch.multinomial(probs / total, 1, generator=gen)) if total > 0 else int(torch.randint(n, (1,), generator=gen))
         centroids.append(x[idx])
-        d2 = torch.minimum(d2, ((x - x[idx]) ** 2).sum(1))
+        d2 = torch.minimum(d2, dist2(idx))
     c = torch.stack(centroids)
     nearest_centroid(x[:1], c)  # fail early on a dtype/shape the kernel rejects
     return c
