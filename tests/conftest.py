@@ -30,6 +30,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for tiny problems: on 16-32 px images and small solves,
+    OpenMP's per-op synchronisation costs more than a second thread gains, and on a loaded
+    2-core machine it slowed them 10-30x (measured). Module scope: a module's fixtures and
+    tests must run with the same thread count, or float reductions differ between a reference
+    run and the run compared with it (the bit-identical resume tests)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 PHOTOS = ("astronaut", "coffee", "chelsea")
 GOOD_PER_CLASS = 8
 

@@ -129,15 +129,6 @@ def test_random_control_classes_refuses_when_too_few_remain():
         random_control_classes(counts, np.array([0]), 3, seed=0)
 
 
-@pytest.fixture
-def one_thread():
-    """The probe problems here are tiny: thread hand-offs would cost more than the math."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _overlap_problem(seed=0):
     """8 classes in 16-D: classes 0-2 share one mean (chance level among them, ~1/3), the
     others are far apart (accuracy 1)."""

@@ -30,14 +30,7 @@ from filterx.scorers import ScoreInputs, run_scorer
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The problems here are tiny: intra-op threads only add synchronisation, which on a
-    loaded 2-core machine slowed the torch.func HVPs by 10-30x (measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def blobs(n, dim, classes, seed, flip=0.0, spread=1.5):

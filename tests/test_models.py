@@ -8,14 +8,7 @@ from filterx.models import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These networks run on 16-32 px images, where OpenMP's per-op synchronisation costs more
-    than a second thread gains (and far more on a loaded machine): one intra-op thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_registry_lists_archs_and_names_them_in_errors():

@@ -34,14 +34,7 @@ RES = 32
 COMMON = dict(resolution=RES, workers=0, device="cpu", quiet=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These networks run on 16-32 px images, where OpenMP's per-op synchronisation costs more
-    than a second thread gains (and far more on a loaded machine): one intra-op thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
