@@ -106,7 +106,12 @@ def test_quick_run_end_to_end(tmp_path, monkeypatch):
     assert json_path.name.startswith("subsets-quick_") and json_path.name.endswith("_20260102-0304.json")
     doc = json.loads(json_path.read_text())
     assert [r["pre-training"] for r in doc["rows"]] == [r["pre-training"] for r in result["rows"]]
-    assert "| clustering (avg) | 12% |" in md_path.read_text()
+    md = md_path.read_text()
+    assert "| clustering (avg) | 12% |" in md and "center crops, no flips" in md and "0 of 4 runs taken from" in md
+    md_path.unlink()
+    from bench.experiment_subsets import main
+
+    assert main(["--render", str(json_path)]) == 0 and md_path.read_text() == md
 
 
 def test_command_line_rejects_an_unknown_method_with_status_2(capsys):
