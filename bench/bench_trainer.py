@@ -93,10 +93,10 @@ def _measure_decode(resolution, batch, dataset, device, backend, workers, sync, 
 
     from filterx.dataset import Dataset
     from filterx.loader import LoaderConfig, load_batches
-    from filterx.train_data import choose_backend
+    from filterx.loader import resolve_backend
 
     tars = Dataset.open(dataset).tar_paths()
-    backend = choose_backend(backend, None)
+    backend = resolve_backend(backend)
     base = rss()
     for epoch in range(2):  # the first pass warms up (pipeline build, page cache); the second is timed
         cfg = LoaderConfig(resolution, backend=backend, device=device, batch_size=batch, workers=workers,
@@ -113,7 +113,7 @@ def _measure_decode(resolution, batch, dataset, device, backend, workers, sync, 
 
 def _measure_e2e(arch, resolution, batch, dataset, device, backend, workers, rss) -> dict:
     from filterx.train import PretrainConfig, pretrain
-    from filterx.train_data import choose_backend
+    from filterx.loader import resolve_backend
 
     base = rss()
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as out:
@@ -122,7 +122,7 @@ def _measure_e2e(arch, resolution, batch, dataset, device, backend, workers, rss
                                     device=device, quiet=True))
     last = s.history[-1]
     return {"img_s": last["img_s"], "seconds": last["seconds"], "images": last["images"], "base_rss_mb": base,
-            "backend": choose_backend(backend, None)}
+            "backend": resolve_backend(backend)}
 
 
 def _as_tuple(value, cast=str) -> tuple:

@@ -10,6 +10,7 @@ whatever the pool size.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -60,10 +61,9 @@ def last_block_influence(source: Dataset, target: Dataset, enc: Encoder, *, trai
         raise ValueError("last-block influence needs the target's held-out split; train the encoder "
                          "on this target (train-encoder keeps 10% aside)")
     trunk, block, head = split_resnet(enc.model)
-    # The trunk runs without autograd; the block + head are re-run by the influence code.
-    for p in enc.model.parameters():
-        p.requires_grad_(True)
-    cfg = LoaderConfig(resolution=enc.resolution, backend=backend if backend != "dali" else "torchvision",
+    # The target's splits are id subsets, which DALI cannot read: "auto" resolves to
+    # torchvision for them, and an explicit dali is used for the pool only.
+    cfg = LoaderConfig(resolution=enc.resolution, backend="auto" if backend == "dali" else backend,
                        device=device, batch_size=batch_size, workers=workers,
                        mean=tuple(enc.info["mean"]), std=tuple(enc.info["std"]))
     _, tr_f, tr_y = _trunk_features(trunk, target.tar_paths(), cfg, ids=train_ids)
@@ -81,7 +81,7 @@ def last_block_influence(source: Dataset, target: Dataset, enc: Encoder, *, trai
     if labels == "given":
         raise ValueError("--labels given needs target-class labels; for the pool use --labels pseudo")
     scores = np.full(source.num_samples, np.nan, dtype=np.float32)
-    pool_cfg = LoaderConfig(**{**cfg.__dict__, "backend": backend})
+    pool_cfg = replace(cfg, backend=backend)
     bar = progress(total=source.num_samples, desc="influence (last block)", quiet=quiet)
     for b in load_batches(source.tar_paths(), pool_cfg):
         with torch.inference_mode():

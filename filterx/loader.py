@@ -88,14 +88,21 @@ def dali_available() -> bool:
     return True
 
 
-def resolve_backend(backend: str) -> str:
-    """"auto" -> dali when installed, else torchvision; errors name the valid backends."""
+def resolve_backend(backend: str, *, subset: bool = False) -> str:
+    """"auto" -> dali when installed, else torchvision; errors name the valid backends.
+
+    ``subset``: the read covers only some samples of its tars (an id list). DALI reads whole
+    tars, so "auto" then means torchvision and an explicit "dali" is refused.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
     if backend == "auto":
-        return "dali" if dali_available() else "torchvision"
+        return "dali" if dali_available() and not subset else "torchvision"
     if backend == "dali" and not dali_available():
         raise ValueError("--backend dali needs nvidia-dali (pip install 'filterx[dali]'); or use torchvision / pil")
+    if backend == "dali" and subset:
+        raise ValueError("--backend dali reads whole shards, and this run reads a subset of them; "
+                         "materialise it with `filterx select --format wds` or use --backend torchvision / pil")
     return backend
 
 
@@ -107,8 +114,9 @@ def load_batches(
 
     With ``world_size > 1`` samples are dealt round-robin after the (seeded, same on every rank)
     shuffle and padded by wrapping so that every rank gets the same number of batches.
-    ``ids`` restricts the epoch to those sample ids (torchvision and PIL backends; DALI reads
-    whole tars, so for DALI materialise a subset with ``filterx select --format wds``).
+    ``ids`` restricts the epoch to those sample ids (torchvision and PIL backends; "auto" picks
+    torchvision; DALI reads whole tars, so for DALI materialise a subset with
+    ``filterx select --format wds``).
     """
     tars = [Path(t) for t in tars]
     if not tars:
@@ -120,10 +128,7 @@ def load_batches(
             log.warning("DALI index for %s is missing; rebuilding it", t)
             tario.rebuild_index(t)
         tario.check_complete(t)
-    backend = resolve_backend(cfg.backend)
-    if backend == "dali" and ids is not None:
-        raise ValueError("the dali backend reads whole shards; materialise the subset with "
-                         "`filterx select --format wds` or use --backend torchvision / pil")
+    backend = resolve_backend(cfg.backend, subset=ids is not None)
     if backend == "dali":
         yield from _dali_batches(tars, cfg, rank, world_size)
     else:

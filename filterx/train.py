@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from filterx import atomic
-from filterx.loader import LoaderConfig, load_batches
+from filterx.loader import LoaderConfig, load_batches, resolve_backend
 from filterx.models import build_model, list_models
 from filterx.runtime import seed_everything
 from filterx.train_common import (
@@ -40,7 +40,7 @@ from filterx.train_common import (
     supervised_step, teardown_runtime, to_input, topk_correct, wrap_ddp,
 )
 from filterx.train_data import (  # noqa: F401  (resolve_training_data: re-exported for callers)
-    TrainingData, batches_per_epoch, choose_backend, held_out_split, resolve_training_data, usable_batches,
+    TrainingData, batches_per_epoch, held_out_split, resolve_training_data, usable_batches,
 )
 from filterx.train_finetune import FinetuneConfig, finetune  # noqa: F401  (one import for both)
 
@@ -110,7 +110,7 @@ def pretrain(cfg: PretrainConfig) -> TrainSummary:
         train, val = held_out_split(data, cfg.val_fraction, cfg.seed)
     else:
         train, val = data, None
-    backend = choose_backend(cfg.backend, train.ids)
+    backend = resolve_backend(cfg.backend, subset=train.ids is not None)
     rt = setup_runtime(cfg.device)
     try:
         lock = atomic.run_lock(out, "pretrain") if rt.is_main else contextlib.nullcontext()
@@ -180,7 +180,8 @@ def _pretrain(cfg: PretrainConfig, rt: Runtime, out: Path, train: TrainingData, 
     def evaluate_epoch(epoch: int) -> dict:
         if val is None:
             return {}
-        return evaluate(model, val, resolution=cfg.resolution, backend=choose_backend(cfg.backend, val.ids),
+        val_backend = resolve_backend(cfg.backend, subset=val.ids is not None)
+        return evaluate(model, val, resolution=cfg.resolution, backend=val_backend,
                         batch_size=cfg.batch_size, workers=cfg.workers, rt=rt, prefix="val")
 
     def payload() -> dict:

@@ -17,7 +17,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from filterx.dataset import Dataset, is_dataset
-from filterx.loader import Batch, dali_available, resolve_backend
+from filterx.loader import Batch
 
 
 @dataclass(frozen=True)
@@ -104,17 +104,6 @@ def held_out_split(data: TrainingData, fraction: float, seed: int) -> tuple[Trai
     if len(val_pos) == 0:
         raise ValueError(f"a held-out fraction of {fraction} leaves no evaluation images in {data.source}")
     return data.subset(data.sample_ids[train_pos]), data.subset(data.sample_ids[val_pos])
-
-
-def choose_backend(backend: str, ids: np.ndarray | None) -> str:
-    """auto -> DALI for whole tars when installed, torchvision for an id subset or without DALI."""
-    if backend == "auto":
-        return "dali" if ids is None and dali_available() else "torchvision"
-    backend = resolve_backend(backend)
-    if backend == "dali" and ids is not None:
-        raise ValueError("--backend dali reads whole shards, and this run reads a subset of them; "
-                         "materialise it with `filterx select --format wds` or use --backend torchvision / pil")
-    return backend
 
 
 def batches_per_epoch(n: int, batch_size: int, workers: int, world_size: int, backend: str) -> int:

@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from filterx import atomic
-from filterx.loader import Batch, LoaderConfig, load_batches
+from filterx.loader import Batch, LoaderConfig, load_batches, resolve_backend
 from filterx.models import (
     backbone_modules, build_model, feature_dim, features_and_logits, list_models, replace_head,
     split_backbone_head,
@@ -50,7 +50,7 @@ from filterx.train_common import (
     prepare_model, setup_runtime, teardown_runtime, to_input, topk_correct, wrap_ddp,
 )
 from filterx.train_data import (
-    TrainingData, batches_per_epoch, choose_backend, held_out_split, resolve_training_data, usable_batches,
+    TrainingData, batches_per_epoch, held_out_split, resolve_training_data, usable_batches,
 )
 
 log = logging.getLogger(__name__)
@@ -297,7 +297,7 @@ def finetune(cfg: FinetuneConfig) -> TrainSummary:
     else:
         train, test = held_out_split(target, cfg.val_fraction, cfg.seed)
     unlabeled = resolve_training_data(cfg.unlabeled) if cfg.unlabeled is not None else None
-    backend = choose_backend(cfg.backend, train.ids)
+    backend = resolve_backend(cfg.backend, subset=train.ids is not None)
     rt = setup_runtime(cfg.device)
     try:
         lock = atomic.run_lock(out, "finetune") if rt.is_main else contextlib.nullcontext()
@@ -343,7 +343,8 @@ def _finetune(cfg: FinetuneConfig, rt: Runtime, out: Path, train: TrainingData, 
                           shuffle=True, seed=cfg.seed)
     unl_loader = None
     if unlabeled is not None:
-        unl_loader = replace(loader, backend=choose_backend(cfg.backend, unlabeled.ids), seed=cfg.seed + 1)
+        unl_backend = resolve_backend(cfg.backend, subset=unlabeled.ids is not None)
+        unl_loader = replace(loader, backend=unl_backend, seed=cfg.seed + 1)
 
     def train_epoch(epoch: int, bar) -> dict:
         ddp.train()
@@ -384,7 +385,8 @@ def _finetune(cfg: FinetuneConfig, rt: Runtime, out: Path, train: TrainingData, 
         return row
 
     def evaluate_epoch(epoch: int) -> dict:
-        return evaluate(net, test, resolution=cfg.resolution, backend=choose_backend(cfg.backend, test.ids),
+        test_backend = resolve_backend(cfg.backend, subset=test.ids is not None)
+        return evaluate(net, test, resolution=cfg.resolution, backend=test_backend,
                         batch_size=cfg.batch_size, workers=cfg.workers, rt=rt, prefix="test")
 
     def payload() -> dict:

@@ -88,6 +88,9 @@ def test_ddp_split_and_id_subset(dataset_dir):
     assert sorted(got.tolist()) == [3, 7, 20]
     with pytest.raises(ValueError, match="materialise"):
         next(load_batches(tars, LoaderConfig(backend="dali"), ids=subset))
+    # "auto" reads a subset through torchvision even where DALI is installed
+    got = torch.cat([b.ids for b in load_batches(tars, LoaderConfig(resolution=32, workers=0), ids=subset)])
+    assert sorted(got.tolist()) == [3, 7, 20]
 
 
 def test_missing_index_is_rebuilt_and_bad_input_named(dataset_copy):
