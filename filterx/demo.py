@@ -69,7 +69,8 @@ class DemoSummary:
 
 def run_demo(cfg: DemoConfig) -> DemoSummary:
     from filterx.dataset import Dataset, is_dataset
-    from filterx.encoder import EncoderConfig, train_encoder
+    from filterx.encoder import EncoderConfig, read_encoder_file, train_encoder
+    from filterx.manifest import read_manifest
     from filterx.sampledata import make_sample_data
     from filterx.score import ScoreConfig, score
     from filterx.scorers import list_scorers
@@ -93,9 +94,7 @@ def run_demo(cfg: DemoConfig) -> DemoSummary:
     if not encoder.is_file():
         train_encoder(EncoderConfig(out / "target", encoder, resolution=64, epochs=epochs, batch_size=64,
                                     device=cfg.device, seed=cfg.seed, quiet=cfg.quiet))
-    import torch
-
-    val_acc = float(torch.load(encoder, map_location="cpu", weights_only=False)["metrics"]["val_acc"])
+    val_acc = float(read_encoder_file(encoder)["metrics"]["val_acc"])
     source = Dataset.open(out / "source")
     relevant = np.isin(source.labels, [c.index for c in source.classes if c.name in relevant_names])
     in_domain = np.isin(source.labels, [c.index for c in source.classes if c.name in domain_names])
@@ -110,8 +109,6 @@ def run_demo(cfg: DemoConfig) -> DemoSummary:
                           device=cfg.device, quiet=cfg.quiet))
         manifest_path = out / "manifests" / f"{name}.jsonl"
         select(SelectConfig(out / "source", name, manifest_path, fraction=cfg.fraction, quiet=cfg.quiet))
-        from filterx.manifest import read_manifest
-
         ids = read_manifest(manifest_path).ids
         rows.append({"label": label, "method": method, "params": params, "selected": int(len(ids)),
                      "precision": float(relevant[ids].mean()) if len(ids) else 0.0,
