@@ -15,6 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
+from filterx.faults import crash_point
+
 TMP_MARK = ".tmp-"
 
 
@@ -49,6 +51,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         remove(tmp)
         raise
+    crash_point("commit")
     if tmp.is_dir() and path.exists():
         old = path.with_name(f"{path.name}{TMP_MARK}old-{os.getpid()}")
         remove(old)

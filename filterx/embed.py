@@ -14,7 +14,6 @@ the same file.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,13 +24,12 @@ import torch
 from filterx import atomic
 from filterx.dataset import Dataset
 from filterx.encoder import Encoder, load_encoder
+from filterx.faults import crash_point
 from filterx.loader import LoaderConfig, load_batches
 from filterx.progress import progress
 from filterx.runtime import init_distributed, resolve_device
 
 log = logging.getLogger(__name__)
-
-_ABORT_ENV = "FILTERX_ABORT_AFTER_SHARDS"  # crash injection for resume tests (os._exit)
 
 
 @dataclass(frozen=True)
@@ -156,8 +154,6 @@ def _embed_shards(ds: Dataset, enc: Encoder, store, shards: list[int], cfg: Embe
     pending: dict[int, np.ndarray] = {}  # rows of shards being read, allocated on first use
     filled = {s: 0 for s in shards}
     shard_of = np.repeat(np.arange(ds.num_shards), ds.shard_counts)
-    abort_after = int(os.environ.get(_ABORT_ENV, "0"))
-    written = 0
     bar = progress(total=int(sum(ds.shard_counts[s] for s in shards)), desc=f"embed {ds.name}", quiet=cfg.quiet)
     with torch.inference_mode():
         for batch in load_batches([ds.shard_path(s) for s in shards], lcfg):
@@ -176,9 +172,7 @@ def _embed_shards(ds: Dataset, enc: Encoder, store, shards: list[int], cfg: Embe
                 if filled[s] == ds.shard_counts[s]:
                     store["emb"][starts[s] : starts[s + 1]] = pending.pop(s)
                     store["done"][s] = True  # after the rows: a kill in between redoes the shard
-                    written += 1
-                    if abort_after and written >= abort_after:
-                        os._exit(137)
+                    crash_point("embed.shard")
             bar.update(len(ids))
     bar.close()
     unfinished = sorted(s for s in shards if filled[s] != ds.shard_counts[s])

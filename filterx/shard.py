@@ -31,6 +31,7 @@ import numpy as np
 
 import filterx
 from filterx import atomic, dataset, tario
+from filterx.faults import crash_point
 from filterx.progress import progress
 from filterx.scorers import ClassInfo
 
@@ -38,8 +39,6 @@ log = logging.getLogger(__name__)
 
 WORK = ".work"
 JPEG_QUALITY = 90
-# Crash injection for resume tests: abort after this many shards are written.
-_ABORT_ENV = "FILTERX_ABORT_AFTER_SHARDS"
 
 
 @dataclass(frozen=True)
@@ -291,10 +290,8 @@ def shard(cfg: ShardConfig) -> ShardSummary:
                                       [items[i][1] for i in chunk], class_names,
                                       [statuses[i][0] == "reencode" for i in chunk], cfg.resize_short))
             first += len(chunk)
-        abort_after = int(os.environ.get(_ABORT_ENV, "0"))
-        for done, _ in _map(_write_shard, jobs, workers, "shard: write", [len(j.rels) for j in jobs], cfg.quiet):
-            if abort_after and done + 1 >= abort_after:
-                raise RuntimeError(f"aborted after {abort_after} shards ({_ABORT_ENV})")
+        for _ in _map(_write_shard, jobs, workers, "shard: write", [len(j.rels) for j in jobs], cfg.quiet):
+            crash_point("shard.tar")
 
         classes = _class_infos(class_names)
         labels = np.array([items[i][1] for i in good], dtype=np.int64)

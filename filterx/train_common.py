@@ -22,7 +22,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 import filterx
 from filterx import atomic
 from filterx.loader import LoaderConfig, load_batches
+from filterx.faults import crash_point
 from filterx.progress import progress
 from filterx.runtime import init_distributed, resolve_device
 from filterx.train_data import TrainingData
@@ -48,9 +48,6 @@ METRICS = "metrics.jsonl"
 MODEL = "model.pt"
 CHECKPOINT_FORMAT = 1
 SCHEDULES = ("step", "cosine", "inv")
-# Crash injection for resume tests: os._exit(ABORT_EXIT_CODE) once this many epochs are saved.
-ABORT_ENV = "FILTERX_ABORT_AFTER_EPOCHS"
-ABORT_EXIT_CODE = 75
 
 
 # ---------------------------------------------------------------- runtime
@@ -223,6 +220,7 @@ def supervised_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tenso
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
+    crash_point("train.step")
     return loss.detach(), logits.detach()
 
 
@@ -341,14 +339,6 @@ def write_metrics(out: Path, history: list[dict]) -> None:
     atomic.write_text(out / METRICS, "".join(json.dumps(row) + "\n" for row in history))
 
 
-def maybe_abort(epochs_done: int) -> None:
-    """The crash hook: exit at once, as a kill would, after ``FILTERX_ABORT_AFTER_EPOCHS``."""
-    value = os.environ.get(ABORT_ENV)
-    if value and epochs_done == int(value):
-        logging.shutdown()
-        os._exit(ABORT_EXIT_CODE)
-
-
 # ---------------------------------------------------------------- the epoch loop
 
 
@@ -402,7 +392,7 @@ def fit(run: Run, rt: Runtime, start_epoch: int, quiet: bool) -> list[dict]:
             log.info("%s epoch %d/%d %s", run.desc, epoch + 1, run.epochs, shown)
             bar.set_postfix({k: f"{row[k]:.3f}" for k in ("loss", "val_top1", "test_top1") if k in row})
         barrier(rt)
-        maybe_abort(epoch + 1)
+        crash_point("train.epoch")
     bar.close()
     return run.history
 

@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from filterx import atomic
+from filterx.faults import crash_point
 from filterx.loader import Batch, LoaderConfig, load_batches, resolve_backend
 from filterx.models import (
     backbone_modules, build_model, feature_dim, features_and_logits, list_models, replace_head,
@@ -367,6 +368,7 @@ def _finetune(cfg: FinetuneConfig, rt: Runtime, out: Path, train: TrainingData, 
                 loss.backward()
                 opt.step()
                 sched.step()
+                crash_point("train.step")
                 for k, v in stats.items():
                     sums[k] = sums[k] + v if k in sums else v.double()
                 bar.update(len(y) * rt.world_size)

@@ -8,6 +8,7 @@ import torch
 import zarr
 
 from filterx.dataset import Dataset
+from filterx.faults import CRASH_EXIT
 from filterx.embed import EmbedConfig, embed, embeddings_complete, read_embeddings
 from filterx.encoder import load_encoder
 from filterx.loader import LoaderConfig, load_batches
@@ -60,8 +61,8 @@ def test_kill_and_resume_finishes_without_redoing(sample_dirs, encoder_file, emb
     shutil.copytree(sample_dirs[0], src)
     args = ["embed", str(src), "--encoder", str(encoder_file), "--backend", "pil", "--device", "cpu",
             "--batch-size", "16", "--workers", "0", "-q"]
-    killed = _cli(*args, env={"FILTERX_ABORT_AFTER_SHARDS": "2"})
-    assert killed.returncode == 137, killed.stderr
+    killed = _cli(*args, env={"FILTERX_CRASH_AT": "embed.shard:2"})
+    assert killed.returncode == CRASH_EXIT, killed.stderr
     ds = Dataset.open(src)
     tag = load_encoder(encoder_file).tag
     done = zarr.open_group(ds.embeddings_path(tag), mode="r")["done"][:]

@@ -61,21 +61,6 @@ def test_dali_index_points_at_member_data(dataset_dir):
         assert tario.scan_tar(ds.shard_path(s)) == entries
 
 
-def test_resume_after_crash_is_identical(image_folder, tmp_path, monkeypatch):
-    clean = shard(ShardConfig(image_folder, tmp_path / "clean", shard_size=5, workers=1, quiet=True))
-    monkeypatch.setenv("FILTERX_ABORT_AFTER_SHARDS", "2")
-    with pytest.raises(RuntimeError, match="aborted"):
-        shard(ShardConfig(image_folder, tmp_path / "crashed", shard_size=5, workers=1, quiet=True))
-    assert not (tmp_path / "crashed" / "index.zarr").exists()
-    monkeypatch.delenv("FILTERX_ABORT_AFTER_SHARDS")
-    resumed = shard(ShardConfig(image_folder, tmp_path / "crashed", shard_size=5, workers=1, quiet=True))
-    assert resumed.num_samples == clean.num_samples
-    a, b = Dataset.open(tmp_path / "clean"), Dataset.open(tmp_path / "crashed")
-    assert a.fingerprint == b.fingerprint
-    for s in range(a.num_shards):
-        assert a.shard_path(s).read_bytes() == b.shard_path(s).read_bytes()
-
-
 def test_parallel_workers_give_the_same_dataset(image_folder, dataset_dir, tmp_path):
     shard(ShardConfig(image_folder, tmp_path / "par", shard_size=5, workers=2, quiet=True))
     a, b = Dataset.open(dataset_dir), Dataset.open(tmp_path / "par")

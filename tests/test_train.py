@@ -21,7 +21,8 @@ from filterx.runtime import seed_everything
 from filterx.sampledata import make_sample_data
 from filterx.shard import ShardConfig, shard
 from filterx.train import PretrainConfig, pretrain
-from filterx.train_common import ABORT_ENV, ABORT_EXIT_CODE, CHECKPOINT, METRICS, MODEL, Schedule, load_checkpoint
+from filterx.faults import CRASH_EXIT, ENV as CRASH_ENV
+from filterx.train_common import CHECKPOINT, METRICS, MODEL, Schedule, load_checkpoint
 from filterx.train_data import batches_per_epoch, resolve_training_data
 from filterx.train_finetune import (
     DomainClassifier, FinetuneConfig, FinetuneNet, dann_lambda, finetune, finetune_loss,
@@ -221,8 +222,8 @@ def test_resume_after_a_crash_is_bit_identical(data, pretrained, tmp_path):
     out = tmp_path / "crashed"
     # one thread, as in this process: bit-identical results need the same reduction order
     proc = _run_script([sys.executable, *_script_args(tmp_path, _pretrain_cfg(data, out))],
-                       {ABORT_ENV: "1", "OMP_NUM_THREADS": "1"}, tmp_path)
-    assert proc.returncode == ABORT_EXIT_CODE, proc.stderr[-3000:]
+                       {CRASH_ENV: "train.epoch:1", "OMP_NUM_THREADS": "1"}, tmp_path)
+    assert proc.returncode == CRASH_EXIT, proc.stderr[-3000:]
     assert load_checkpoint(out / CHECKPOINT)["epoch"] == 1 and not (out / MODEL).exists()
     with pytest.raises(ValueError, match=r"lr: 0.01 -> 0.02"):
         pretrain(_pretrain_cfg(data, out, resume=True, lr=0.02))
@@ -396,8 +397,8 @@ def test_dann_finetune_resumes_bit_identically(data, pretrained, tmp_path):
     ref = finetune(_finetune_cfg(data, tmp_path / "ref", **kw))
     out = tmp_path / "crashed"
     proc = _run_script([sys.executable, *_script_args(tmp_path, _finetune_cfg(data, out, **kw), "finetune")],
-                       {ABORT_ENV: "1", "OMP_NUM_THREADS": "1"}, tmp_path)
-    assert proc.returncode == ABORT_EXIT_CODE, proc.stderr[-3000:]
+                       {CRASH_ENV: "train.epoch:1", "OMP_NUM_THREADS": "1"}, tmp_path)
+    assert proc.returncode == CRASH_EXIT, proc.stderr[-3000:]
     resumed = finetune(_finetune_cfg(data, out, resume=True, **kw))
     a, b = _state(tmp_path / "ref" / CHECKPOINT), _state(out / CHECKPOINT)
     for part in ("model", "domain"):
