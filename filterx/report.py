@@ -30,6 +30,7 @@ import numpy as np
 
 import filterx
 from filterx import atomic
+from filterx.faults import crash_point
 from filterx.dataset import Dataset
 from filterx.scorers import ClassInfo
 from filterx.score import list_scores, read_scores
@@ -268,6 +269,11 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
+def _save(fig, path: Path) -> None:
+    fig.savefig(path)
+    crash_point("report.plot")
+
+
 def _wrap(text: str, width_in: float, fontsize: float) -> str:
     """``text`` wrapped to fit ``width_in`` inches at ``fontsize`` points (DejaVu Sans averages
     about 0.55 em a character), each of its lines separately."""
@@ -352,7 +358,7 @@ def plot_score_histograms(path: Path, runs: list, fraction: float, relevant: np.
             if any_clipped else "")
     fig.suptitle(_wrap(f"Score distribution per method and the cut of the top {fraction:.0%} selection{note}",
                        width, 14), fontsize=14)
-    fig.savefig(path)
+    _save(fig, path)
 
 
 def plot_class_shares(path: Path, name: str, pool_share: np.ndarray, selected_share: np.ndarray,
@@ -387,7 +393,7 @@ def plot_class_shares(path: Path, name: str, pool_share: np.ndarray, selected_sh
     rel = "; relevant classes in orange" if relevant else ""
     ax.set_title(_wrap(f"{name}: class shares, top {fraction:.0%} selection vs pool\n"
                        f"({which}, most over-represented first{rel})", 10.0, 12), fontsize=12)
-    fig.savefig(path)
+    _save(fig, path)
 
 
 def plot_overlap(path: Path, names: list[str], overlap: np.ndarray, fraction: float) -> None:
@@ -410,7 +416,7 @@ def plot_overlap(path: Path, names: list[str], overlap: np.ndarray, fraction: fl
     ax.set_title(_wrap(f"Overlap of the top {fraction:.0%} selections (Jaccard |A∩B| / |A∪B|)\n"
                        f"1 = the same samples; two independent random selections: ≈{fraction / (2 - fraction):.2f}",
                        side + 1.0, 12), fontsize=12)
-    fig.savefig(path)
+    _save(fig, path)
 
 
 def read_thumbnails(ds: Dataset, ids: np.ndarray, size: int = TILE_PX) -> list[np.ndarray | None]:
@@ -476,7 +482,7 @@ def plot_image_grid(path: Path, name: str, ds: Dataset, top: np.ndarray, bottom:
             cls = class_names[labels[i]] if 0 <= labels[i] < len(class_names) else "unlabelled"
             ax.set_title(f"{_short(cls, 22)}\n{scores[i]:.3g}", fontsize=8, pad=2)
     fig.suptitle(_wrap(f"{name}: top- and bottom-scored images (class, score)", width, 15), fontsize=15)
-    fig.savefig(path)
+    _save(fig, path)
 
 
 # ---------------------------------------------------------------- markdown and html

@@ -28,6 +28,7 @@ import numpy as np
 import filterx
 from filterx import atomic
 from filterx.dataset import Dataset
+from filterx.faults import crash_point
 from filterx.scorers import ScoreInputs, get_scorer, resolved_params, run_scorer
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
             result = run_scorer(cfg.method, inputs, seed=cfg.seed, **cfg_params)
         full = np.full(scored_ds.num_samples, np.nan, dtype=np.float32)
         full[scored_ids] = result.scores
+        crash_point("score.solved")
         attrs = {
             "method": cfg.method,
             "params": _jsonable(params),
