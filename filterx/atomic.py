@@ -3,13 +3,14 @@
 Outputs appear under their final name only when complete: a writer works on a temporary
 name in the same directory and renames it at the end (a rename within one file system is
 atomic). A killed run leaves at most a ``*.tmp-<pid>`` entry, which the next run ignores and
-cleans up.
+removes when it writes the same output (or cleans the directory) and that pid is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import os
 import shutil
 from pathlib import Path
@@ -46,20 +47,33 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_name(path)
     remove(tmp)
+    for stale in path.parent.glob(f"{glob.escape(path.name)}{TMP_MARK}*"):
+        if _abandoned(stale):
+            remove(stale)
     try:
         yield tmp
     except BaseException:
         remove(tmp)
         raise
+    commit(tmp, path)
+
+
+def commit(done: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Rename the complete output ``done`` to ``path``, replacing what is there.
+
+    A file replaces a file in one rename; a directory is swapped in with two (the old one
+    renamed aside, then removed), so ``path`` is at every moment the old or the new output.
+    """
+    done, path = Path(done), Path(path)
     crash_point("commit")
-    if tmp.is_dir() and path.exists():
+    if done.is_dir() and path.exists():
         old = path.with_name(f"{path.name}{TMP_MARK}old-{os.getpid()}")
         remove(old)
         os.rename(path, old)
-        os.rename(tmp, path)
+        os.rename(done, path)
         remove(old)
     else:
-        os.replace(tmp, path)
+        os.replace(done, path)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -73,14 +87,31 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
+def _abandoned(tmp: Path) -> bool:
+    """Whether a temporary was left by a process that is gone (its pid ends the name)."""
+    pid = tmp.name.rpartition(TMP_MARK)[2].rpartition("-")[2]
+    if not pid.isdigit():
+        return True
+    if int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+    return False
+
+
 def clean_stale_tmp(directory: str | os.PathLike) -> int:
-    """Remove temporaries left by killed runs in ``directory``; returns how many."""
+    """Remove temporaries left by killed runs in ``directory`` (not those of live processes,
+    which may be writing them now); returns how many."""
     directory = Path(directory)
     if not directory.is_dir():
         return 0
     n = 0
     for p in directory.iterdir():
-        if TMP_MARK in p.name:
+        if TMP_MARK in p.name and _abandoned(p):
             remove(p)
             n += 1
     return n

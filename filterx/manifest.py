@@ -11,7 +11,9 @@ and the budget):
   header goes to ``<file>.json`` beside it.
 - ``wds``: a directory with ``shards/NNNNNN.tar`` + DALI ``.idx`` files holding the selected
   samples' original members (no re-encoding), in id order, and ``manifest.jsonl``. Any
-  WebDataset or DALI reader reads it; keys are still the original sample ids.
+  WebDataset or DALI reader reads it; keys are still the original sample ids. It is written
+  tar by tar into ``<dir>.partial`` and renamed when complete; a killed run's re-run keeps
+  the finished tars.
 
 ``read_manifest`` loads any of them; ``ManifestDataset`` is a map-style torch Dataset over a
 manifest for users who do not use DALI.
@@ -19,6 +21,7 @@ manifest for users who do not use DALI.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +30,12 @@ import numpy as np
 
 from filterx import atomic, tario
 from filterx.dataset import SHARDS, Dataset, shard_name
+from filterx.faults import crash_point
 
 MANIFEST_FORMAT = 1
 FORMATS = ("jsonl", "npy", "txt", "wds")
 WDS_MANIFEST = "manifest.jsonl"
+PARTIAL = ".partial"  # suffix of a wds manifest being written
 
 
 @dataclass(frozen=True)
@@ -101,16 +106,17 @@ def write_manifest(path: str | Path, fmt: str, ds: Dataset, ranked: np.ndarray, 
     if fmt == "jsonl":
         atomic.write_text(path, _jsonl_text(header, _rows(ds, ranked, scores)))
     elif fmt == "npy":
+        # the header first: the selection itself appears last, when it is complete and described
+        atomic.write_text(_sidecar(path), json.dumps(header, sort_keys=True, indent=1))
         with atomic.atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, np.sort(ranked))
-        atomic.write_text(_sidecar(path), json.dumps(header, sort_keys=True, indent=1))
     elif fmt == "txt":
         if txt_field not in ("key", "path"):
             raise ValueError(f"unknown txt field {txt_field!r}; valid: key, path")
         values = (ds.keys if txt_field == "key" else ds.paths)[ranked]
-        atomic.write_text(path, "".join(f"{v}\n" for v in values))
         atomic.write_text(_sidecar(path), json.dumps({**header, "txt_field": txt_field}, sort_keys=True, indent=1))
+        atomic.write_text(path, "".join(f"{v}\n" for v in values))
     elif fmt == "wds":
         write_wds(path, ds, ranked, scores, header, quiet=quiet)
     else:
@@ -124,23 +130,42 @@ def _sidecar(path: Path) -> Path:
 
 def write_wds(out: Path, ds: Dataset, ranked: np.ndarray, scores: np.ndarray, header: dict,
               *, shard_size: int | None = None, quiet: bool = True) -> Path:
-    """Copy the selected samples' members (original bytes) into new tars under ``out``; atomic."""
+    """Copy the selected samples' members (original bytes) into new tars under ``out``.
+
+    Resumable and atomic as a whole: tars are written one at a time into ``<out>.partial``
+    (a stable name, with a plan naming the dataset, the selected ids and the shard size); a
+    re-run after a kill keeps the tars already complete and writes the rest, and the directory
+    is renamed to ``out`` only when every tar and the manifest are in it. A partial directory
+    from another selection is discarded.
+    """
     from filterx.progress import progress
 
     ids = np.sort(ranked)
     size = shard_size or int(ds.attrs.get("shard_size", 1000))
     ds.ensure_indexes()
-    with atomic.atomic_path(out) as tmp:
-        (tmp / SHARDS).mkdir(parents=True)
-        bar = progress(total=len(ids), desc="select: copy", quiet=quiet)
-        for n, start in enumerate(range(0, max(len(ids), 1), size)):
-            chunk = ids[start : start + size]
-            if not len(chunk):
-                break
-            tario.write_tar(tmp / SHARDS / f"{shard_name(n)}.tar", _copy_samples(ds, chunk))
-            bar.update(len(chunk))
-        bar.close()
-        (tmp / WDS_MANIFEST).write_text(_jsonl_text({**header, "format": "wds"}, _rows(ds, ranked, scores)))
+    plan = {"dataset_fingerprint": ds.fingerprint, "shard_size": size, "count": int(len(ids)),
+            "ids_sha256": hashlib.sha256(ids.astype("<i8").tobytes()).hexdigest()}
+    work = out.with_name(out.name + PARTIAL)
+    plan_file = work / "plan.json"
+    if work.exists() and (not plan_file.is_file() or json.loads(plan_file.read_text()) != plan):
+        atomic.remove(work)
+    if not work.exists():
+        with atomic.atomic_path(work) as tmp:
+            (tmp / SHARDS).mkdir(parents=True)
+            (tmp / "plan.json").write_text(json.dumps(plan, sort_keys=True))
+    atomic.clean_stale_tmp(work / SHARDS)
+    chunks = [ids[i : i + size] for i in range(0, len(ids), size)]
+    bar = progress(total=len(ids), desc="select: copy", quiet=quiet)
+    for n, chunk in enumerate(chunks):
+        tar = work / SHARDS / f"{shard_name(n)}.tar"
+        if not tario.tar_complete(tar, (str(k) for k in ds.keys[chunk])):
+            tario.write_tar(tar, _copy_samples(ds, chunk))
+            crash_point("select.tar")
+        bar.update(len(chunk))
+    bar.close()
+    atomic.write_text(work / WDS_MANIFEST, _jsonl_text({**header, "format": "wds"}, _rows(ds, ranked, scores)))
+    plan_file.unlink()
+    atomic.commit(work, out)
     return out
 
 

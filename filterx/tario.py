@@ -145,6 +145,21 @@ def read_index(path: str | os.PathLike) -> list[MemberEntry]:
     return entries
 
 
+def tar_complete(tar_path: str | os.PathLike, keys: Iterable[str]) -> bool:
+    """Whether a tar and its index exist and hold exactly the samples ``keys`` (a resumed
+    writer's test for "this tar is done"; the index is written after the tar)."""
+    tar_path = Path(tar_path)
+    idx = index_path(tar_path)
+    if not (tar_path.is_file() and idx.is_file()):
+        return False
+    try:
+        entries = read_index(idx)
+        check_complete(tar_path, entries)
+    except (ValueError, IndexError):
+        return False
+    return {e.key for e in entries} == set(keys)
+
+
 def check_complete(tar_path: str | os.PathLike, entries: Iterable[MemberEntry] | None = None) -> None:
     """ValueError naming the tar if its index points past the end of the file (a truncated copy)."""
     entries = read_index(index_path(tar_path)) if entries is None else entries

@@ -217,18 +217,28 @@ def test_pretrain_writes_checkpoint_metrics_and_model(data, pretrained):
         pretrain(_pretrain_cfg(data, out))
 
 
-def test_resume_after_a_crash_is_bit_identical(data, pretrained, tmp_path):
+# 52 images in batches of 13: 4 steps an epoch; per epoch the checkpoint is the 1st atomic
+# commit and the metrics the 2nd. (crash, epochs saved when it struck)
+KILLS = [("train.epoch:1", 1), ("train.step:6", 1), ("train.step:2", 0), ("commit:3", 1)]
+
+
+@pytest.mark.parametrize("crash,saved", KILLS, ids=[k for k, _ in KILLS])
+def test_resume_after_a_kill_anywhere_is_bit_identical(data, pretrained, tmp_path, crash, saved):
+    """Killed after an epoch, mid-epoch, before any checkpoint, or while saving one: the
+    re-run with --resume ends with the same weights, optimiser state and metrics."""
     ref_out, ref = pretrained
     out = tmp_path / "crashed"
     # one thread, as in this process: bit-identical results need the same reduction order
     proc = _run_script([sys.executable, *_script_args(tmp_path, _pretrain_cfg(data, out))],
-                       {CRASH_ENV: "train.epoch:1", "OMP_NUM_THREADS": "1"}, tmp_path)
+                       {CRASH_ENV: crash, "OMP_NUM_THREADS": "1"}, tmp_path)
     assert proc.returncode == CRASH_EXIT, proc.stderr[-3000:]
-    assert load_checkpoint(out / CHECKPOINT)["epoch"] == 1 and not (out / MODEL).exists()
-    with pytest.raises(ValueError, match=r"lr: 0.01 -> 0.02"):
-        pretrain(_pretrain_cfg(data, out, resume=True, lr=0.02))
+    assert not (out / MODEL).exists()
+    assert (load_checkpoint(out / CHECKPOINT)["epoch"] if saved else (out / CHECKPOINT).exists()) == saved
+    if saved:
+        with pytest.raises(ValueError, match=r"lr: 0.01 -> 0.02"):
+            pretrain(_pretrain_cfg(data, out, resume=True, lr=0.02))
     resumed = pretrain(_pretrain_cfg(data, out, resume=True))
-    assert resumed.start_epoch == 1
+    assert resumed.start_epoch == saved
     a, b = _state(ref_out / CHECKPOINT), _state(out / CHECKPOINT)
     assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:  # parameters and BatchNorm buffers
