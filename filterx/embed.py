@@ -6,7 +6,8 @@
 
 Rows of a shard are written first and its ``done`` flag after them, so a run killed at any
 point leaves every shard either done (all rows written) or not done; a re-run embeds only the
-shards that are not done. Under ``torchrun`` the undone shards are dealt to ranks
+shards that are not done (the store is a ``filterx.rowstore``; one made for another version
+of the dataset is refused with a ValueError, never overwritten). Under ``torchrun`` the undone shards are dealt to ranks
 round-robin; each rank writes only its own shards' chunks, so no two processes ever write
 the same file.
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from filterx import atomic
+from filterx import atomic, rowstore
 from filterx.dataset import Dataset
 from filterx.encoder import Encoder, load_encoder
 from filterx.faults import crash_point
@@ -63,12 +64,7 @@ class EmbedSummary:
 
 def embeddings_complete(ds: Dataset, tag: str) -> bool:
     """Whether every shard of ``ds`` has embeddings for encoder ``tag``."""
-    import zarr
-
-    path = ds.embeddings_path(tag)
-    if not (path / "zarr.json").is_file():
-        return False
-    return bool(np.all(zarr.open_group(path, mode="r")["done"][:]))
+    return rowstore.complete(ds.embeddings_path(tag))
 
 
 def read_embeddings(ds: Dataset, tag: str, ids: np.ndarray | None = None) -> np.ndarray:
@@ -83,29 +79,21 @@ def read_embeddings(ds: Dataset, tag: str, ids: np.ndarray | None = None) -> np.
     return np.asarray(out, dtype=np.float32)
 
 
-def _open_store(ds: Dataset, enc: Encoder, rank: int):
-    """Create the store once (rank 0, atomically), then open it for writing on every rank."""
-    import zarr
+def _layout(ds: Dataset, enc: Encoder) -> rowstore.RowLayout:
+    dim = int(enc.info["feature_dim"])
+    return rowstore.RowLayout("emb", (dim,), "float16", tuple(ds.shard_counts), ds.fingerprint,
+                              {"encoder_tag": enc.tag, "arch": enc.info["arch"], "resolution": enc.resolution,
+                               "feature_dim": dim})
 
+
+def _open_store(ds: Dataset, enc: Encoder, rank: int) -> rowstore.RowStore:
+    """Create the store once (rank 0, atomically), then open it for writing on every rank."""
     path = ds.embeddings_path(enc.tag)
-    if rank == 0 and not (path / "zarr.json").is_file():
-        dim = int(enc.info["feature_dim"])
-        chunk_rows = max(ds.shard_counts)
-        with atomic.atomic_path(path) as tmp:
-            g = zarr.open_group(tmp, mode="w")
-            g.create_array("emb", shape=(ds.num_samples, dim), dtype="float16",
-                           chunks=(chunk_rows, dim), fill_value=np.nan)
-            g.create_array("done", shape=(ds.num_shards,), dtype=bool, chunks=(1,), fill_value=False)
-            g.attrs.update({"encoder_tag": enc.tag, "arch": enc.info["arch"], "resolution": enc.resolution,
-                            "feature_dim": dim, "dataset_fingerprint": ds.fingerprint,
-                            "shard_counts": ds.shard_counts})
+    layout = _layout(ds, enc)
+    if rank == 0 and not rowstore.exists(path):
+        rowstore.create(path, layout)
     _barrier()
-    g = zarr.open_group(path, mode="r+")
-    if g.attrs.get("dataset_fingerprint") != ds.fingerprint or list(g.attrs["shard_counts"]) != ds.shard_counts:
-        raise ValueError(f"{path} was made for another version of this dataset; remove it and re-run embed")
-    if int(g["emb"].chunks[0]) < max(ds.shard_counts) and ds.num_shards > 1:
-        raise ValueError(f"{path}: chunking does not match the shards; remove it and re-run embed")
-    return g
+    return rowstore.open_rows(path, layout, on_mismatch="raise", hint="embed")
 
 
 def _barrier() -> None:
@@ -127,19 +115,19 @@ def embed(cfg: EmbedConfig) -> EmbedSummary:
     if info.is_main:
         ds.ensure_indexes()
     _barrier()
-    store = _open_store(ds, enc, info.rank)
-    done = np.asarray(store["done"][:], dtype=bool)
-    todo = [s for s in range(ds.num_shards) if not done[s]]
-    mine = todo[info.rank :: info.world_size]
-    lock = atomic.run_lock(ds.embeddings_path(enc.tag).parent, f"embed-{enc.tag}-rank{info.rank}")
-    with lock:
+    # locked before the store is opened: a second run reads the done mask only once it may write
+    with atomic.run_lock(ds.embeddings_path(enc.tag).parent, f"embed-{enc.tag}-rank{info.rank}"):
+        store = _open_store(ds, enc, info.rank)
+        done = store.done()
+        mine = store.undone()[info.rank :: info.world_size]
         samples = _embed_shards(ds, enc, store, mine, cfg, device)
     _barrier()
     return EmbedSummary(ds.embeddings_path(enc.tag), len(mine), int(done.sum()), samples,
                         time.perf_counter() - t0, info.rank, info.world_size)
 
 
-def _embed_shards(ds: Dataset, enc: Encoder, store, shards: list[int], cfg: EmbedConfig, device: str) -> int:
+def _embed_shards(ds: Dataset, enc: Encoder, store: rowstore.RowStore, shards: list[int], cfg: EmbedConfig,
+                  device: str) -> int:
     if not shards:
         return 0
     features = enc.features
@@ -149,33 +137,17 @@ def _embed_shards(ds: Dataset, enc: Encoder, store, shards: list[int], cfg: Embe
     lcfg = LoaderConfig(resolution=enc.resolution, backend=cfg.backend, device=device,
                         batch_size=cfg.batch_size, workers=cfg.workers,
                         mean=tuple(enc.info["mean"]), std=tuple(enc.info["std"]))
-    starts = ds.shard_starts
-    dim = int(enc.info["feature_dim"])
-    pending: dict[int, np.ndarray] = {}  # rows of shards being read, allocated on first use
-    filled = {s: 0 for s in shards}
-    shard_of = np.repeat(np.arange(ds.num_shards), ds.shard_counts)
+    collector = store.collector(shards, after_shard=lambda s: crash_point("embed.shard"))
     bar = progress(total=int(sum(ds.shard_counts[s] for s in shards)), desc=f"embed {ds.name}", quiet=cfg.quiet)
     with torch.inference_mode():
         for batch in load_batches([ds.shard_path(s) for s in shards], lcfg):
             x = batch.images.contiguous(memory_format=torch.channels_last) if on_gpu else batch.images
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
                 f = features(x)
-            f = f.float().cpu().numpy().astype(np.float16)
-            ids = batch.ids.numpy()
-            for s in np.unique(shard_of[ids]):
-                rows = ids[shard_of[ids] == s]
-                buf = pending.get(s)
-                if buf is None:
-                    buf = pending[s] = np.zeros((ds.shard_counts[s], dim), dtype=np.float16)
-                buf[rows - starts[s]] = f[shard_of[ids] == s]
-                filled[s] += len(rows)
-                if filled[s] == ds.shard_counts[s]:
-                    store["emb"][starts[s] : starts[s + 1]] = pending.pop(s)
-                    store["done"][s] = True  # after the rows: a kill in between redoes the shard
-                    crash_point("embed.shard")
-            bar.update(len(ids))
+            collector.add(batch.ids.numpy(), f.float().cpu().numpy().astype(np.float16))
+            bar.update(len(batch.ids))
     bar.close()
-    unfinished = sorted(s for s in shards if filled[s] != ds.shard_counts[s])
+    unfinished = collector.unfinished()
     if unfinished:
         raise RuntimeError(f"shards {unfinished} were not read completely; re-run embed")
     return int(sum(ds.shard_counts[s] for s in shards))

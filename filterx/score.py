@@ -3,6 +3,9 @@
     DATASET/scores.zarr/<name>    (N,) float32, aligned to sample ids, NaN where not scored
                                   attrs: method, params, encoder, seed, filterx version, ...
     DATASET/reports/scores-<name>-<table>.csv   tables a scorer returns (e.g. per-class accuracy)
+    DATASET/scores.zarr/.work-<name>/   while ``--params last-block`` scores the pool: s_test and
+                                  the scores of each finished shard, so a killed run resumes;
+                                  removed once <name> is stored; not a score (list_scores)
 
 ``score`` loads what the scorer ``needs`` (embeddings, the target split, the classifier head,
 labels, class metadata), embedding any dataset whose embeddings for the encoder are missing.
@@ -15,7 +18,9 @@ target dataset, NaN on its validation split.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
 import json
 import logging
 import time
@@ -34,6 +39,7 @@ from filterx.scorers import ScoreInputs, get_scorer, resolved_params, run_scorer
 log = logging.getLogger(__name__)
 
 CANDIDATES = ("source", "target-train")
+WORK_PREFIX = ".work-"  # scores.zarr/.work-<name>: a resumable run's work (filterx.influence_pixels)
 _EMB_INPUTS = {"source_emb", "target_emb", "target_val_emb", "head_weight", "head_bias"}
 _TARGET_INPUTS = {"target_emb", "target_labels", "target_val_emb", "target_val_labels"}
 
@@ -95,6 +101,10 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
         raise ValueError(f"method {cfg.method!r} takes no parameter(s) {bad}; valid: {sorted(scorer.defaults)}")
     if cfg.candidates not in CANDIDATES:
         raise ValueError(f"unknown candidates {cfg.candidates!r}; valid: {', '.join(CANDIDATES)}")
+    if cfg.method == "influence" and params.get("labels") == "given" and cfg.candidates != "target-train":
+        # the pool's labels index the pool's classes, not the target's: never use them as target labels
+        raise ValueError("--labels given uses the candidates' own labels as target classes, so it needs "
+                         "--candidates target-train; to score the pool use --labels pseudo")
     needs = set(scorer.needs)
     if cfg.candidates == "target-train":
         needs |= {"target_emb"}
@@ -107,13 +117,16 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
     target = Dataset.open(cfg.target) if cfg.target is not None else None
 
     name = cfg.name or cfg.method
-    if block == "last-block":
-        scored_ds, scored_ids, result, enc_info = _last_block(cfg, params, curvature, source, target, device)
-        params = {**params, "params": "last-block", "curvature": curvature}
-    else:
-        inputs, scored_ds, scored_ids, enc_info = _gather_inputs(cfg, needs, source, target, device)
-    with atomic.run_lock(scored_ds.root, f"score-{name}"):
-        if block == "head":
+    with contextlib.ExitStack() as held:
+        if block == "last-block":
+            # Locked from the pool pass on: its work store is this run's until removed below.
+            scored_ds = target if cfg.candidates == "target-train" else source
+            held.enter_context(atomic.run_lock(scored_ds.root, f"score-{name}"))
+            scored_ds, scored_ids, result, enc_info = _last_block(cfg, params, curvature, source, target, device)
+            params = {**params, "params": "last-block", "curvature": curvature}
+        else:
+            inputs, scored_ds, scored_ids, enc_info = _gather_inputs(cfg, needs, source, target, device)
+            held.enter_context(atomic.run_lock(scored_ds.root, f"score-{name}"))
             result = run_scorer(cfg.method, inputs, seed=cfg.seed, **cfg_params)
         full = np.full(scored_ds.num_samples, np.nan, dtype=np.float32)
         full[scored_ids] = result.scores
@@ -130,6 +143,7 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
             "result": _jsonable(dict(result.attrs)),
         }
         write_scores(scored_ds, name, full, attrs)
+        atomic.remove(work_path(scored_ds, name))  # the final scores supersede any work toward them
         for table, rows in result.tables.items():
             write_table(scored_ds.root / "reports" / f"scores-{name}-{table}.csv", rows)
     return ScoreSummary(scored_ds.root, name, int(len(scored_ids)), scored_ds.num_samples,
@@ -185,7 +199,11 @@ def _gather_inputs(cfg: ScoreConfig, needs: set, source: Dataset, target: Datase
 
 
 def _last_block(cfg: ScoreConfig, params: dict, curvature: str, source: Dataset, target: Dataset, device: str):
-    """Influence over the encoder's last block + head, from pixels (filterx.influence_pixels)."""
+    """Influence over the encoder's last block + head, from pixels (filterx.influence_pixels).
+
+    The pool pass keeps its work in ``work_path(source, name)``, keyed by everything the
+    scores depend on (``_work_key``), so that a killed run resumes where it stopped.
+    """
     from filterx.encoder import load_encoder
     from filterx.influence import SolverOptions
     from filterx.influence_pixels import last_block_influence
@@ -196,14 +214,51 @@ def _last_block(cfg: ScoreConfig, params: dict, curvature: str, source: Dataset,
                    "lissa_repeats", "lissa_batch_size"}
     options = SolverOptions(seed=cfg.seed, **{k: v for k, v in params.items() if k in solver_keys})
     val_classes = params.get("val_classes")
+    batch_size = min(cfg.batch_size, 64)
+    work = work_key = None
+    if cfg.candidates == "source":
+        _scores_root(source)  # before the work store inside it: creating the root replaces the folder
+        work = work_path(source, cfg.name or cfg.method)
+        work_key = _work_key(cfg, params, curvature, options, source, target, enc.tag, train_ids, val_ids,
+                             device, batch_size)
     ids, result = last_block_influence(
         source, target, enc, train_ids=train_ids, val_ids=val_ids, options=options, labels=params["labels"],
         candidates=cfg.candidates, val_classes=None if val_classes is None else tuple(val_classes),
-        curvature=curvature, backend=cfg.backend, device=device, batch_size=min(cfg.batch_size, 64),
-        workers=cfg.workers, quiet=cfg.quiet)
+        curvature=curvature, backend=cfg.backend, device=device, batch_size=batch_size,
+        workers=cfg.workers, quiet=cfg.quiet, work=work, work_key=work_key)
     scored_ds = target if cfg.candidates == "target-train" else source
     enc_info = {"path": str(Path(cfg.encoder).resolve()), "tag": enc.tag, "arch": enc.info["arch"]}
     return scored_ds, ids, result, enc_info
+
+
+def _work_key(cfg: ScoreConfig, params: dict, curvature: str, options, source: Dataset, target: Dataset,
+              encoder_tag: str, train_ids: np.ndarray, val_ids: np.ndarray, device: str, batch_size: int) -> dict:
+    """Everything last-block pool scores depend on: a work store with another key is stale.
+
+    The decode backend (resolved) and the device type change the last bits, and the compute
+    batch size which samples share a kernel call; the loader's workers do not (fixed compute
+    batches, filterx.influence_pixels.shard_aligned_batches).
+    """
+    from dataclasses import asdict
+
+    import torch
+
+    from filterx.loader import resolve_backend
+
+    split = hashlib.sha256(np.asarray(train_ids, np.int64).tobytes() + b"|" + np.asarray(val_ids, np.int64).tobytes())
+    return _jsonable({
+        "source_fingerprint": source.fingerprint, "target_fingerprint": target.fingerprint,
+        "encoder_tag": encoder_tag, "target_split": split.hexdigest()[:16], "params": params,
+        "curvature": curvature, "solver_options": asdict(options), "labels": params.get("labels"),
+        "val_classes": params.get("val_classes"), "seed": cfg.seed, "backend": resolve_backend(cfg.backend),
+        "device": torch.device(device).type, "batch_size": batch_size, "filterx_version": filterx.__version__,
+    })
+
+
+def work_path(ds: Dataset, name: str) -> Path:
+    """Where a resumable ``score`` keeps its work toward ``scores.zarr/<name>`` (hidden from list_scores)."""
+    _check_name(name)
+    return ds.scores_path / f"{WORK_PREFIX}{name}"
 
 
 def _target_split(target: Dataset, info: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -221,12 +276,8 @@ def write_scores(ds: Dataset, name: str, scores: np.ndarray, attrs: dict) -> Pat
     """Store (N,) float32 ``scores`` as ``scores.zarr/<name>`` atomically (replacing an old one)."""
     import zarr
 
-    if not name or "/" in name or name.startswith("."):
-        raise ValueError(f"invalid score name {name!r}")
-    root = ds.scores_path
-    if not (root / "zarr.json").is_file():
-        with atomic.atomic_path(root) as tmp:
-            zarr.open_group(tmp, mode="w").attrs["filterx_scores"] = 1
+    _check_name(name)
+    root = _scores_root(ds)
     atomic.clean_stale_tmp(root)
     out = root / name
     with atomic.atomic_path(out) as tmp:
@@ -237,12 +288,29 @@ def write_scores(ds: Dataset, name: str, scores: np.ndarray, attrs: dict) -> Pat
     return out
 
 
+def _check_name(name: str) -> None:
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"invalid score name {name!r}: a non-empty name without '/' that does not start with '.'")
+
+
+def _scores_root(ds: Dataset) -> Path:
+    """``scores.zarr``, created (atomically) if missing."""
+    import zarr
+
+    root = ds.scores_path
+    if not (root / "zarr.json").is_file():
+        with atomic.atomic_path(root) as tmp:
+            zarr.open_group(tmp, mode="w").attrs["filterx_scores"] = 1
+    return root
+
+
 def list_scores(ds: Dataset) -> list[str]:
-    """Names of the score arrays stored with ``ds``."""
+    """Names of the score arrays stored with ``ds`` (not work stores or temporaries: hidden names)."""
     root = ds.scores_path
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if (p / "zarr.json").is_file() and atomic.TMP_MARK not in p.name)
+    return sorted(p.name for p in root.iterdir()
+                  if (p / "zarr.json").is_file() and not p.name.startswith(".") and atomic.TMP_MARK not in p.name)
 
 
 def read_scores(ds: Dataset, name: str) -> tuple[np.ndarray, dict]:

@@ -93,3 +93,81 @@ def test_incomplete_embeddings_are_refused(sample_dirs, encoder_file):
     ds = Dataset.open(sample_dirs[1])
     with pytest.raises(ValueError, match="missing or incomplete"):
         read_embeddings(ds, "resnet18-r32-0000000000")
+
+
+def test_store_layout_is_the_documented_one(embedded, encoder_file):
+    src, _ = embedded
+    ds = Dataset.open(src)
+    enc = load_encoder(encoder_file)
+    store = zarr.open_group(ds.embeddings_path(enc.tag), mode="r")
+    assert sorted(store.array_keys()) == ["done", "emb"]
+    assert store["done"].shape == (ds.num_shards,) and store["done"].chunks == (1,) and store["done"].dtype == bool
+    assert dict(store.attrs) == {"encoder_tag": enc.tag, "arch": enc.info["arch"], "resolution": enc.resolution,
+                                 "feature_dim": enc.info["feature_dim"], "dataset_fingerprint": ds.fingerprint,
+                                 "shard_counts": ds.shard_counts}
+
+
+def test_embed_refuses_a_store_made_for_another_dataset(embedded, encoder_file, tmp_path):
+    import shutil
+
+    src = tmp_path / "source"
+    shutil.copytree(embedded[0], src)
+    ds = Dataset.open(src)
+    path = ds.embeddings_path(load_encoder(encoder_file).tag)
+    zarr.open_group(path, mode="r+").attrs["dataset_fingerprint"] = "0123456789abcdef"
+    with pytest.raises(ValueError, match="another version of this dataset; remove it and re-run embed"):
+        embed(EmbedConfig(src, encoder_file, **KW))
+    assert path.is_dir()  # refused, never overwritten
+
+
+# ------------------------------------------------------------------ rowstore (factored out of embed)
+
+
+@pytest.mark.parametrize("row_shape,dtype", [((), "float32"), ((3,), "float16")])
+def test_rowstore_collector_writes_whole_shards_from_batches_spanning_them(tmp_path, row_shape, dtype):
+    from filterx import rowstore
+
+    layout = rowstore.RowLayout("rows", row_shape, dtype, (4, 4, 2), "fp", {"key": {"a": (1, 2)}})
+    path = tmp_path / "store.zarr"
+    rowstore.create(path, layout, arrays={"extra": np.arange(5.0)}, extra_attrs={"note": "x"})
+    store = rowstore.open_rows(path, layout)
+    assert store.undone() == [0, 1, 2] and store.attrs["note"] == "x"
+    np.testing.assert_array_equal(store.array("extra"), np.arange(5.0))
+    values = np.arange(10, dtype=np.float32).reshape(10, *([1] * len(row_shape))) * np.ones((1, *row_shape))
+    written = []
+    col = store.collector([1, 2], after_shard=written.append)
+    assert col.add(np.array([9, 4, 5]), values[[9, 4, 5]]) == []  # spans shards 1 and 2, out of order
+    assert col.add(np.array([8, 7, 6]), values[[8, 7, 6]]) == [1, 2] and written == [1, 2]
+    assert col.unfinished() == [] and store.undone() == [0]
+    rows = store.rows()
+    assert rows.shape == (10, *row_shape) and rows.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(rows[4:], values[4:].astype(dtype))
+    assert np.isnan(rows[:4]).all()
+    col = store.collector([0])
+    col.add(np.array([0, 1]), values[:2])
+    assert col.unfinished() == [0] and store.undone() == [0]  # a partial shard is never written
+    with pytest.raises(ValueError, match="ids of shard 1"):
+        col.add(np.array([4]), values[4:5])
+
+
+def test_rowstore_mismatch_raises_or_discards(tmp_path):
+    from dataclasses import replace
+
+    from filterx import rowstore
+
+    layout = rowstore.RowLayout("rows", (), "float32", (2, 2), "fp", {"damping": 0.1})
+    path = tmp_path / "store.zarr"
+    assert rowstore.open_rows(path, layout) is None
+    rowstore.create(path, layout)
+    assert rowstore.open_rows(path, layout) is not None
+    with pytest.raises(ValueError, match=r"other settings \(differs in: damping\); remove it and re-run embed"):
+        rowstore.open_rows(path, replace(layout, attrs={"damping": 0.2}), hint="embed")
+    with pytest.raises(ValueError, match="another version of this dataset"):
+        rowstore.open_rows(path, replace(layout, fingerprint="other"))
+    with pytest.raises(ValueError, match="differs in: rows"):
+        rowstore.open_rows(path, replace(layout, row_shape=(4,)))
+    assert path.is_dir()
+    assert rowstore.open_rows(path, replace(layout, attrs={"damping": 0.2}), on_mismatch="discard") is None
+    assert not path.exists()
+    with pytest.raises(ValueError, match="valid: raise, discard"):
+        rowstore.open_rows(path, layout, on_mismatch="ignore")

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import zarr
 
+from filterx.dataset import Dataset
 from filterx.faults import CRASH_EXIT, ENV, crash_point, parse
 
 
@@ -246,3 +247,41 @@ def test_scores_in_a_crashed_store_are_never_read(scored, tmp_path):
     np.testing.assert_array_equal(before, after)
     info = json.loads(ok(cli("info", src, "--json")).stdout)
     assert [s["name"] for s in info["scores"]] == ["random"]
+
+
+# ---------------------------------------------------------------- a second writer
+
+
+def _lock_cases(image_folder, sample_dirs, encoder_file, scored, tmp):
+    """(command line, directory, lock name, what the refused run must not have written)."""
+    from filterx.embed import load_encoder_tag
+
+    tag = load_encoder_tag(encoder_file)
+    pool = Dataset.open(scored)
+    return {
+        "shard": (["shard", image_folder, tmp / "ds", "--workers", "1"], tmp / "ds", "shard", tmp / "ds" / "index.zarr"),
+        "embed": (["embed", scored, "--encoder", encoder_file, "--backend", "pil", "--workers", "0"],
+                  pool.embeddings_path(tag).parent, f"embed-{tag}-rank0", pool.embeddings_path(tag)),
+        "score": (["score", "--method", "random", "--source", scored, "--name", "second"], scored, "score-second",
+                  scored / "scores.zarr" / "second"),
+        "select": (["select", "--source", scored, "--method", "random", "--count", "3", "-o", tmp / "s.jsonl"],
+                   tmp, "select-s.jsonl", tmp / "s.jsonl"),
+        "report": (["report", scored, "-o", tmp / "rep"], tmp, "report-rep", tmp / "rep"),
+        "pretrain": (["pretrain", sample_dirs[1], tmp / "pre", "--arch", "resnet18", "--resolution", "32",
+                      "--epochs", "1", "--workers", "0", "--backend", "pil"], tmp / "pre", "pretrain",
+                     tmp / "pre" / "checkpoint.pt"),
+    }
+
+
+@pytest.mark.parametrize("command", ["shard", "embed", "score", "select", "report", "pretrain"])
+def test_a_second_writer_is_refused(image_folder, sample_dirs, encoder_file, scored, tmp_path, command):
+    """While one run holds an output, another run writing it stops with one line and writes nothing."""
+    from filterx.atomic import run_lock
+
+    args, where, name, output = _lock_cases(image_folder, sample_dirs, encoder_file, scored, tmp_path)[command]
+    with run_lock(where, name):
+        proc = cli(*args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("filterx: error:") and f"being written by {name} in process {os.getpid()}" in line
+    assert not output.exists()
