@@ -41,7 +41,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, fields, replace
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -471,19 +471,30 @@ def last_block_influence_scores(block: nn.Module, head: nn.Linear, s_test: torch
     (feats, labels) batches. method="jvp" (fast: one forward-mode pass gives every sample's
     directional derivative along s_test) or "per-sample-grad" (reference: vmap(grad)).
     """
+    score_batch = last_block_batch_scorer(block, head, s_test, device=device, dtype=dtype, method=method)
+    if isinstance(candidates, torch.Tensor):
+        candidates = _batches(candidates, labels, batch_size)
+    elif labels is not None:
+        raise ValueError("labels= goes with a candidates tensor; batches carry their own labels")
+    out = [score_batch(*item) if isinstance(item, (tuple, list)) else score_batch(item) for item in candidates]
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def last_block_batch_scorer(block: nn.Module, head: nn.Linear, s_test: torch.Tensor, *,
+                            device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                            method: str = "jvp") -> Callable[..., np.ndarray]:
+    """``score(feats, labels=None) -> (B,) float32`` for one batch of trunk features, the block +
+    head copied to ``device`` once (a pool pass calls it per batch; see
+    ``last_block_influence_scores`` for the score and the methods)."""
     if method not in ("jvp", "per-sample-grad"):
         raise ValueError(f"unknown method {method!r}; valid: jvp, per-sample-grad")
     model = _FlatModel(block, head, device, dtype)
     s = s_test.to(model.device, dtype).reshape(-1)
     if s.numel() != model.theta.numel():
         raise ValueError(f"s_test has {s.numel()} entries, the block + head {model.theta.numel()}")
-    if isinstance(candidates, torch.Tensor):
-        candidates = _batches(candidates, labels, batch_size)
-    elif labels is not None:
-        raise ValueError("labels= goes with a candidates tensor; batches carry their own labels")
-    out = []
-    for item in candidates:
-        x, y = model.batch(*item) if isinstance(item, (tuple, list)) else model.batch(item)
+
+    def score(feats, labels=None) -> np.ndarray:
+        x, y = model.batch(feats, labels)
         if y is None:
             with torch.no_grad():
                 y = model.logits(model.theta, x).argmax(1)
@@ -498,8 +509,9 @@ def last_block_influence_scores(block: nn.Module, head: nn.Linear, s_test: torch
                 return F.cross_entropy(model.logits(p, xi[None]), yi[None])
 
             scores = vmap(grad(one), in_dims=(None, 0, 0))(model.theta, x, y) @ s
-        out.append(scores.detach().float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros(0, np.float32)
+        return scores.detach().float().cpu().numpy()
+
+    return score
 
 
 # --------------------------------------------------------------------------------- solvers

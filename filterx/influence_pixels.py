@@ -30,7 +30,9 @@ from filterx import rowstore
 from filterx.dataset import Dataset
 from filterx.encoder import Encoder
 from filterx.faults import crash_point
-from filterx.influence import SolverOptions, last_block_influence_scores, last_block_s_test
+from filterx.influence import (
+    SolverOptions, last_block_batch_scorer, last_block_influence_scores, last_block_s_test,
+)
 from filterx.loader import Batch, LoaderConfig, load_batches
 from filterx.progress import progress
 from filterx.scorers import ScoreResult
@@ -158,6 +160,7 @@ def last_block_influence(source: Dataset, target: Dataset, enc: Encoder, *, trai
     scores = np.full(source.num_samples, np.nan, dtype=np.float32)
     collector = None if store is None else store.collector(todo, after_shard=lambda s: crash_point("influence.shard"))
     if todo:
+        score_batch = last_block_batch_scorer(block, head, s_test, device=device)
         batches = load_batches(source.tar_paths(todo), replace(cfg, backend=backend))
         bar = progress(total=int(sum(source.shard_counts[s] for s in todo)), desc="influence (last block)",
                        quiet=quiet)
@@ -165,8 +168,7 @@ def last_block_influence(source: Dataset, target: Dataset, enc: Encoder, *, trai
             with torch.inference_mode():
                 f = trunk(images).float()
             f = f.clone()  # leave inference mode: the block needs autograd-capable inputs
-            s = last_block_influence_scores(block, head, s_test, f, labels=None, batch_size=batch_size,
-                                            device=device)
+            s = score_batch(f)
             if collector is None:
                 scores[ids] = s
             else:
