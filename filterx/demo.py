@@ -62,9 +62,12 @@ class DemoSummary:
         return "\n".join(lines)
 
     def line(self) -> str:
-        return (f"{self.table()}\n\ntarget classes are {self.relevant_share:.1%} of the pool, the target domain "
-                f"{self.domain_share:.1%}; target encoder held-out accuracy {self.encoder_val_acc:.1%}; total "
-                f"{self.seconds:.0f}s; results in {self.out / 'demo_results.md'}")
+        return (f"{self.table()}\n\n{len(self.rows)} methods scored the pool and selected "
+                f"{sum(r['selected'] for r in self.rows)} images in all; target classes are "
+                f"{self.relevant_share:.1%} of the pool, the target domain {self.domain_share:.1%}; target "
+                f"encoder held-out accuracy {self.encoder_val_acc:.1%}; total {self.seconds:.0f}s; data/, "
+                f"source/, target/, encoder.pt and manifests/ in {self.out}; results in "
+                f"{self.out / 'demo_results.md'}")
 
 
 def run_demo(cfg: DemoConfig) -> DemoSummary:

@@ -82,14 +82,17 @@ class EncoderSummary:
     val_count: int
     val_acc: float
     train_acc: float
-    seconds: float
+    seconds: float  # the whole command: decode, training, evaluation, saving
     history: list = field(default_factory=list)
+    epochs: int = 0
+    train_seconds: float = 0.0  # the training loop alone
 
     def line(self) -> str:
+        rate = self.epochs * self.train_count / max(self.train_seconds, 1e-9)
         return (
-            f"trained {self.tag} on {self.train_count} target images in {self.seconds:.1f}s: "
-            f"held-out accuracy {self.val_acc:.1%} on {self.val_count} images "
-            f"(train {self.train_acc:.1%}); saved to {self.out}"
+            f"trained {self.tag} for {self.epochs} epochs on {self.train_count} target images in "
+            f"{self.seconds:.1f}s ({rate:.0f} img/s in training): held-out accuracy {self.val_acc:.1%} "
+            f"on {self.val_count} images (train {self.train_acc:.1%}); saved to {self.out}"
         )
 
 
@@ -109,6 +112,12 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     val = np.sort(np.array(val, dtype=np.int64))
     train = np.setdiff1d(np.flatnonzero(labels >= 0), val).astype(np.int64)
     return train, val
+
+
+def empty_classes(ds: Dataset) -> list[str]:
+    """Names of the classes of ``ds`` with no sample (e.g. every image of the folder was bad)."""
+    counts = np.bincount(ds.labels[ds.labels >= 0], minlength=ds.num_classes)
+    return [c.name for c in ds.classes if counts[c.index] == 0]
 
 
 def decode_dataset(ds: Dataset, size: int, *, backend: str, workers: int, quiet: bool,
@@ -199,6 +208,14 @@ def train_encoder(cfg: EncoderConfig) -> EncoderSummary:
         )
     if cfg.epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {cfg.epochs}")
+    empty = empty_classes(ds)
+    if empty:
+        # The head keeps an output for every class of the dataset, so that its indices stay the
+        # dataset's labels (entropy, influence and finetune --init read them as such); a class
+        # with no image is never a training label: its logit is only trained towards label
+        # smoothing's small share, never towards being predicted.
+        log.warning("target %s: %d of %d classes have no image and are not trained on (the head "
+                    "keeps their outputs): %s", ds.root, len(empty), ds.num_classes, ", ".join(empty))
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     train_ids, val_ids = stratified_split(ds.labels, cfg.val_fraction, cfg.seed)
@@ -222,6 +239,7 @@ def train_encoder(cfg: EncoderConfig) -> EncoderSummary:
     gen = torch.Generator().manual_seed(cfg.seed)
     history = []
     bar = progress(total=cfg.epochs * len(train_ids), desc="train-encoder", quiet=cfg.quiet)
+    t_train = time.perf_counter()
     for epoch in range(cfg.epochs):
         model.train()
         perm = torch.from_numpy(train_ids)[torch.randperm(len(train_ids), generator=gen)]
@@ -250,6 +268,7 @@ def train_encoder(cfg: EncoderConfig) -> EncoderSummary:
         bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['train_acc']:.2f}")
         log.info("epoch %d %s", epoch, row)
     bar.close()
+    train_seconds = time.perf_counter() - t_train
 
     val_acc = history[-1]["val_acc"]
     train_acc = evaluate(model, images[torch.from_numpy(train_ids)], labels[torch.from_numpy(train_ids)],
@@ -264,6 +283,7 @@ def train_encoder(cfg: EncoderConfig) -> EncoderSummary:
         "resolution": cfg.resolution,
         "num_classes": ds.num_classes,
         "class_names": [c.name for c in ds.classes],
+        "empty_classes": empty,
         "mean": (mean / 255).tolist(),
         "std": (std / 255).tolist(),
         "feature_dim": int(model.fc.in_features),
@@ -278,7 +298,7 @@ def train_encoder(cfg: EncoderConfig) -> EncoderSummary:
     torch.save(payload, buf)
     atomic.write_bytes(cfg.out, buf.getvalue())
     return EncoderSummary(Path(cfg.out), tag, len(train_ids), len(val_ids), val_acc, train_acc,
-                          time.perf_counter() - t0, history)
+                          time.perf_counter() - t0, history, cfg.epochs, train_seconds)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,10 @@
 embeddings' done masks, the score arrays) and never writes. Its result is a frozen
 ``DatasetInfo`` whose ``to_dict()`` is plain JSON and whose ``text()`` is the screen a user
 reads; ``line()`` is the one-line summary.
+
+``DATASET/configs/`` holds the options of the commands that wrote into the dataset dir
+(``embed-<encoder tag>.yaml``, ``score-<name>.yaml``, saved by ``filterx.cli``); info lists
+them and reads nothing else from there.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from filterx.dataset import EMBEDDINGS, SHARD_REPORT, Dataset
 from filterx.score import list_scores, read_scores
 
 TOP_CLASSES = 10
+CONFIGS = "configs"  # saved command options, see the module doc
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,7 @@ class DatasetInfo:
     source_root: str | None
     filterx_version: str | None
     fingerprint: str
+    configs: tuple[str, ...] = ()  # saved options under configs/, by file name
 
     @property
     def indexes_present(self) -> bool:
@@ -129,6 +135,8 @@ class DatasetInfo:
                 lines.append(f"  {s.name:<{w}} {s.method}: {s.scored} scored, {s.nan} NaN;{stats}; "
                              f"seed {s.seed}, encoder {s.encoder_tag or '-'}" + (f"; {params}" if params else "")
                              + stale)
+        if self.configs:
+            lines.append(f"configs      {self.root / CONFIGS}: {', '.join(self.configs)}")
         return "\n".join(lines)
 
 
@@ -166,6 +174,13 @@ def _embeddings(ds: Dataset) -> tuple[EmbeddingsInfo, ...]:
                                   g.attrs.get("resolution"), tuple(int(x) for x in emb.shape), str(emb.dtype),
                                   int(done.sum()), int(done.size)))
     return tuple(out)
+
+
+def _configs(ds: Dataset) -> tuple[str, ...]:
+    folder = ds.root / CONFIGS
+    if not folder.is_dir():
+        return ()
+    return tuple(sorted(p.name for p in folder.glob("*.yaml") if p.is_file() and ".tmp-" not in p.name))
 
 
 def score_info(ds: Dataset, name: str) -> ScoreInfo:
@@ -215,4 +230,4 @@ def dataset_info(path: str | Path, *, top: int = TOP_CLASSES) -> DatasetInfo:
         total_bytes=_dir_bytes(ds.root), missing_tars=tuple(missing_tars), missing_indexes=tuple(missing_idx),
         embeddings=_embeddings(ds), scores=tuple(score_info(ds, n) for n in list_scores(ds)),
         skipped_inputs=skipped, source_root=ds.attrs.get("source_root"),
-        filterx_version=ds.attrs.get("filterx_version"), fingerprint=ds.fingerprint)
+        filterx_version=ds.attrs.get("filterx_version"), fingerprint=ds.fingerprint, configs=_configs(ds))

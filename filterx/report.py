@@ -20,6 +20,7 @@ from __future__ import annotations
 import html
 import io
 import json
+import logging
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -30,11 +31,13 @@ import numpy as np
 
 import filterx
 from filterx import atomic
-from filterx.faults import crash_point
 from filterx.dataset import Dataset
+from filterx.faults import crash_point
 from filterx.scorers import ClassInfo
 from filterx.score import list_scores, read_scores
 from filterx.select import rank_ids, select_ids
+
+log = logging.getLogger(__name__)
 
 REPORT_MARK = "report.json"
 SCORE_HISTOGRAMS = "score_histograms.png"
@@ -139,9 +142,11 @@ class ReportSummary:
             best = (f"; best precision on the relevant classes: {top.name} {top.precision:.3f} "
                     f"(random: {top.expected_precision:.3f})")
         pngs = sum(f.endswith(".png") for f in self.files)
-        return (f"report on {len(self.rows)} score array(s) of {self.dataset} (top {self.fraction:.1%}) "
-                f"written to {self.out_dir}: report.md, report.html, {REPORT_MARK} and {pngs} plots "
-                f"in {self.seconds:.1f}s{best}")
+        scored = sum(r.scored for r in self.rows)
+        return (f"report on {len(self.rows)} score array(s) of {self.dataset} ({scored} scores, "
+                f"top {self.fraction:.1%} selected) written to {self.out_dir}: report.md, report.html, "
+                f"{REPORT_MARK} and {pngs} plots in {self.seconds:.1f}s "
+                f"({scored / max(self.seconds, 1e-9):.0f} scores/s){best}")
 
 
 def _file_stem(name: str, taken: set[str]) -> str:
@@ -155,11 +160,20 @@ def _file_stem(name: str, taken: set[str]) -> str:
 
 
 def _relevant_classes(ds: Dataset, spec) -> tuple[ClassInfo, ...]:
+    """The pool classes a relevant-classes spec names. A preset's entries the pool lacks are
+    left out and named in a warning (a preset is not written for this pool); names the user
+    wrote for classes the pool lacks are an error."""
     if spec is None:
         return ()
-    from filterx.classes import resolve_classes
+    from filterx.classes import absent_entries, match_classes
 
-    return tuple(resolve_classes(spec, ds.classes))
+    matches = match_classes(spec, ds.classes, absent="preset")
+    missing = absent_entries(matches)
+    if missing:
+        log.warning("%d of the relevant classes are not in %s and are left out: %s%s", len(missing), ds.root,
+                    ", ".join(missing[:10]), ", ..." if len(missing) > 10 else "")
+    found = {c.index: c for m in matches for c in m.classes}
+    return tuple(found[i] for i in sorted(found))
 
 
 def display_names(classes: Sequence[ClassInfo]) -> list[str]:
@@ -218,7 +232,7 @@ def make_report(dataset: str | Path, out_dir: str | Path, *, methods: Sequence[s
         scores, attrs = read_scores(ds, name)
         runs.append((name, attrs, scores, select_ids(scores, fraction=fraction), _file_stem(name, taken)))
 
-    with atomic.atomic_path(out) as tmp:
+    with atomic.run_lock(out.parent, f"report-{out.name}"), atomic.atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
         files = [SCORE_HISTOGRAMS]
         plot_score_histograms(tmp / SCORE_HISTOGRAMS, [(n, a, s, sel) for n, a, s, sel, _ in runs],

@@ -101,7 +101,8 @@ class SelectSummary:
 
     def line(self) -> str:
         return (f"selected {self.selected} of {self.scored} scored samples "
-                f"({self.selected / max(self.scored, 1):.1%}) into {self.output} ({self.fmt}); "
+                f"({self.selected / max(self.scored, 1):.1%}) into {self.output} ({self.fmt}) in "
+                f"{self.seconds:.1f}s ({self.selected / max(self.seconds, 1e-9):.0f} samples/s); "
                 f"classes kept: {self.classes_kept}, removed entirely: {self.classes_removed}; "
                 f"images removed: {self.images_removed}")
 
@@ -133,6 +134,11 @@ def select(cfg: SelectConfig) -> SelectSummary:
     ranked = select_ids(scores, fraction=cfg.fraction, count=cfg.count, threshold=cfg.threshold,
                         labels=ds.labels, per_class_cap=cfg.per_class_cap)
     scored = int((~np.isnan(scores)).sum())
+    if cfg.per_class_cap is not None and cfg.threshold is None:
+        wanted = budget_count(scored, fraction=cfg.fraction, count=cfg.count)
+        if len(ranked) < wanted:
+            log.warning("--per-class-cap %d leaves %d samples, fewer than the %d the budget asks for",
+                        cfg.per_class_cap, len(ranked), wanted)
     budget = {k: v for k, v in (("fraction", cfg.fraction), ("count", cfg.count), ("threshold", cfg.threshold)) if v is not None}
     header = manifest.make_header(ds, cfg.method, budget, len(ranked), {
         "per_class_cap": cfg.per_class_cap,

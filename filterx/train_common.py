@@ -433,11 +433,15 @@ class TrainSummary:
         parts = [f"{self.kind}: {self.epochs} epochs"
                  + (f" (resumed at {self.start_epoch})" if self.start_epoch else "")
                  + f" on {self.world_size} rank(s) in {self.seconds:.1f}s"]
+        timed = [r for r in self.history if "images" in r and "seconds" in r]
+        if timed:
+            rate = sum(r["images"] for r in timed) / max(sum(r["seconds"] for r in timed), 1e-9)
+            parts.append(f"{timed[-1]['images']} images per epoch, {rate:.0f} img/s")
         if "loss" in f:
-            parts.append(f"final loss {f['loss']:.4f}, {f['img_s']:.0f} img/s")
+            parts.append(f"final loss {f['loss']:.4f}")
         for key in ("val_top1", "test_top1"):
             best = self.best(key)
             if best:
                 parts.append(f"{key} {f[key]:.1%} (best {best[0]:.1%} at epoch {best[1]})")
-        parts.append(f"saved to {self.model}")
+        parts.append(f"saved to {self.model} (checkpoint.pt and metrics.jsonl beside it)")
         return "; ".join(parts)

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -276,9 +277,30 @@ def unlabeled_batches(data: TrainingData, base: LoaderConfig, epoch: int, rt: Ru
 
 
 def _same_classes(a: TrainingData, b: TrainingData) -> None:
-    if a.class_names != b.class_names:
-        raise ValueError(f"test data {b.source} has classes {list(b.class_names)[:5]}..., the target "
-                         f"{a.source} has {list(a.class_names)[:5]}...; they must be the same")
+    """Labels are class indices, so the target and the test data must list the same classes in
+    the same order; the error names the classes that differ."""
+    if a.class_names == b.class_names:
+        return
+    only_test = [n for n in b.class_names if n not in a.class_names]
+    only_target = [n for n in a.class_names if n not in b.class_names]
+    what = (f"classes only in the test data: {only_test[:10]}, only in the target: {only_target[:10]}"
+            if only_test or only_target else "the same classes in another order")
+    raise ValueError(f"test data {b.source} and target {a.source} must list the same classes (labels are "
+                     f"class indices); {what}; give both the same class folders (shard keeps an empty "
+                     "folder as a class)")
+
+
+def _check_test_coverage(train: TrainingData, test: TrainingData) -> None:
+    """Warn about test images of classes the training data has no image of: the head's output
+    for them is never trained, so they count as errors in test_top1 (the accuracy is right,
+    but would puzzle without a word)."""
+    tested = test.labels[test.labels >= 0]
+    untrained = np.setdiff1d(tested, train.labels[train.labels >= 0])
+    if len(untrained):
+        n = int(np.isin(tested, untrained).sum())
+        log.warning("%d of the %d test images are of %d classes the training data has no image of "
+                    "(they count as errors): %s", n, len(tested), len(untrained),
+                    ", ".join(test.class_names[i] for i in untrained))
 
 
 # ---------------------------------------------------------------- finetune
@@ -297,6 +319,7 @@ def finetune(cfg: FinetuneConfig) -> TrainSummary:
         _same_classes(target, test)
     else:
         train, test = held_out_split(target, cfg.val_fraction, cfg.seed)
+    _check_test_coverage(train, test)
     unlabeled = resolve_training_data(cfg.unlabeled) if cfg.unlabeled is not None else None
     backend = resolve_backend(cfg.backend, subset=train.ids is not None)
     rt = setup_runtime(cfg.device)

@@ -78,7 +78,13 @@ def test_pretrain_on_a_manifest_then_finetune(sample_dirs, tmp_path):
                          "--resolution", 32, "--epochs", 1, "--batch-size", 16, "--backend", "pil", "--workers", 0,
                          "--device", "cpu", "-q")
     assert code == 0, err
-    assert "test_top1" in out
+    assert "test_top1" in out and f"options saved to {tmp_path / 'ft' / 'filterx-finetune.yaml'}" in out
+    import yaml
+
+    saved = yaml.safe_load((tmp_path / "ft" / "filterx-finetune.yaml").read_text())
+    assert saved["init"] == str(tmp_path / "pre" / "model.pt") and saved["target"] == str(sample_dirs[1])
+    assert saved["epochs"] == 1 and saved["lr"] == 0.001 and saved["schedule"] == "inv"  # unset: the defaults
+    assert saved["arch"] is None and saved["method"] == "plain"
 
 
 def test_manifest_of_a_missing_dataset_is_one_line(sample_dirs, tmp_path):

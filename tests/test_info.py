@@ -104,3 +104,20 @@ def test_info_is_read_only(dataset_dir, tmp_path):
     before = sorted((p.relative_to(copy), p.stat().st_mtime_ns) for p in copy.rglob("*"))
     dataset_info(copy).text()
     assert sorted((p.relative_to(copy), p.stat().st_mtime_ns) for p in copy.rglob("*")) == before
+
+
+def test_info_lists_saved_configs_and_takes_them_for_nothing_else(scored_copy):
+    root, _ = scored_copy
+    before = dataset_info(root)
+    configs = root / "configs"
+    configs.mkdir()
+    (configs / "score-lin.yaml").write_text("method: clustering\n")
+    (configs / "embed-resnet18-r32-abc.yaml").write_text("encoder: /x/enc.pt\n")
+    (configs / "score-x.yaml.tmp-123").write_text("half written")  # a killed write
+    (configs / "notes.txt").write_text("not a config")
+    info = dataset_info(root)
+    assert info.configs == ("embed-resnet18-r32-abc.yaml", "score-lin.yaml")
+    assert (info.scores, info.embeddings, info.samples) == (before.scores, before.embeddings, before.samples)
+    assert info.to_dict()["configs"] == ["embed-resnet18-r32-abc.yaml", "score-lin.yaml"]
+    assert f"configs      {configs}: embed-resnet18-r32-abc.yaml, score-lin.yaml" in info.text()
+    assert "\nconfigs " not in before.text() and before.configs == ()

@@ -7,6 +7,12 @@ classes; ties among kept images are the selector's to break.
 
 - ``class-mask``: the classes a spec names (``filterx.classes.resolve_classes``), e.g. the
   ImageNet classes overlapping the target, to measure how much pre-training leaks it.
+  Classes the pool lacks (a target class with no counterpart in a partial pool): the entries
+  of a preset such as ``@office31`` are skipped and reported (logged, "-> not in the pool" in
+  ``match_report``, ``absent_entries`` in the attrs), and so are written names with
+  ``absent="report"``; by default written names are an error, as a name that silently masks
+  nothing is an experiment that silently measures nothing. Named classes with no image are
+  reported too. If no named class is in the pool, error.
 - ``hard-classes``: the ``count`` classes with the lowest held-out accuracy of a linear probe
   on the pool's embeddings.
 
@@ -21,13 +27,18 @@ control from removing less data by drawing classes absent from the pool.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
 import torch
 
-from filterx.classes import MATCH_MODES, describe_matches, match_classes
+from filterx.classes import (
+    ABSENT_MODES, MATCH_MODES, AbsentClassesError, absent_entries, describe_matches, match_classes,
+)
 from filterx.scorers import ClassInfo, ScoreInputs, ScoreResult, register_scorer
+
+log = logging.getLogger(__name__)
 
 MASKED_SCORE = -1.0
 KEPT_SCORE = 0.0
@@ -246,12 +257,15 @@ def class_mask(
     classes: str | list[str] = "",
     match: str = "exact",
     random_control: bool = False,
+    absent: str = "preset",
 ) -> ScoreResult:
     """Remove the source classes a spec names (names, wnids, @file, @office31); -1 removed.
 
     Scores: MASKED_SCORE for images of the named classes (or, with ``random_control``, of as
     many classes drawn from the rest; see the module docstring), KEPT_SCORE otherwise.
-    ``match``: "exact" or "substring" (``filterx.classes.match_classes``).
+    ``match``: "exact" or "substring" (``filterx.classes.match_classes``). ``absent``: for
+    named ImageNet classes the pool lacks, "preset" (skip and report a preset's, refuse
+    written names), "report" (skip and report all) or "error" (refuse all).
     """
     if not classes or (not isinstance(classes, str) and not any(c.strip() for c in classes)):
         raise ValueError(
@@ -260,15 +274,32 @@ def class_mask(
         )
     if match not in MATCH_MODES:
         raise ValueError(f"unknown match mode {match!r}; valid: {', '.join(MATCH_MODES)}")
+    if absent not in ABSENT_MODES:
+        raise ValueError(f"unknown absent mode {absent!r}; valid: {', '.join(ABSENT_MODES)}")
     pool = tuple(inputs.source_classes)
     labels = np.asarray(inputs.source_labels)
     counts = class_image_counts(labels, len(pool))
-    matches = match_classes(classes, pool, match=match)
+    try:
+        matches = match_classes(classes, pool, match=match, absent=absent)
+    except AbsentClassesError as exc:
+        raise ValueError(f"{exc}; to mask those that are and skip these, pass absent='report' "
+                         "(filterx score -p absent=report)") from None
     entry_of: dict[int, str] = {}
     for m in matches:
         for c in m.classes:
             entry_of.setdefault(c.index, m.entry)
     named = np.array(sorted(entry_of), dtype=np.int64)
+    missing = absent_entries(matches)
+    empty = [int(i) for i in named if counts[i] == 0]
+    report = describe_matches(matches)
+    if missing:
+        more = f" and {len(missing) - 10} more (see the match report)" if len(missing) > 10 else ""
+        log.warning("class-mask: %d of %d named classes are not in the pool, skipped: %s%s",
+                    len(missing), len(matches), ", ".join(missing[:10]), more)
+    if empty:
+        report += "\nno images in the pool (nothing to remove): " + ", ".join(pool[i].name for i in empty)
+        log.warning("class-mask: %d named class(es) have no image in the pool: %s",
+                    len(empty), ", ".join(pool[i].name for i in empty))
     if random_control:
         masked = random_control_classes(counts, named, len(named), seed=seed)
         entries = ["random control"] * len(masked)
@@ -280,8 +311,12 @@ def class_mask(
         "named_wnids": [pool[i].wnid or "" for i in named],
         "named_names": [pool[i].name for i in named],
         "num_named_images": int(counts[named].sum()),
+        "num_absent_entries": len(missing),
+        "num_named_without_images": len(empty),
+        "absent_entries": missing,
+        "named_without_images": [pool[i].name for i in empty],
         "matches": [{"entry": m.entry, "indices": [c.index for c in m.classes]} for m in matches],
-        "match_report": describe_matches(matches),
+        "match_report": report,
     }
     table = _class_rows(pool, masked, counts, entry=entries)
     return ScoreResult(class_mask_scores(labels, masked), attrs, {"masked_classes": table})
@@ -307,12 +342,16 @@ def hard_classes(
     """
     pool: tuple[ClassInfo, ...] = tuple(inputs.source_classes)
     num_classes = len(pool)
-    if not 0 < count < num_classes:
-        raise ValueError(
-            f"count must lie in [1, {num_classes - 1}] for {num_classes} classes; got {count}"
-        )
     labels = np.asarray(inputs.source_labels, dtype=np.int64)
     counts = class_image_counts(labels, num_classes)
+    # Classes with no image cannot be removed: removing every class that has images would
+    # leave nothing to keep, so the bound is on those.
+    with_images = int((counts > 0).sum())
+    if not 0 < count < with_images:
+        raise ValueError(
+            f"count must lie in [1, {with_images - 1}]: the pool has {with_images} classes with "
+            f"images (of {num_classes}); got {count}"
+        )
     train_idx, val_idx = stratified_holdout(labels, num_classes, holdout, seed=seed)
     emb = inputs.source_emb
     weight, bias = fit_linear_probe(
