@@ -5,27 +5,23 @@ one line on stderr naming the bad value and what would be valid; no traceback.
 
 Every command prints a one-paragraph summary on stdout (``--json``: the same as one JSON
 object; progress bars and logs go to stderr), and every command that writes saves the option
-values it ran with, as YAML that ``--config`` reads back, next to its outputs:
-
-- a command that writes a directory (shard OUT, pretrain/finetune OUT, report -o, demo --out,
-  select --format wds): ``<dir>/filterx-<command>.yaml``;
-- a command that writes into a dataset dir (embed, score): ``<dataset>/configs/<command>-<name>.yaml``
-  (name: the encoder tag for embed, the score name for score);
-- a command that writes one file (train-encoder OUT, select -o FILE): ``<file>.filterx.yaml``.
+values it ran with, as YAML that ``--config`` reads back, next to its outputs (where:
+``filterx.cli_common``).
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import math
-import os
-import shlex
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
 
 import click
+
+from filterx.cli_common import (
+    BACKEND_HELP, DEVICE_HELP, EXISTING_DIR, EXISTING_FILE, TRAINING_DEFAULTS, DefaultOption, ListedOption,
+    RegistryChoice, beside, common, finish, finish_rank0, in_dataset, inside, model_names, plain_json,
+    runtime_options, scorer_names, setup,
+)
 
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
 
@@ -58,312 +54,6 @@ class FilterxGroup(click.Group):
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             click.echo(f"filterx: error: {msg}", err=True)
             ctx.exit(2)
-
-
-def _setup(quiet: bool, verbose: bool) -> None:
-    from filterx import progress
-
-    progress.QUIET = quiet
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
-    for noisy in ("PIL", "matplotlib", "faiss", "numexpr"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-# ---------------------------------------------------------------- summaries
-
-
-def _plain_json(obj):
-    """``obj`` as strict JSON values: NaN and infinities become null (scripts' parsers reject
-    them), numpy scalars and arrays Python numbers and lists, paths and other objects strings."""
-    if isinstance(obj, dict):
-        return {str(k): _plain_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain_json(v) for v in obj]
-    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
-        return obj
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if callable(getattr(obj, "tolist", None)):  # numpy scalars and arrays
-        return _plain_json(obj.tolist())
-    return str(obj)
-
-
-def _emit(summary, as_json: bool, config: Path | None = None) -> None:
-    """Print a command's summary: its one-paragraph line, or JSON for scripts (with the path of
-    the saved options under "config")."""
-    if as_json:
-        from dataclasses import asdict
-
-        data = summary.to_dict() if hasattr(summary, "to_dict") else asdict(summary)
-        if config is not None:
-            data["config"] = str(config)
-        click.echo(json.dumps(_plain_json(data), sort_keys=True, allow_nan=False))
-    elif config is None:
-        click.echo(summary.line())
-    else:
-        text, note = summary.line(), f"; options saved to {config}"
-        if "\n\n" in text:  # a table, then the paragraph (demo)
-            click.echo(text + note)
-        else:  # the paragraph, then details to check (score's class matches)
-            first, sep, rest = text.partition("\n")
-            click.echo(first + note + sep + rest)
-
-
-def _finish(summary, as_json: bool, config: Path | None) -> None:
-    """Save the options this run used to ``config`` (a path from the rule in the module doc),
-    then print the summary."""
-    if config is not None:
-        save_config(click.get_current_context(), config)
-    _emit(summary, as_json, config)
-
-
-def _finish_rank0(summary, as_json: bool, config: Path) -> None:
-    """Under torchrun only rank 0 saves and prints."""
-    from filterx.runtime import dist_info
-
-    if dist_info().is_main:
-        _finish(summary, as_json, config)
-
-
-# ---------------------------------------------------------------- config files
-
-
-def _load_config(ctx: click.Context, param, value):
-    """--config FILE.yaml: option values for this command (keys as on the command line, with or
-    without the leading dashes); options given on the command line win."""
-    if value is None:
-        return None
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(value).read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise click.BadParameter(f"cannot read {value}: {exc}", ctx=ctx, param=param) from None
-    if not isinstance(data, dict):
-        raise click.BadParameter(f"{value} must hold a mapping of option: value", ctx=ctx, param=param)
-    # keys as spelled on the command line: long option names, or argument names
-    spelling = {}
-    for p in ctx.command.params:
-        if p.name == "config":
-            continue
-        opts = [o for o in p.opts if o.startswith("--")] or ([p.name] if isinstance(p, click.Argument) else p.opts)
-        for o in opts:
-            spelling[o.lstrip("-").replace("_", "-").lower()] = p.name
-    defaults = {}
-    for key, v in data.items():
-        name = spelling.get(str(key).lstrip("-").replace("_", "-").lower())
-        if name is None:
-            raise click.BadParameter(f"{value}: {key!r} is not an option of this command; valid: "
-                                     f"{', '.join(sorted(spelling))}", ctx=ctx, param=param)
-        defaults[name] = v
-    ctx.default_map = {**(ctx.default_map or {}), **defaults}
-    return value
-
-
-# Not part of what a run computes: left out of saved configs.
-_NOT_SAVED = ("quiet", "verbose", "as_json")
-# Options holding a class spec, where "@path" names a file.
-_CLASS_SPECS = ("classes", "relevant_classes")
-# pretrain / finetune options left unset take their value from PretrainConfig / FinetuneConfig;
-# shown in --help and written into saved configs (tests check that they agree).
-TRAINING_DEFAULTS = {
-    "pretrain": {"epochs": 90, "batch_size": 64, "lr": 0.01, "weight_decay": 1e-4, "schedule": "step",
-                 "lr_step_epochs": 30, "val_fraction": 0.0},
-    "finetune": {"epochs": 20, "batch_size": 32, "lr": 0.001, "weight_decay": 5e-4, "schedule": "inv",
-                 "lr_step_epochs": 10, "val_fraction": 0.2, "pseudo_threshold": 0.95},
-}
-
-
-def _config_key(param: click.Parameter) -> str:
-    """How a config file names ``param``: its long option name without dashes, or the argument's name."""
-    longs = [o[2:] for o in param.opts if o.startswith("--")]
-    return longs[0] if longs and isinstance(param, click.Option) else param.name.replace("_", "-")
-
-
-def _portable(name: str, value):
-    """``value`` as it must be saved to mean the same from any directory: absolute paths
-    (also a class spec's ``@file``), lists for tuples."""
-    if isinstance(value, Path):
-        return os.path.abspath(os.path.expanduser(value))
-    if isinstance(value, (tuple, list)):
-        return [_portable(name, v) for v in value]
-    if name in _CLASS_SPECS and isinstance(value, str) and value.startswith("@"):
-        from filterx.classes import PRESETS
-
-        ref = value[1:].strip()
-        if ref not in PRESETS and Path(ref).expanduser().is_file():
-            return "@" + os.path.abspath(os.path.expanduser(ref))
-    return value
-
-
-def resolved_options(ctx: click.Context) -> dict:
-    """Every option and argument of the running command (defaults included, after --config and
-    the command line are merged), keyed as a config file spells them; -q/-v/--json left out."""
-    fallback = TRAINING_DEFAULTS.get(ctx.command.name, {})
-    values = {}
-    for p in ctx.command.params:
-        if not p.expose_value or p.name in _NOT_SAVED:
-            continue
-        value = ctx.params.get(p.name)
-        values[_config_key(p)] = _portable(p.name, fallback.get(p.name) if value is None else value)
-    return values
-
-
-def command_line(ctx: click.Context, values: dict) -> str:
-    """The shortest command line that gives ``values`` (options at their default left out)."""
-    words = ["filterx", ctx.command.name]
-    fallback = TRAINING_DEFAULTS.get(ctx.command.name, {})
-    for p in ctx.command.params:
-        key = _config_key(p)
-        if key not in values:
-            continue
-        value = values[key]
-        if isinstance(p, click.Argument):
-            words.append(shlex.quote(str(value)))
-        elif value is None or value is False or value in ([], ()) \
-                or value == _portable(p.name, fallback.get(p.name, p.default)):
-            continue
-        elif getattr(p, "is_flag", False):
-            words.append(f"--{key}")
-        else:
-            for v in value if isinstance(value, list) else [value]:
-                words += [f"--{key}", shlex.quote(str(v))]
-    return " ".join(words)
-
-
-def save_config(ctx: click.Context, path: Path) -> Path:
-    """Write the running command's options to ``path`` (atomically) as YAML that ``--config``
-    reads back. No timestamps: the same run saves the same bytes."""
-    import yaml
-
-    import filterx
-    from filterx import atomic
-
-    values = resolved_options(ctx)
-    name = ctx.command.name
-    text = (f"# options of a `filterx {name}` run (filterx {filterx.__version__}); "
-            f"repeat it with: filterx {name} --config THIS_FILE\n"
-            f"# the same as: {command_line(ctx, values)}\n"
-            + yaml.safe_dump(values, sort_keys=False, allow_unicode=True, default_flow_style=False,
-                             width=float("inf")))
-    atomic.write_text(path, text)
-    return path
-
-
-def _beside(path: Path) -> Path:
-    """Where the options of a run that wrote the single file ``path`` go."""
-    path = Path(os.path.abspath(os.path.expanduser(path)))
-    return path.with_name(path.name + ".filterx.yaml")
-
-
-def _inside(directory: Path, command: str) -> Path:
-    """Where the options of a run that wrote ``directory`` go."""
-    return Path(os.path.abspath(os.path.expanduser(directory))) / f"filterx-{command}.yaml"
-
-
-def _in_dataset(dataset: Path, command: str, name: str) -> Path:
-    """Where the options of a run that wrote into the dataset dir ``dataset`` go."""
-    from filterx.info import CONFIGS
-
-    return Path(dataset) / CONFIGS / f"{command}-{name}.yaml"
-
-
-# ---------------------------------------------------------------- shared options
-
-
-def common(fn):
-    """-q/-v/--json/--config on every command."""
-    fn = click.option("--config", type=click.Path(exists=True, dir_okay=False), is_eager=True, expose_value=False,
-                      callback=_load_config, metavar="FILE",
-                      help="YAML of option values, e.g. one a run saved (the command line wins).")(fn)
-    fn = click.option("--json", "as_json", is_flag=True,
-                      help="Print the summary as one JSON object on stdout (logs go to stderr).")(fn)
-    fn = click.option("-v", "--verbose", is_flag=True, help="Log debug messages too.")(fn)
-    fn = click.option("-q", "--quiet", is_flag=True, help="No progress bars or info logs; the summary is printed.")(fn)
-    return fn
-
-
-DEVICE_HELP = "Where to compute; auto: CUDA when a GPU is visible, else CPU."
-BACKEND_HELP = "JPEG decoder: DALI, torchvision.io, or PIL (DCT-scaled); auto: DALI if installed."
-
-
-def runtime_options(fn=None, *, batch_size: int = 128):
-    """--device/--backend/--batch-size/--workers, shared by the commands that decode images."""
-    if fn is None:
-        return lambda f: runtime_options(f, batch_size=batch_size)
-    fn = click.option("--workers", default=2, show_default=True, type=click.IntRange(0),
-                      help="Decode worker processes/threads.")(fn)
-    fn = click.option("--batch-size", default=batch_size, show_default=True, type=click.IntRange(1),
-                      help="Images per batch.")(fn)
-    fn = click.option("--backend", default="auto", show_default=True,
-                      type=click.Choice(["auto", "dali", "torchvision", "pil"]), help=BACKEND_HELP)(fn)
-    fn = click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
-                      help=DEVICE_HELP)(fn)
-    return fn
-
-
-class _RegistryChoice(click.ParamType):
-    """A choice among the names of a registry, read only when needed (the model registry imports
-    torch, which would slow down every command's start and --help); the error lists them all."""
-
-    def __init__(self, what: str, names: Callable[[], Sequence[str]], metavar: str | None = None):
-        self.name, self.names, self._metavar = what, names, metavar
-
-    def convert(self, value, param, ctx):
-        choices = list(self.names())
-        if value not in choices:
-            self.fail(f"unknown {self.name} {value!r}; valid {self.name}s: {', '.join(choices)}", param, ctx)
-        return value
-
-    def get_metavar(self, param, ctx=None):
-        return self._metavar or "[" + "|".join(self.names()) + "]"
-
-    def shell_complete(self, ctx, param, incomplete):
-        from click.shell_completion import CompletionItem
-
-        return [CompletionItem(n) for n in self.names() if n.startswith(incomplete)]
-
-
-class _DefaultOption(click.Option):
-    """An option left unset (None) whose value then comes from elsewhere (a config dataclass, a
-    scorer's defaults): ``show_default="90"`` shows "[default: 90]", without the parentheses
-    click puts around a string default."""
-
-    def get_help_extra(self, ctx):
-        extra = super().get_help_extra(ctx)
-        if isinstance(self.show_default, str):
-            extra["default"] = self.show_default
-        return extra
-
-
-class _ListedOption(click.Option):
-    """An option of a _RegistryChoice type whose --help lists the names in its help text,
-    where they wrap (a long [a|b|...] metavar would run past 80 columns)."""
-
-    def get_help_record(self, ctx):
-        base = self.help
-        self.help = f"{base} One of: {', '.join(self.type.names())}."
-        try:
-            return super().get_help_record(ctx)
-        finally:
-            self.help = base
-
-
-def _scorer_names():
-    from filterx.scorers import list_scorers
-
-    return list_scorers()
-
-
-def _model_names():
-    from filterx.models import list_models
-
-    return list_models()
-
-
-EXISTING_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
-EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
 @click.group(cls=FilterxGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -414,9 +104,9 @@ def shard(src, out, shard_size, resize_short, workers, quiet, verbose, as_json):
     """
     from filterx.shard import ShardConfig, shard as run
 
-    _setup(quiet, verbose)
+    setup(quiet, verbose)
     summary = run(ShardConfig(src, out, shard_size, resize_short, workers, quiet))
-    _finish(summary, as_json, _inside(out, "shard"))
+    finish(summary, as_json, inside(out, "shard"))
 
 
 @main.command("train-encoder", short_help="Train the target encoder (a ResNet) -> OUT file.")
@@ -450,10 +140,10 @@ def train_encoder(target, out, arch, resolution, epochs, lr, val_fraction, seed,
     """
     from filterx.encoder import EncoderConfig, train_encoder as run
 
-    _setup(quiet, verbose)
+    setup(quiet, verbose)
     cfg = EncoderConfig(target, out, arch, int(resolution), epochs, batch_size, lr, val_fraction=val_fraction,
                         backend=backend, device=device, workers=workers, seed=seed, quiet=quiet)
-    _finish(run(cfg), as_json, _beside(out))
+    finish(run(cfg), as_json, beside(out))
 
 
 @main.command(short_help="Encoder features of every sample of a dataset dir.")
@@ -480,11 +170,11 @@ def embed(dataset, encoder, device, backend, batch_size, workers, quiet, verbose
     """
     from filterx.embed import EmbedConfig, embed as run
 
-    _setup(quiet, verbose)
+    setup(quiet, verbose)
     summary = run(EmbedConfig(dataset, encoder, backend, device, batch_size, workers, quiet))
     if summary.rank == 0:
         tag = summary.path.name.removesuffix(".zarr")
-        _finish(summary, as_json, _in_dataset(summary.path.parent.parent, "embed", tag))
+        finish(summary, as_json, in_dataset(summary.path.parent.parent, "embed", tag))
 
 
 def _parse_param(text: str) -> tuple[str, object]:
@@ -504,7 +194,7 @@ _SCORER_OPTIONS = ("k", "distance", "order", "model", "classes", "match", "count
 
 
 @main.command(short_help="Score every sample of the pool with a method.")
-@click.option("--method", required=True, type=_RegistryChoice("method", _scorer_names, "METHOD"), cls=_ListedOption,
+@click.option("--method", required=True, type=RegistryChoice("method", scorer_names, "METHOD"), cls=ListedOption,
               help="Scorer.")
 @click.option("--source", required=True, type=EXISTING_DIR, help="Dataset dir of the pool.")
 @click.option("--target", type=EXISTING_DIR, help="Dataset dir of the target (methods that compare with it).")
@@ -512,32 +202,32 @@ _SCORER_OPTIONS = ("k", "distance", "order", "model", "classes", "match", "count
 @click.option("--name", metavar="NAME", help="Store the scores under this name; default: the method's.")
 @click.option("--candidates", default="source", show_default=True, type=click.Choice(["source", "target-train"]),
               help="Score the pool, or the target's own training split (influence data dropout).")
-@click.option("--k", type=click.IntRange(1), cls=_DefaultOption, show_default="200",
+@click.option("--k", type=click.IntRange(1), cls=DefaultOption, show_default="200",
               help="clustering: number of k-means clusters.")
-@click.option("--distance", type=click.Choice(["min", "avg"]), cls=_DefaultOption, show_default="min",
+@click.option("--distance", type=click.Choice(["min", "avg"]), cls=DefaultOption, show_default="min",
               help="clustering: distance to the nearest centroid, or mean distance to all.")
-@click.option("--order", type=click.Choice(["high", "low"]), cls=_DefaultOption, show_default="high",
+@click.option("--order", type=click.Choice(["high", "low"]), cls=DefaultOption, show_default="high",
               help="entropy: keep high (active learning) or low entropy first.")
-@click.option("--model", type=click.Choice(["linear", "mlp"]), cls=_DefaultOption, show_default="linear",
+@click.option("--model", type=click.Choice(["linear", "mlp"]), cls=DefaultOption, show_default="linear",
               help="domain-cls: classifier on the embeddings.")
-@click.option("--folds", type=click.IntRange(1), cls=_DefaultOption, show_default="1",
+@click.option("--folds", type=click.IntRange(1), cls=DefaultOption, show_default="1",
               help="domain-cls: cross-fitting folds.")
 @click.option("--classes", metavar="SPEC",
               help="class-mask: classes to remove: names or wnids, comma-separated, @file or @office31.")
-@click.option("--match", type=click.Choice(["exact", "substring"]), cls=_DefaultOption, show_default="exact",
+@click.option("--match", type=click.Choice(["exact", "substring"]), cls=DefaultOption, show_default="exact",
               help="class-mask: how names match.")
 @click.option("--count", type=click.IntRange(1), help="hard-classes: how many classes to remove.")
 @click.option("--random-control", is_flag=True, default=None,
               help="class-mask / hard-classes: remove as many random classes instead.")
-@click.option("--solver", type=click.Choice(["lissa", "cg", "exact"]), cls=_DefaultOption, show_default="cg",
+@click.option("--solver", type=click.Choice(["lissa", "cg", "exact"]), cls=DefaultOption, show_default="cg",
               help="influence: inverse-HVP solver.")
-@click.option("--damping", type=float, cls=_DefaultOption, show_default="0.01",
+@click.option("--damping", type=float, cls=DefaultOption, show_default="0.01",
               help="influence: lambda added to the Hessian.")
-@click.option("--labels", type=click.Choice(["pseudo", "given"]), cls=_DefaultOption, show_default="pseudo",
+@click.option("--labels", type=click.Choice(["pseudo", "given"]), cls=DefaultOption, show_default="pseudo",
               help="influence: candidate labels, the classifier's or the true ones.")
-@click.option("--val-classes", metavar="I,J,...", cls=_DefaultOption, show_default="all",
+@click.option("--val-classes", metavar="I,J,...", cls=DefaultOption, show_default="all",
               help="influence: target class indexes the validation loss covers.")
-@click.option("--params", "params_", type=click.Choice(["head", "last-block"]), cls=_DefaultOption,
+@click.option("--params", "params_", type=click.Choice(["head", "last-block"]), cls=DefaultOption,
               show_default="head", help="influence: parameters taken over.")
 @click.option("-p", "--param", "extra", multiple=True, metavar="KEY=VALUE",
               help="Any other scorer parameter (repeatable), e.g. -p steps=300.")
@@ -568,7 +258,7 @@ def score(method, source, target, encoder, name, candidates, seed, device, backe
     """
     from filterx.score import ScoreConfig, score as run
 
-    _setup(quiet, verbose)
+    setup(quiet, verbose)
     params = {}
     for key in _SCORER_OPTIONS:
         value = opts.get(key)
@@ -581,7 +271,7 @@ def score(method, source, target, encoder, name, candidates, seed, device, backe
     cfg = ScoreConfig(method, source, target, encoder, params, seed, name, candidates, device, backend,
                       batch_size, workers, quiet)
     summary = run(cfg)
-    _finish(summary, as_json, _in_dataset(summary.dataset, "score", summary.name))
+    finish(summary, as_json, in_dataset(summary.dataset, "score", summary.name))
 
 
 @main.command(short_help="Stored scores -> a manifest of the samples to keep.")
@@ -622,7 +312,7 @@ def select(source, method, output, fraction, count, threshold, per_class_cap, fm
     """
     from filterx.select import SelectConfig, select as run
 
-    _setup(quiet, verbose)
+    setup(quiet, verbose)
     tag = None
     if encoder is not None:
         from filterx.embed import load_encoder_tag
@@ -630,7 +320,7 @@ def select(source, method, output, fraction, count, threshold, per_class_cap, fm
         tag = load_encoder_tag(encoder)
     cfg = SelectConfig(source, method, output, fraction, count, threshold, per_class_cap, fmt, txt_field, tag, quiet)
     summary = run(cfg)
-    _finish(summary, as_json, _inside(output, "select") if summary.fmt == "wds" else _beside(output))
+    finish(summary, as_json, inside(output, "select") if summary.fmt == "wds" else beside(output))
 
 
 _TRAINING_HELP = {
@@ -649,15 +339,15 @@ def training_options(command: str):
         for opt in reversed([
             click.option("--resolution", default=224, show_default=True, type=click.IntRange(16),
                          help="Input size in pixels (224 or 112 as in the literature; smaller for CPU runs)."),
-            click.option("--epochs", type=click.IntRange(1), cls=_DefaultOption, show_default=str(d["epochs"]), help="Training epochs."),
-            click.option("--batch-size", type=click.IntRange(1), cls=_DefaultOption, show_default=str(d["batch_size"]),
+            click.option("--epochs", type=click.IntRange(1), cls=DefaultOption, show_default=str(d["epochs"]), help="Training epochs."),
+            click.option("--batch-size", type=click.IntRange(1), cls=DefaultOption, show_default=str(d["batch_size"]),
                          help="Per-rank batch size (the global batch is this x the ranks)."),
-            click.option("--lr", type=float, cls=_DefaultOption, show_default=str(d["lr"]), help=h["lr"]),
-            click.option("--weight-decay", type=float, cls=_DefaultOption, show_default=str(d["weight_decay"]), help="L2 weight decay."),
-            click.option("--schedule", type=click.Choice(["step", "cosine", "inv"]), cls=_DefaultOption,
+            click.option("--lr", type=float, cls=DefaultOption, show_default=str(d["lr"]), help=h["lr"]),
+            click.option("--weight-decay", type=float, cls=DefaultOption, show_default=str(d["weight_decay"]), help="L2 weight decay."),
+            click.option("--schedule", type=click.Choice(["step", "cosine", "inv"]), cls=DefaultOption,
                          show_default=d["schedule"],
                          help="step: x0.1 every --lr-step-epochs; inv: lr (1 + 10p)^-0.75; cosine."),
-            click.option("--lr-step-epochs", type=click.IntRange(1), cls=_DefaultOption,
+            click.option("--lr-step-epochs", type=click.IntRange(1), cls=DefaultOption,
                          show_default=str(d["lr_step_epochs"]),
                          help="Epochs between x0.1 steps (--schedule step)."),
             click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt after a kill."),
@@ -683,10 +373,10 @@ def _given(**kwargs) -> dict:
 @main.command(short_help="Pre-train a model on a manifest or dataset dir.")
 @click.argument("data", type=click.Path(exists=True, path_type=Path))
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--arch", default="resnet50", show_default=True, type=_RegistryChoice("arch", _model_names),
+@click.option("--arch", default="resnet50", show_default=True, type=RegistryChoice("arch", model_names),
               help="Model, trained from scratch (alexnet_lrn: AlexNet with LRN).")
 @click.option("--val", type=click.Path(exists=True, path_type=Path), help="Dataset dir or manifest to evaluate on.")
-@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), cls=_DefaultOption,
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), cls=DefaultOption,
               show_default=str(TRAINING_DEFAULTS["pretrain"]["val_fraction"]), help=_TRAINING_HELP["pretrain"]["val_fraction"])
 @training_options("pretrain")
 @common
@@ -709,12 +399,12 @@ def pretrain(data, out, arch, val, val_fraction, resolution, epochs, batch_size,
     """
     from filterx.train import PretrainConfig, pretrain as run
 
-    _setup(quiet, verbose)
+    setup(quiet, verbose)
     cfg = PretrainConfig(data, out, arch=arch, resolution=resolution, seed=seed, device=device, backend=backend,
                          workers=workers, resume=resume, val=val, quiet=quiet,
                          **_given(val_fraction=val_fraction, epochs=epochs, batch_size=batch_size, lr=lr,
                                   weight_decay=weight_decay, schedule=schedule, lr_step_epochs=lr_step_epochs))
-    _finish_rank0(run(cfg), as_json, _inside(out, "pretrain"))
+    finish_rank0(run(cfg), as_json, inside(out, "pretrain"))
 
 
 @main.command(short_help="Fine-tune on the target; report its test top-1.")
@@ -722,17 +412,17 @@ def pretrain(data, out, arch, val, val_fraction, resolution, epochs, batch_size,
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--init", type=click.Path(exists=True, path_type=Path),
               help="A pretrain model.pt / checkpoint.pt or an encoder; omit to train from scratch.")
-@click.option("--arch", type=_RegistryChoice("arch", _model_names),
+@click.option("--arch", type=RegistryChoice("arch", model_names),
               help="Architecture when training from scratch; with --init, a check that it matches.")
 @click.option("--test", type=click.Path(exists=True, path_type=Path), help="Target test dataset dir or manifest.")
-@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), cls=_DefaultOption,
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), cls=DefaultOption,
               show_default=str(TRAINING_DEFAULTS["finetune"]["val_fraction"]), help=_TRAINING_HELP["finetune"]["val_fraction"])
 @click.option("--method", default="plain", show_default=True, type=click.Choice(["plain", "dann", "pseudo-label"]),
               help="plain; or, with --unlabeled, domain adaptation.")
 @click.option("--unlabeled", type=click.Path(exists=True, path_type=Path),
               help="Unlabelled target-domain dataset dir or manifest for dann / pseudo-label.")
 @click.option("--freeze-backbone", is_flag=True, help="Train the new head only.")
-@click.option("--pseudo-threshold", type=click.FloatRange(0, 1, min_open=True), cls=_DefaultOption,
+@click.option("--pseudo-threshold", type=click.FloatRange(0, 1, min_open=True), cls=DefaultOption,
               show_default=str(TRAINING_DEFAULTS["finetune"]["pseudo_threshold"]),
               help="pseudo-label: confidence an unlabelled image needs.")
 @training_options("finetune")
@@ -759,7 +449,7 @@ def finetune(target, out, init, arch, test, val_fraction, method, unlabeled, fre
     """
     from filterx.train import FinetuneConfig, finetune as run
 
-    _setup(quiet, verbose)
+    setup(quiet, verbose)
     if init is None and arch is None:
         raise click.UsageError("give --init (a pre-trained model) or --arch (to train from scratch)")
     cfg = FinetuneConfig(target, out, init=init, arch=arch, test=test, unlabeled=unlabeled, method=method,
@@ -768,7 +458,7 @@ def finetune(target, out, init, arch, test, val_fraction, method, unlabeled, fre
                          **_given(val_fraction=val_fraction, pseudo_threshold=pseudo_threshold, epochs=epochs,
                                   batch_size=batch_size, lr=lr, weight_decay=weight_decay, schedule=schedule,
                                   lr_step_epochs=lr_step_epochs))
-    _finish_rank0(run(cfg), as_json, _inside(out, "finetune"))
+    finish_rank0(run(cfg), as_json, inside(out, "finetune"))
 
 
 @main.command(short_help="Plots and report.md/.html of a dataset's scores.")
@@ -801,10 +491,10 @@ def report(dataset, output, methods, fraction, grid, relevant_classes, quiet, ve
     """
     from filterx.report import make_report
 
-    _setup(quiet, verbose)
+    setup(quiet, verbose)
     summary = make_report(dataset, output, methods=list(methods) or None, fraction=fraction, grid=grid,
                           relevant_classes=relevant_classes)
-    _finish(summary, as_json, _inside(output, "report"))
+    finish(summary, as_json, inside(output, "report"))
 
 
 @main.command(short_help="What a dataset dir holds (writes nothing).")
@@ -820,10 +510,10 @@ def info(dataset, quiet, verbose, as_json):
     """
     from filterx.info import dataset_info
 
-    _setup(quiet, verbose)
+    setup(quiet, verbose)
     details = dataset_info(dataset)
     if as_json:
-        click.echo(json.dumps(_plain_json(details.to_dict()), sort_keys=True, allow_nan=False))
+        click.echo(json.dumps(plain_json(details.to_dict()), sort_keys=True, allow_nan=False))
     else:
         click.echo(details.text())
 
@@ -857,9 +547,9 @@ def demo(out, epochs, fraction, seed, quick, device, quiet, verbose, as_json):
     """
     from filterx.demo import DemoConfig, run_demo
 
-    _setup(quiet, verbose)
+    setup(quiet, verbose)
     summary = run_demo(DemoConfig(out, epochs, fraction, seed, quick, device, quiet))
-    _finish(summary, as_json, _inside(out, "demo"))
+    finish(summary, as_json, inside(out, "demo"))
 
 
 if __name__ == "__main__":

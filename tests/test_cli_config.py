@@ -16,7 +16,8 @@ import yaml
 from click.testing import CliRunner
 
 import filterx
-from filterx.cli import TRAINING_DEFAULTS, main
+from filterx.cli import main
+from filterx.cli_common import TRAINING_DEFAULTS
 
 
 def run(*args, cwd=None):
@@ -261,9 +262,9 @@ def test_json_summary_is_the_only_thing_on_stdout_of_a_real_process(scored_src, 
 
 
 def test_nan_in_a_summary_is_null_in_json(tmp_path):
-    from filterx.cli import _plain_json
+    from filterx.cli_common import plain_json
 
-    got = _plain_json({"a": float("nan"), "b": (np.float32(1.5), float("inf")), "c": np.int64(3),
+    got = plain_json({"a": float("nan"), "b": (np.float32(1.5), float("inf")), "c": np.int64(3),
                        "d": np.array([0.5, np.nan]), 1: tmp_path, "e": True})
     assert got == {"a": None, "b": [1.5, None], "c": 3, "d": [0.5, None], "1": str(tmp_path), "e": True}
     json.dumps(got, allow_nan=False)
