@@ -5,6 +5,8 @@
       index.zarr                      per sample: key, shard, label, path; attrs below
       embeddings/<encoder>.zarr       (N, D) float16 + per-shard done mask (filterx.embed)
       scores.zarr                     one float32 (N,) array per method (filterx.score)
+      scores.zarr/.work-<name>        a resumable score's work, removed when done (not a score)
+      configs/<command>-<name>.yaml   options of the embed / score runs that wrote here
       shard_report.json               what `shard` skipped and why
 
 The **sample id** is the row of ``index.zarr``; ids are dense (0..N-1), shard ``s`` holds a
