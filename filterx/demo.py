@@ -49,6 +49,7 @@ class DemoSummary:
     encoder_val_acc: float
     rows: list = field(default_factory=list)
     seconds: float = 0.0
+    pool: int = 0  # images in the pool
 
     def table(self) -> str:
         lines = [f"{'method':<27} {'selected':>8} {'precision':>18} {'x expected random':>18} {'seconds':>7}",
@@ -62,7 +63,10 @@ class DemoSummary:
         return "\n".join(lines)
 
     def line(self) -> str:
-        return (f"{self.table()}\n\n{len(self.rows)} methods scored the pool and selected "
+        scored = len(self.rows) * self.pool
+        return (f"{self.table()}\n\n{len(self.rows)} methods scored the pool of {self.pool} images "
+                f"({scored / max(sum(r['seconds'] for r in self.rows), 1e-9):.0f} img/s scored and selected, "
+                f"embedding included) and selected "
                 f"{sum(r['selected'] for r in self.rows)} images in all; target classes are "
                 f"{self.relevant_share:.1%} of the pool, the target domain {self.domain_share:.1%}; target "
                 f"encoder held-out accuracy {self.encoder_val_acc:.1%}; total {self.seconds:.0f}s; data/, "
@@ -118,7 +122,7 @@ def run_demo(cfg: DemoConfig) -> DemoSummary:
                      "domain_precision": float(in_domain[ids].mean()) if len(ids) else 0.0,
                      "seconds": time.perf_counter() - t})
     summary = DemoSummary(out, float(relevant.mean()), float(in_domain.mean()), val_acc, rows,
-                          time.perf_counter() - t0)
+                          time.perf_counter() - t0, int(source.num_samples))
     atomic.write_text(out / "demo_results.json", json.dumps({
         "relevant_share": summary.relevant_share, "domain_share": summary.domain_share,
         "encoder_val_acc": val_acc, "fraction": cfg.fraction,

@@ -216,6 +216,13 @@ def train_encoder(cfg: EncoderConfig) -> EncoderSummary:
         # smoothing's small share, never towards being predicted.
         log.warning("target %s: %d of %d classes have no image and are not trained on (the head "
                     "keeps their outputs): %s", ds.root, len(empty), ds.num_classes, ", ".join(empty))
+    out = Path(cfg.out)
+    with atomic.run_lock(out.parent, f"train-encoder-{out.name}"):
+        return _train_and_save(cfg, ds, empty, t0)
+
+
+def _train_and_save(cfg: EncoderConfig, ds: Dataset, empty: list[str], t0: float) -> EncoderSummary:
+    """Decode the target, train, evaluate and save ``cfg.out`` atomically (under train_encoder's lock)."""
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     train_ids, val_ids = stratified_split(ds.labels, cfg.val_fraction, cfg.seed)

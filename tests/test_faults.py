@@ -267,13 +267,15 @@ def _lock_cases(image_folder, sample_dirs, encoder_file, scored, tmp):
         "select": (["select", "--source", scored, "--method", "random", "--count", "3", "-o", tmp / "s.jsonl"],
                    tmp, "select-s.jsonl", tmp / "s.jsonl"),
         "report": (["report", scored, "-o", tmp / "rep"], tmp, "report-rep", tmp / "rep"),
+        "train-encoder": (["train-encoder", sample_dirs[1], tmp / "enc.pt", "--resolution", "64", "--epochs", "1",
+                           "--backend", "pil", "--workers", "0"], tmp, "train-encoder-enc.pt", tmp / "enc.pt"),
         "pretrain": (["pretrain", sample_dirs[1], tmp / "pre", "--arch", "resnet18", "--resolution", "32",
                       "--epochs", "1", "--workers", "0", "--backend", "pil"], tmp / "pre", "pretrain",
                      tmp / "pre" / "checkpoint.pt"),
     }
 
 
-@pytest.mark.parametrize("command", ["shard", "embed", "score", "select", "report", "pretrain"])
+@pytest.mark.parametrize("command", ["shard", "train-encoder", "embed", "score", "select", "report", "pretrain"])
 def test_a_second_writer_is_refused(image_folder, sample_dirs, encoder_file, scored, tmp_path, command):
     """While one run holds an output, another run writing it stops with one line and writes nothing."""
     from filterx.atomic import run_lock
