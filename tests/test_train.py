@@ -399,18 +399,28 @@ def test_dann_and_pseudo_label_finetune_end_to_end(data, pretrained, tmp_path):
         finetune(_finetune_cfg(data, tmp_path / "x", init=tmp_path / "missing.pt"))
 
 
-def test_dann_finetune_resumes_bit_identically(data, pretrained, tmp_path):
+@pytest.fixture(scope="module")
+def dann_reference(data, pretrained, tmp_path_factory):
+    """An uninterrupted 2-epoch DANN fine-tuning run: (its dir, summary, the config keywords)."""
+    kw = dict(init=pretrained[0] / MODEL, method="dann", unlabeled=data["val"], dann_hidden=32, epochs=2)
+    out = tmp_path_factory.mktemp("dann") / "ref"
+    return out, finetune(_finetune_cfg(data, out, **kw)), kw
+
+
+# 24 training images in batches of 8: 3 steps an epoch; step 4 is the first of epoch 2
+@pytest.mark.parametrize("crash", ["train.epoch:1", "train.step:4"])
+def test_dann_finetune_resumes_bit_identically(data, dann_reference, tmp_path, crash):
     # the unlabelled stream, the DANN schedule and the domain classifier must all pick up
-    # where the killed run left them
-    pre_out, _ = pretrained
-    kw = dict(init=pre_out / MODEL, method="dann", unlabeled=data["val"], dann_hidden=32, epochs=2)
-    ref = finetune(_finetune_cfg(data, tmp_path / "ref", **kw))
+    # where the killed run left them, after an epoch or in the middle of one
+    ref_out, ref, kw = dann_reference
     out = tmp_path / "crashed"
     proc = _run_script([sys.executable, *_script_args(tmp_path, _finetune_cfg(data, out, **kw), "finetune")],
-                       {CRASH_ENV: "train.epoch:1", "OMP_NUM_THREADS": "1"}, tmp_path)
+                       {CRASH_ENV: crash, "OMP_NUM_THREADS": "1"}, tmp_path)
     assert proc.returncode == CRASH_EXIT, proc.stderr[-3000:]
+    assert load_checkpoint(out / CHECKPOINT)["epoch"] == 1
     resumed = finetune(_finetune_cfg(data, out, resume=True, **kw))
-    a, b = _state(tmp_path / "ref" / CHECKPOINT), _state(out / CHECKPOINT)
+    assert resumed.start_epoch == 1
+    a, b = _state(ref_out / CHECKPOINT), _state(out / CHECKPOINT)
     for part in ("model", "domain"):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
