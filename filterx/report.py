@@ -33,8 +33,8 @@ import filterx
 from filterx import atomic
 from filterx.dataset import Dataset
 from filterx.faults import crash_point
-from filterx.scorers import ClassInfo
 from filterx.score import list_scores, read_scores
+from filterx.scorers import ClassInfo
 from filterx.select import rank_ids, select_ids
 
 log = logging.getLogger(__name__)

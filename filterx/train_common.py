@@ -35,8 +35,8 @@ import torch.nn.functional as F
 
 import filterx
 from filterx import atomic
-from filterx.loader import LoaderConfig, load_batches
 from filterx.faults import crash_point
+from filterx.loader import LoaderConfig, load_batches
 from filterx.progress import progress
 from filterx.runtime import init_distributed, resolve_device
 from filterx.train_data import TrainingData
