@@ -87,20 +87,22 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
 def _abandoned(tmp: Path) -> bool:
     """Whether a temporary was left by a process that is gone (its pid ends the name)."""
     pid = tmp.name.rpartition(TMP_MARK)[2].rpartition("-")[2]
     if not pid.isdigit():
         return True
-    if int(pid) == os.getpid():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, someone else's
-        return False
-    return False
+    return int(pid) != os.getpid() and not _alive(int(pid))
 
 
 def clean_stale_tmp(directory: str | os.PathLike) -> int:
@@ -121,6 +123,35 @@ class LockedError(RuntimeError):
     """Another filterx process holds the lock on an output."""
 
 
+_HELD_LOCKS: set[int] = set()  # descriptors of the locks this process holds
+
+
+def worker_init(*_) -> None:
+    """Set-up for the worker processes a writing stage starts (a ProcessPoolExecutor
+    ``initializer``, a DataLoader ``worker_init_fn``).
+
+    A forked worker inherits the stage's lock descriptors, and with them the lock (an
+    ``flock`` belongs to the open file, which fork shares): were the stage killed, its orphaned
+    workers would hold the lock and refuse the re-run. So the worker closes them, and exits
+    when its parent dies, rather than live on as an orphan that still writes.
+    """
+    import threading
+    import time
+
+    for fd in list(_HELD_LOCKS):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
+    parent = os.getppid()
+
+    def exit_with_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=exit_with_parent, name="filterx-exit-with-parent", daemon=True).start()
+
+
 @contextlib.contextmanager
 def run_lock(directory: str | os.PathLike, what: str) -> Iterator[None]:
     """Hold an exclusive lock on ``directory`` for the duration of a writing stage.
@@ -131,18 +162,22 @@ def run_lock(directory: str | os.PathLike, what: str) -> Iterator[None]:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     lock_file = directory / f".filterx-{what}.lock"
-    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            gone = holder.isdigit() and not _alive(int(holder))
             raise LockedError(
                 f"{directory} is being written by {what} in process {holder}; "
-                "wait for it to finish or stop it first"
+                + ("that process has ended and its workers are exiting: retry in a few seconds" if gone
+                   else "wait for it to finish or stop it first")
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
+        _HELD_LOCKS.add(fd)
         yield
     finally:
+        _HELD_LOCKS.discard(fd)
         os.close(fd)

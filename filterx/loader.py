@@ -36,7 +36,7 @@ import torchvision.transforms.v2.functional as TF
 from torch.utils.data import IterableDataset
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from filterx import tario
+from filterx import atomic, tario
 
 log = logging.getLogger(__name__)
 
@@ -312,6 +312,7 @@ def _torch_batches(tars, cfg: LoaderConfig, backend: str, rank: int, world_size:
         collate_fn=_collate_raw if raw else None,
         pin_memory=on_gpu,
         persistent_workers=False,
+        worker_init_fn=atomic.worker_init if cfg.workers else None,
     )
     rng = np.random.default_rng([cfg.seed, cfg.epoch, 1 << 20])
     for ids, images, labels in loader:

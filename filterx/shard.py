@@ -230,7 +230,7 @@ def _shard_complete(path: Path, count: int) -> bool:
 
 def _pool(workers: int):
     # Workers use PIL only, so the platform's default start method is safe.
-    return ProcessPoolExecutor(workers)
+    return ProcessPoolExecutor(workers, initializer=atomic.worker_init)
 
 
 def _map(fn, jobs: list, workers: int, desc: str, unit_counts: list[int], quiet: bool):

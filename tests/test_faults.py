@@ -9,6 +9,7 @@ path (so that paths recorded in the outputs agree).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -287,3 +288,125 @@ def test_a_second_writer_is_refused(image_folder, sample_dirs, encoder_file, sco
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("filterx: error:") and f"being written by {name} in process {os.getpid()}" in line
     assert not output.exists()
+
+
+def test_workers_of_a_killed_stage_neither_hold_its_lock_nor_outlive_it(tmp_path):
+    """A stage's forked workers inherit its lock; killed with SIGKILL, the stage must leave no
+    orphan that keeps the lock (a re-run would be refused) or keeps writing."""
+    import signal
+    import time
+
+    from filterx.atomic import run_lock
+
+    code = ("import os, sys, time\n"
+            "from concurrent.futures import ProcessPoolExecutor\n"
+            "from filterx import atomic\n"
+            "with atomic.run_lock(sys.argv[1], 'stage'):\n"
+            "    pool = ProcessPoolExecutor(2, initializer=atomic.worker_init)\n"
+            "    pids = {pool.submit(os.getpid).result() for _ in range(8)}\n"
+            "    print(' '.join(map(str, pids)), flush=True)\n"
+            "    time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    workers = [int(p) for p in proc.stdout.readline().split()]
+    assert workers
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    with run_lock(tmp_path, "stage"):  # free at once, although the workers may still be exiting
+        pass
+    deadline = time.monotonic() + 5
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(w) for w in workers), "orphaned workers outlived the killed stage"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (exited, not yet reaped by init) counts as gone
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    return True
+
+
+# ---------------------------------------------------------------- kill -9 from outside, at random moments
+
+
+@pytest.fixture(scope="module")
+def big_pool(tmp_path_factory, encoder_file):
+    """The demo-sized sample pool (3000 images) as an ImageFolder, for runs long enough to kill."""
+    from filterx.sampledata import make_sample_data
+
+    root = tmp_path_factory.mktemp("faults-big")
+    return make_sample_data(root / "data", seed=3).source
+
+
+def _sigkill_rounds(args: list, rounds: int, longest: float, seed: int) -> int:
+    """Start ``args`` up to ``rounds`` times, each killed with SIGKILL after a random delay in
+    [0.3, longest] s if still running; stop early once a run finishes by itself. Returns how many
+    runs were killed."""
+    import random
+    import signal
+    import time
+
+    rng, kills = random.Random(seed), 0
+    env = {k: v for k, v in os.environ.items() if k != ENV}
+    env["OMP_NUM_THREADS"] = "1"
+    for _ in range(rounds):
+        proc = subprocess.Popen([sys.executable, "-m", "filterx", *map(str, args), "-q"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(rng.uniform(0.3, longest))
+        if proc.poll() is not None:  # finished before the kill: nothing left to interrupt
+            err = proc.stderr.read()
+            proc.stderr.close()
+            assert proc.returncode == 0, err[-2000:]
+            break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+        kills += 1
+    return kills
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["shard", "embed", "select-wds"])
+def test_sigkill_at_random_moments_then_finish(big_pool, encoder_file, tmp_path, stage):
+    """kill -9 at moments the code does not choose, several times over the same output, then a
+    run to the end: the files equal an uninterrupted run's. (Slow: make test-all.)"""
+    import time
+
+    def args(root: Path) -> list:
+        if stage == "shard":
+            # re-encoding every image makes the run long enough to be killed in several places
+            return ["shard", big_pool, root / "ds", "--shard-size", "100", "--workers", "2", "--resize-short", "48"]
+        if stage == "embed":
+            return ["embed", root / "ds", "--encoder", encoder_file, "--backend", "pil", "--device", "cpu",
+                    "--batch-size", "50", "--workers", "0"]
+        return ["select", "--source", root / "ds", "--method", "random", "--fraction", "0.5", "--format", "wds",
+                "-o", root / "subset"]
+
+    def build(root: Path) -> None:
+        if stage != "shard":
+            shutil.copytree(prepared, root / "ds")
+
+    prepared = tmp_path / "prepared"
+    if stage != "shard":
+        ok(cli("shard", big_pool, prepared, "--shard-size", "100", "--workers", "2"))
+        if stage == "select-wds":
+            ok(cli("score", "--method", "random", "--source", prepared, "--seed", "4"))
+    root = tmp_path / "run"
+    build(root)
+    t0 = time.perf_counter()
+    ok(cli(*args(root)))
+    took = time.perf_counter() - t0
+    ref = tmp_path / "reference"
+    root.rename(ref)
+    build(root)
+    kills = _sigkill_rounds(args(root), rounds=8, longest=0.6 * took, seed=len(stage))
+    assert kills >= 2
+    if not (root / "ds" / "index.zarr").exists() or stage != "shard":
+        ok(cli(*args(root)))  # (a finished shard refuses to run again over its dataset)
+    assert leftovers(root) == []
+    assert_same_files(ref, root)
