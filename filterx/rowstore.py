@@ -10,8 +10,8 @@
 A store is created atomically (written under a temporary name, then renamed), so it is
 either absent or complete with every array. A shard's rows are written first and its
 ``done`` flag after them, so a run killed at any point leaves every shard either done (all
-rows written) or not done; a re-run computes only ``undone()`` shards. zarr writes each chunk
-file atomically, and with one chunk per shard no two shards share a file.
+rows written) or not done; a re-run computes only ``undone()`` shards. zarr (>= 3.1.3) writes
+each chunk file atomically, and with one chunk per shard no two shards share a file.
 
 Opening checks the store against what the caller is about to compute (``RowLayout``): the
 dataset fingerprint, the shard counts, the rows' shape and dtype and every caller attr. A
