@@ -25,13 +25,12 @@ from filterx.dataset import Dataset
 from filterx.faults import CRASH_EXIT, ENV, crash_point, parse
 
 
-
 def _volatile(rel: Path) -> bool:
     """Files that legitimately differ between two runs: lock files, a report's timing, and the
     saved configs (they name the output path, which differs where a test writes two outputs)."""
     name = rel.name
-    return (name.endswith((".lock", "report.json", ".filterx.yaml")) or name.startswith("filterx-")
-            and name.endswith(".yaml") or "configs" in rel.parts)
+    return (name.endswith((".lock", "report.json", ".filterx.yaml"))
+            or (name.startswith("filterx-") and name.endswith(".yaml")) or "configs" in rel.parts)
 
 
 def cli(*args, crash: str | None = None) -> subprocess.CompletedProcess:
