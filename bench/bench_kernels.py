@@ -19,7 +19,6 @@ no files. Timings on a shared CPU are noisy: compare rows of one run, as ratios.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import sys
 import time
@@ -29,26 +28,12 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+try:
+    from filterx import kernels
+except ImportError:  # run as a script from a source tree that is not installed
+    sys.path.insert(0, str(REPO))
+    from filterx import kernels
 
-
-def _load_kernels():
-    try:
-        from filterx import kernels
-        return kernels
-    except ImportError:
-        pass
-    # Not installed: load the source tree's kernels/ as filterx.kernels.
-    spec = importlib.util.spec_from_file_location(
-        "filterx.kernels", REPO / "kernels" / "__init__.py",
-        submodule_search_locations=[str(REPO / "kernels")],
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["filterx.kernels"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-kernels = _load_kernels()
 
 
 # ------------------------------------------------------------------------------ measurement

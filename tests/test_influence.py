@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -179,24 +176,6 @@ def test_scores_match_autograd_and_stream_in_batches(head_problem):
         head_influence_scores(cand, W, b, s, labels=np.full(150, -1))
 
 
-def _kernels_module():
-    """filterx.kernels, loaded from the repo's kernels/ directory when not installed yet."""
-    try:
-        from filterx import kernels
-    except ImportError:
-        repo = Path(__file__).resolve().parents[1]
-        if not (repo / "kernels" / "__init__.py").exists():
-            pytest.skip("filterx.kernels is not available")
-        spec = importlib.util.spec_from_file_location(
-            "filterx.kernels", repo / "kernels" / "__init__.py",
-            submodule_search_locations=[str(repo / "kernels")],
-        )
-        kernels = importlib.util.module_from_spec(spec)
-        sys.modules["filterx.kernels"] = kernels
-        spec.loader.exec_module(kernels)
-    return kernels
-
-
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes", "y")
 
 
@@ -208,7 +187,6 @@ _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true",
         not torch.cuda.is_available(), reason="needs CUDA")]),
 ])
 def test_kernel_paths_match_the_reference_path(head_problem, device, impl):
-    _kernels_module()
     x, vx, vy, W, b = head_problem
     s = head_s_test(x, vx, vy, W, b).s_test
     cand = torch.randn(3000, 6, generator=torch.Generator().manual_seed(0)) / 3

@@ -26,16 +26,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-try:
-    from filterx import kernels
-except ImportError:  # not installed yet: load /work/main/kernels as filterx.kernels
-    _spec = importlib.util.spec_from_file_location(
-        "filterx.kernels", REPO / "kernels" / "__init__.py",
-        submodule_search_locations=[str(REPO / "kernels")],
-    )
-    kernels = importlib.util.module_from_spec(_spec)
-    sys.modules["filterx.kernels"] = kernels
-    _spec.loader.exec_module(kernels)
+from filterx import kernels  # installed, or a source tree's kernels/ (filterx/__init__.py)
 
 INTERP_HERE = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes", "y")
 CUDA = torch.cuda.is_available()
@@ -340,16 +331,9 @@ def _child_env(**extra):
 
 
 def test_package_import_and_cpu_auto_path_do_not_import_triton():
-    code = f"""
-import importlib.util, sys, torch
-try:
-    import filterx.kernels as k
-except ImportError:
-    s = importlib.util.spec_from_file_location(
-        "filterx.kernels", {str(REPO / "kernels" / "__init__.py")!r},
-        submodule_search_locations=[{str(REPO / "kernels")!r}])
-    k = importlib.util.module_from_spec(s); sys.modules["filterx.kernels"] = k
-    s.loader.exec_module(k)
+    code = """
+import sys, torch
+import filterx.kernels as k
 x = torch.randn(5, 3)
 k.nearest_centroid(x, x); k.softmax_stats(x); k.head_influence(x, x, torch.randn(3, 4))
 assert "triton" not in sys.modules, "triton was imported"
@@ -375,3 +359,20 @@ def test_interpreter_cases_pass_in_child_process():
     expected = len(NEAREST_CASES) + len(SOFTMAX_CASES) + len(INFLUENCE_CASES) + 4
     assert passed and int(passed.group(1)) == expected, tail
     assert "failed" not in proc.stdout and "skipped" not in proc.stdout, tail
+
+
+def test_a_source_tree_that_is_not_installed_serves_its_kernels():
+    """Without the installed package's mapping (a source tree copied to a GPU machine),
+    ``filterx.kernels`` is the tree's own kernels/, with its submodules."""
+    code = """
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")]
+import filterx.kernels as k
+from filterx.kernels import nearest_centroid
+print(k.__file__, sys.modules[nearest_centroid.__module__].__file__)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], env=_child_env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    init, sub = proc.stdout.split()
+    assert Path(init) == REPO / "kernels" / "__init__.py" and Path(sub).parent == REPO / "kernels"
