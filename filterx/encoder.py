@@ -31,7 +31,7 @@ from filterx import atomic
 from filterx.dataset import Dataset
 from filterx.loader import LoaderConfig, load_batches
 from filterx.progress import progress
-from filterx.runtime import resolve_device, seed_everything
+from filterx.runtime import load_marked_dict, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -329,16 +329,8 @@ class Encoder:
 def read_encoder_file(path: str | Path) -> dict:
     """The dict ``train_encoder`` saved (weights included, no model built); clear errors for
     missing or foreign files."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"encoder {str(path)!r} does not exist; make one with: filterx train-encoder TARGET {path}")
-    try:
-        info = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise ValueError(f"{path} is not a readable encoder file ({type(exc).__name__}: {exc})") from None
-    if not isinstance(info, dict) or info.get("filterx_encoder") != ENCODER_FORMAT:
-        raise ValueError(f"{path} is not a filterx encoder file (made by filterx train-encoder)")
-    return info
+    return load_marked_dict(path, "filterx_encoder", ENCODER_FORMAT, "encoder", "filterx train-encoder",
+                            f"; make one with: filterx train-encoder TARGET {Path(path).expanduser()}")
 
 
 def load_encoder(path: str | Path, device: str = "cpu") -> Encoder:

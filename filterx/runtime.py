@@ -1,10 +1,11 @@
-"""Devices, the torchrun environment, and seeding."""
+"""Devices, the torchrun environment, seeding, and reading the torch files filterx writes."""
 
 from __future__ import annotations
 
 import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -71,3 +72,25 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def load_marked_dict(path: str | Path, marker: str, version: int, what: str, made_by: str,
+                     missing_hint: str = "") -> dict:
+    """The dict filterx saved at ``path`` with ``torch.save`` (on the CPU), checked to carry
+    ``{marker: version}``; FileNotFoundError / ValueError naming the file otherwise.
+
+    what: the kind of file for messages ("checkpoint", "encoder"); made_by: the command that
+    makes it; missing_hint: appended to the missing-file message.
+    """
+    import torch
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist{missing_hint}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ValueError(f"{path} is not a readable {what} file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(payload, dict) or payload.get(marker) != version:
+        raise ValueError(f"{path} is not a filterx {what} file (made by {made_by})")
+    return payload

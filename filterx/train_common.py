@@ -38,7 +38,7 @@ from filterx import atomic
 from filterx.faults import crash_point
 from filterx.loader import LoaderConfig, load_batches
 from filterx.progress import progress
-from filterx.runtime import init_distributed, resolve_device
+from filterx.runtime import init_distributed, load_marked_dict, resolve_device
 from filterx.train_data import TrainingData
 
 log = logging.getLogger(__name__)
@@ -283,16 +283,8 @@ def save_checkpoint(path: Path, payload: dict) -> None:
 
 def load_checkpoint(path: str | Path) -> dict:
     """A filterx checkpoint / model file (pretrain or finetune); clear errors for other files."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise ValueError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc})") from None
-    if not isinstance(payload, dict) or payload.get("filterx_checkpoint") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a filterx training checkpoint (made by filterx pretrain / finetune)")
-    return payload
+    return load_marked_dict(path, "filterx_checkpoint", CHECKPOINT_FORMAT, "checkpoint",
+                            "filterx pretrain / finetune")
 
 
 def resume_from(out: Path, resume: bool, settings: dict, soft: tuple[str, ...],

@@ -425,3 +425,17 @@ def test_dann_finetune_resumes_bit_identically(data, dann_reference, tmp_path, c
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
     assert [r["loss"] for r in ref.history] == [r["loss"] for r in resumed.history]
+
+
+def test_foreign_files_are_refused_with_one_line(tmp_path):
+    from filterx.encoder import read_encoder_file
+
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    torch.save({"something": 1}, tmp_path / "other.pt")
+    for read, what in ((load_checkpoint, "checkpoint"), (read_encoder_file, "encoder")):
+        with pytest.raises(ValueError, match=f"junk.pt is not a readable {what} file"):
+            read(tmp_path / "junk.pt")
+        with pytest.raises(ValueError, match=f"other.pt is not a filterx {what} file"):
+            read(tmp_path / "other.pt")
+        with pytest.raises(FileNotFoundError, match=f"{what} '.*gone.pt' does not exist"):
+            read(tmp_path / "gone.pt")
