@@ -4,6 +4,11 @@
       emb    (N, D) float16, one chunk of rows per shard (shard s = chunk s)
       done   (num_shards,) bool, one chunk per element: the per-shard done mask
 
+    DATASET/embeddings/<encoder tag>.bad/NNNNNN.json
+                         the samples of shard NNNNNN that could not be decoded (a tar damaged
+                         after ``shard`` checked it): their rows are NaN, so they score NaN
+                         and are never selected; written before the shard's done flag
+
 Rows of a shard are written first and its ``done`` flag after them, so a run killed at any
 point leaves every shard either done (all rows written) or not done; a re-run embeds only the
 shards that are not done (the store is a ``filterx.rowstore``; one made for another version
@@ -14,6 +19,7 @@ the same file.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -26,7 +32,7 @@ from filterx import atomic, rowstore
 from filterx.dataset import Dataset
 from filterx.encoder import Encoder, load_encoder
 from filterx.faults import crash_point
-from filterx.loader import LoaderConfig, load_batches
+from filterx.loader import LoaderConfig, SkipBadSamples, load_batches
 from filterx.progress import progress
 from filterx.runtime import init_distributed, resolve_device
 
@@ -53,13 +59,27 @@ class EmbedSummary:
     seconds: float
     rank: int = 0
     world_size: int = 1
+    bad_samples: int = 0
 
     def line(self) -> str:
         rate = self.samples / max(self.seconds, 1e-9)
         who = f" (rank {self.rank} of {self.world_size})" if self.world_size > 1 else ""
+        bad = (f"; {self.bad_samples} images could not be decoded (NaN rows, listed in "
+               f"{bad_samples_dir(self.path)})" if self.bad_samples else "")
         return (f"embedded {self.samples} images in {self.embedded_shards} shards{who} in "
                 f"{self.seconds:.1f}s ({rate:.0f} img/s); {self.skipped_shards} shards were already "
-                f"done; embeddings: {self.path}")
+                f"done; embeddings: {self.path}{bad}")
+
+
+def bad_samples_dir(store: Path) -> Path:
+    """Where the per-shard lists of undecodable samples of an embeddings store live."""
+    return store.with_suffix(".bad")
+
+
+def read_bad_samples(ds: Dataset, tag: str) -> list[dict]:
+    """Every sample the embeddings for ``tag`` could not decode: dicts with id, tar, member, reason."""
+    d = bad_samples_dir(ds.embeddings_path(tag))
+    return [row for f in sorted(d.glob("*.json")) for row in json.loads(f.read_text())] if d.is_dir() else []
 
 
 def embeddings_complete(ds: Dataset, tag: str) -> bool:
@@ -120,16 +140,16 @@ def embed(cfg: EmbedConfig) -> EmbedSummary:
         store = _open_store(ds, enc, info.rank)
         done = store.done()
         mine = store.undone()[info.rank :: info.world_size]
-        samples = _embed_shards(ds, enc, store, mine, cfg, device)
+        samples, bad = _embed_shards(ds, enc, store, mine, cfg, device)
     _barrier()
     return EmbedSummary(ds.embeddings_path(enc.tag), len(mine), int(done.sum()), samples,
-                        time.perf_counter() - t0, info.rank, info.world_size)
+                        time.perf_counter() - t0, info.rank, info.world_size, bad)
 
 
 def _embed_shards(ds: Dataset, enc: Encoder, store: rowstore.RowStore, shards: list[int], cfg: EmbedConfig,
                   device: str) -> int:
     if not shards:
-        return 0
+        return 0, 0
     features = enc.features
     on_gpu = device.startswith("cuda")
     if on_gpu:
@@ -138,9 +158,25 @@ def _embed_shards(ds: Dataset, enc: Encoder, store: rowstore.RowStore, shards: l
                         batch_size=cfg.batch_size, workers=cfg.workers,
                         mean=tuple(enc.info["mean"]), std=tuple(enc.info["std"]))
     collector = store.collector(shards, after_shard=lambda s: crash_point("embed.shard"))
+    bad_dir = bad_samples_dir(store.path)
+    for s in shards:  # a list left by an earlier, killed run of an undone shard is redone
+        atomic.remove(bad_dir / f"{s:06d}.json")
+    skipped, bad_by_shard = SkipBadSamples(), {}
+    nan_row = np.full((1, *store.layout.row_shape), np.nan, dtype=np.float16)
     bar = progress(total=int(sum(ds.shard_counts[s] for s in shards)), desc=f"embed {ds.name}", quiet=cfg.quiet)
     with torch.inference_mode():
-        for batch in load_batches([ds.shard_path(s) for s in shards], lcfg):
+        for batch in load_batches([ds.shard_path(s) for s in shards], lcfg, on_error=skipped):
+            for bad in skipped.take():
+                # listed first, then its NaN row, which may complete the shard and set its done flag
+                shard = int(collector.shard_of[bad.sample_id])
+                bad_by_shard.setdefault(shard, []).append(
+                    {"id": bad.sample_id, "tar": bad.tar, "member": bad.member, "reason": bad.reason})
+                bad_dir.mkdir(parents=True, exist_ok=True)
+                atomic.write_text(bad_dir / f"{shard:06d}.json", json.dumps(bad_by_shard[shard], indent=1))
+                collector.add(np.array([bad.sample_id]), nan_row)
+                bar.update(1)
+            if not len(batch.ids):
+                continue
             x = batch.images.contiguous(memory_format=torch.channels_last) if on_gpu else batch.images
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
                 f = features(x)
@@ -150,7 +186,7 @@ def _embed_shards(ds: Dataset, enc: Encoder, store: rowstore.RowStore, shards: l
     unfinished = collector.unfinished()
     if unfinished:
         raise RuntimeError(f"shards {unfinished} were not read completely; re-run embed")
-    return int(sum(ds.shard_counts[s] for s in shards))
+    return int(sum(ds.shard_counts[s] for s in shards)) - len(skipped.bad), len(skipped.bad)
 
 
 def ensure_embeddings(dataset: Path, encoder: Path, tag: str | None = None, **kwargs) -> str:

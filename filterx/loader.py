@@ -17,6 +17,14 @@ random resized crop (area 0.08-1, aspect 3/4-4/3) to R x R and a random horizont
 Images come out as float32 (B, 3, R, R) on ``cfg.device``; ids and labels as int64 (B,) on the
 CPU. Ids are read from each sample's key (the key is the sample id), so they stay right under
 shuffling and in re-sharded subsets.
+
+A member that cannot be read or decoded (a tar damaged after ``shard`` checked it) goes to
+the ``on_error`` handler as a ``BadSample`` naming the tar, the member and the sample id, in
+the main process (as webdataset's ``handler=``): ``reraise`` (the default) raises a
+ValueError with those names; ``SkipBadSamples`` records it, and the batch comes without it.
+DALI cannot skip one image inside its pipeline: with a skipping handler the samples it did
+not deliver are read again through the PIL (CPU) or torchvision (CUDA) backend, which skips
+only the bad ones.
 """
 
 from __future__ import annotations
@@ -24,9 +32,10 @@ from __future__ import annotations
 import io
 import logging
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -50,6 +59,44 @@ class Batch(NamedTuple):
     ids: torch.Tensor  # (B,) int64, CPU
     images: torch.Tensor  # (B, 3, R, R) float32, normalised, on the loader's device
     labels: torch.Tensor  # (B,) int64, CPU; -1 where unlabelled
+
+
+@dataclass(frozen=True)
+class BadSample:
+    """A sample whose bytes could not be read or decoded."""
+
+    sample_id: int
+    tar: str
+    member: str  # KEY.jpg
+    reason: str
+
+    def line(self) -> str:
+        return f"{self.tar}: cannot decode {self.member} (sample id {self.sample_id}): {self.reason}"
+
+
+ErrorHandler = Callable[[BadSample], None]
+
+
+def reraise(bad: BadSample) -> None:
+    """The default handler: stop with a ValueError that names the tar and the member."""
+    raise ValueError(bad.line() + "; re-shard the source, or restore the tar")
+
+
+class SkipBadSamples:
+    """A handler that records every bad sample (a warning each) and lets the run go on."""
+
+    def __init__(self) -> None:
+        self.bad: list[BadSample] = []
+        self._taken = 0
+
+    def __call__(self, bad: BadSample) -> None:
+        log.warning("skipping %s", bad.line())
+        self.bad.append(bad)
+
+    def take(self) -> list[BadSample]:
+        """The bad samples recorded since the last call."""
+        new, self._taken = self.bad[self._taken :], len(self.bad)
+        return new
 
 
 @dataclass(frozen=True)
@@ -108,7 +155,7 @@ def resolve_backend(backend: str, *, subset: bool = False) -> str:
 
 def load_batches(
     tars: Sequence[str | Path], cfg: LoaderConfig, *, rank: int = 0, world_size: int = 1,
-    ids: np.ndarray | None = None,
+    ids: np.ndarray | None = None, on_error: ErrorHandler = reraise,
 ) -> Iterator[Batch]:
     """Batches over every sample of ``tars`` (one epoch), this rank's share under DDP.
 
@@ -116,7 +163,8 @@ def load_batches(
     shuffle and padded by wrapping so that every rank gets the same number of batches.
     ``ids`` restricts the epoch to those sample ids (torchvision and PIL backends; "auto" picks
     torchvision; DALI reads whole tars, so for DALI materialise a subset with
-    ``filterx select --format wds``).
+    ``filterx select --format wds``). ``on_error``: see the module docstring; a batch whose
+    samples were all bad is not yielded.
     """
     tars = [Path(t) for t in tars]
     if not tars:
@@ -130,9 +178,9 @@ def load_batches(
         tario.check_complete(t)
     backend = resolve_backend(cfg.backend, subset=ids is not None)
     if backend == "dali":
-        yield from _dali_batches(tars, cfg, rank, world_size)
+        yield from _dali_batches(tars, cfg, rank, world_size, on_error)
     else:
-        yield from _torch_batches(tars, cfg, backend, rank, world_size, ids)
+        yield from _torch_batches(tars, cfg, backend, rank, world_size, ids, on_error)
 
 
 # ---------------------------------------------------------------- sample lists
@@ -239,7 +287,10 @@ def _decode_torchvision(data: bytes, cfg: LoaderConfig, rng: np.random.Generator
 
 
 class _SampleStream(IterableDataset):
-    """(id, uint8 image or raw bytes, label) for one rank; split over loader workers."""
+    """(id, uint8 image or raw bytes, label, error) for one rank; split over loader workers.
+
+    ``error`` is "" for a good sample; for one that could not be read or decoded it says why,
+    and the image is a placeholder (the main process hands it to the error handler)."""
 
     def __init__(self, tars, refs, positions, cfg: LoaderConfig, backend: str, raw: bool):
         super().__init__()
@@ -258,16 +309,33 @@ class _SampleStream(IterableDataset):
             for pos in self.positions[wid::nw]:
                 ref = self.refs[pos]
                 f = files.get(ref.tar) or files.setdefault(ref.tar, open(self.tars[ref.tar], "rb"))
-                data = _read(f, ref.jpg, self.tars[ref.tar])
-                label = int(_read(f, ref.cls, self.tars[ref.tar])) if ref.cls else -1
-                if self.raw:
-                    yield ref.sample_id, torch.frombuffer(bytearray(data), dtype=torch.uint8), label
+                label = -1
+                try:
+                    data = _read(f, ref.jpg, self.tars[ref.tar])
+                    label = int(_read(f, ref.cls, self.tars[ref.tar])) if ref.cls else -1
+                    if self.raw:
+                        yield ref.sample_id, torch.frombuffer(bytearray(data), dtype=torch.uint8), label, ""
+                        continue
+                    img = torch.as_tensor(decode(data, self.cfg, rng))
+                except Exception as e:  # noqa: BLE001 - any damage: the handler decides, in the main process
+                    yield ref.sample_id, self._placeholder(), label, _reason(e)
                     continue
-                img = decode(data, self.cfg, rng)
-                yield ref.sample_id, torch.as_tensor(img), label
+                yield ref.sample_id, img, label, ""
         finally:
             for f in files.values():
                 f.close()
+
+    def _placeholder(self) -> torch.Tensor:
+        if self.raw:
+            return torch.zeros(0, dtype=torch.uint8)
+        return torch.zeros((3, self.cfg.resolution, self.cfg.resolution), dtype=torch.uint8)
+
+
+def _reason(e: BaseException) -> str:
+    """One line for a report: the exception's first line, without object addresses."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    first = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the member's bytes", first)
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def _read(f, e: tario.MemberEntry, tar: Path) -> bytes:
@@ -279,8 +347,35 @@ def _read(f, e: tario.MemberEntry, tar: Path) -> bytes:
 
 
 def _collate_raw(items):
-    ids, datas, labels = zip(*items)
-    return torch.tensor(ids, dtype=torch.int64), list(datas), torch.tensor(labels, dtype=torch.int64)
+    ids, datas, labels, errors = zip(*items)
+    return (torch.tensor(ids, dtype=torch.int64), list(datas), torch.tensor(labels, dtype=torch.int64),
+            list(errors))
+
+
+def _decode_raw(datas: list, errors: list[str], cfg: LoaderConfig, rng: np.random.Generator) -> list:
+    """Batched nvJPEG decode + resize of the good members; a batch with a bad JPEG is decoded
+    one by one to find it (its entry in ``errors`` is set, its image is None)."""
+    good = [i for i, e in enumerate(errors) if not e]
+    try:
+        decoded = dict(zip(good, decode_jpeg([datas[i] for i in good], mode=ImageReadMode.RGB, device=cfg.device)))
+    except RuntimeError:
+        decoded = {}
+        for i in good:
+            try:
+                decoded[i] = decode_jpeg(datas[i], mode=ImageReadMode.RGB, device=cfg.device)
+            except RuntimeError as e:
+                errors[i] = _reason(e)
+    return [_resize_crop_tensor(decoded[i], cfg, rng) if i in decoded else None for i in range(len(datas))]
+
+
+def _drop_bad(ids, images, labels, errors: list[str], refs_by_id, tars, on_error: ErrorHandler):
+    """Hand each bad sample to ``on_error`` and return the batch without them."""
+    bad = [i for i, e in enumerate(errors) if e]
+    for i in bad:
+        ref = refs_by_id()[int(ids[i])]
+        on_error(BadSample(int(ids[i]), str(tars[ref.tar]), f"{ref.jpg.key}.{ref.jpg.ext}", errors[i]))
+    keep = torch.tensor([not e for e in errors], dtype=torch.bool)
+    return ids[keep], images[keep], labels[keep]
 
 
 def normalize(images_u8, cfg: LoaderConfig):
@@ -291,7 +386,7 @@ def normalize(images_u8, cfg: LoaderConfig):
 
 
 def _torch_batches(tars, cfg: LoaderConfig, backend: str, rank: int, world_size: int,
-                   ids: np.ndarray | None = None) -> Iterator[Batch]:
+                   ids: np.ndarray | None = None, on_error: ErrorHandler = reraise) -> Iterator[Batch]:
     from torch.utils.data import DataLoader
 
     refs = sample_refs(tars)
@@ -315,12 +410,25 @@ def _torch_batches(tars, cfg: LoaderConfig, backend: str, rank: int, world_size:
         worker_init_fn=atomic.worker_init if cfg.workers else None,
     )
     rng = np.random.default_rng([cfg.seed, cfg.epoch, 1 << 20])
-    for ids, images, labels in loader:
+    by_id: dict[int, SampleRef] = {}
+
+    def refs_by_id() -> dict[int, SampleRef]:  # built on the first bad sample only
+        if not by_id:
+            by_id.update((r.sample_id, r) for r in refs)
+        return by_id
+
+    placeholder = torch.zeros((3, cfg.resolution, cfg.resolution), dtype=torch.uint8, device=cfg.device)
+    for ids, images, labels, errors in loader:
+        errors = list(errors)
         if raw:
-            decoded = decode_jpeg(images, mode=ImageReadMode.RGB, device=cfg.device)
-            images = torch.stack([_resize_crop_tensor(im, cfg, rng) for im in decoded])
+            out = _decode_raw(images, errors, cfg, rng)
+            images = torch.stack([placeholder if im is None else im for im in out])
         else:
             images = images.to(cfg.device, non_blocking=True)
+        if any(errors):
+            ids, images, labels = _drop_bad(ids, images, labels, errors, refs_by_id, tars, on_error)
+            if not len(ids):
+                continue
         yield Batch(ids, normalize(images, cfg), labels)
 
 
@@ -377,14 +485,20 @@ def _key_from_source_info(info: np.ndarray) -> int:
     return int(name.rpartition(".")[0])
 
 
-def _dali_batches(tars, cfg: LoaderConfig, rank: int, world_size: int) -> Iterator[Batch]:
+def _dali_batches(tars, cfg: LoaderConfig, rank: int, world_size: int,
+                  on_error: ErrorHandler = reraise) -> Iterator[Batch]:
     p = _dali_pipeline(tars, cfg, rank, world_size)
     total = p.epoch_size("reader")
     # DALI's reader shard i holds samples [floor(i N / S), floor((i + 1) N / S)).
-    count = (total * (rank + 1)) // world_size - (total * rank) // world_size
-    remaining = count
+    lo, hi = (total * rank) // world_size, (total * (rank + 1)) // world_size
+    remaining = hi - lo
+    delivered: list[torch.Tensor] = []
     while remaining > 0:
-        img, cls, info = p.run()
+        try:
+            img, cls, info = p.run()
+        except RuntimeError as e:
+            yield from _after_dali_failure(tars, cfg, lo, hi, delivered, e, on_error)
+            return
         n = min(cfg.batch_size, remaining)
         remaining -= n
         ids = torch.tensor([_key_from_source_info(np.asarray(info[i])) for i in range(n)], dtype=torch.int64)
@@ -398,4 +512,26 @@ def _dali_batches(tars, cfg: LoaderConfig, rank: int, world_size: int) -> Iterat
             images = images[:n]
         else:
             images = torch.from_numpy(img.as_array()[:n])
+        delivered.append(ids)
         yield Batch(ids, images, labels)
+
+
+def _after_dali_failure(tars, cfg: LoaderConfig, lo: int, hi: int, delivered: list[torch.Tensor],
+                        error: RuntimeError, on_error: ErrorHandler) -> Iterator[Batch]:
+    """DALI stopped (its pipeline cannot skip a bad image, and is unusable after an error):
+    with ``reraise`` stop with one line naming the tars; otherwise read what DALI had not
+    delivered of this rank's range [lo, hi) through a backend that skips bad images."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if "no longer valid" not in ln and not ln.endswith(":")]
+    why = next((ln for ln in useful if "failure" in ln.lower()), useful[-1] if useful else "")
+    names = f"{tars[0]}" + (f" ... {tars[-1]} ({len(tars)} tars)" if len(tars) > 1 else "")
+    if on_error is reraise:
+        raise ValueError(f"DALI could not decode an image in {names}: {why}; --backend pil or torchvision "
+                         "names the member")
+    seen = set(torch.cat(delivered).tolist()) if delivered else set()
+    rest = np.asarray([r.sample_id for r in sample_refs(tars)[lo:hi] if r.sample_id not in seen], dtype=np.int64)
+    backend = "torchvision" if cfg.device.startswith("cuda") else "pil"
+    log.warning("DALI could not decode an image in %s (%s); reading its %d remaining samples with the %s "
+                "backend, which skips only the bad ones", names, why, len(rest), backend)
+    if len(rest):
+        yield from _torch_batches(tars, cfg, backend, 0, 1, rest, on_error)

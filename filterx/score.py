@@ -158,7 +158,7 @@ def _gather_inputs(cfg: ScoreConfig, needs: set, source: Dataset, target: Datase
     emb_kwargs = dict(device=device, backend=cfg.backend, batch_size=cfg.batch_size, workers=cfg.workers,
                       quiet=cfg.quiet)
     arrays: dict[str, Any] = {}
-    train_ids = val_ids = None
+    train_ids = val_ids = source_ids = None
     if cfg.encoder is not None and needs & _EMB_INPUTS:
         from filterx.encoder import read_encoder_file
 
@@ -174,10 +174,14 @@ def _gather_inputs(cfg: ScoreConfig, needs: set, source: Dataset, target: Datase
                             cfg.encoder, info["target"].get("root"), target.root)
             tag = ensure_embeddings(target.root, Path(cfg.encoder), info.get("tag"), **emb_kwargs)
             t_emb = read_embeddings(target, tag)
+            # images embed could not decode have NaN rows: they take part in nothing
+            train_ids, val_ids = _decoded(t_emb, train_ids, target), _decoded(t_emb, val_ids, target)
             arrays["target_emb"], arrays["target_val_emb"] = t_emb[train_ids], t_emb[val_ids]
         if cfg.candidates == "source" and "source_emb" in needs:
             tag = ensure_embeddings(source.root, Path(cfg.encoder), info.get("tag"), **emb_kwargs)
-            arrays["source_emb"] = read_embeddings(source, tag)
+            s_emb = read_embeddings(source, tag)
+            source_ids = _decoded(s_emb, np.arange(source.num_samples), source)
+            arrays["source_emb"] = s_emb[source_ids] if len(source_ids) < len(s_emb) else s_emb
     if target is not None:
         if train_ids is None:
             train_ids, val_ids = np.flatnonzero(target.labels >= 0), np.zeros(0, dtype=np.int64)
@@ -190,8 +194,8 @@ def _gather_inputs(cfg: ScoreConfig, needs: set, source: Dataset, target: Datase
         arrays["source_labels"] = target.labels[train_ids]
         arrays["source_classes"] = target.classes
     else:
-        scored_ds, scored_ids = source, np.arange(source.num_samples)
-        arrays["source_labels"] = source.labels
+        scored_ds, scored_ids = source, (np.arange(source.num_samples) if source_ids is None else source_ids)
+        arrays["source_labels"] = source.labels[scored_ids]
         arrays["source_classes"] = source.classes
     inputs = ScoreInputs(num_source=len(scored_ids), device=device,
                          **{k: v for k, v in arrays.items() if k in ScoreInputs.__dataclass_fields__})
@@ -259,6 +263,15 @@ def work_path(ds: Dataset, name: str) -> Path:
     """Where a resumable ``score`` keeps its work toward ``scores.zarr/<name>`` (hidden from list_scores)."""
     _check_name(name)
     return ds.scores_path / f"{WORK_PREFIX}{name}"
+
+
+def _decoded(emb: np.ndarray, ids: np.ndarray, ds: Dataset) -> np.ndarray:
+    """``ids`` without the samples whose embedding is NaN (embed could not decode them)."""
+    ok = np.isfinite(emb[ids]).all(axis=1)
+    if not ok.all():
+        log.warning("%d samples of %s could not be decoded by embed (listed in its embeddings' .bad dir); "
+                    "they are left out and score NaN", int((~ok).sum()), ds.root)
+    return ids[ok]
 
 
 def _target_split(target: Dataset, info: dict) -> tuple[np.ndarray, np.ndarray]:

@@ -171,3 +171,61 @@ def test_rowstore_mismatch_raises_or_discards(tmp_path):
     assert not path.exists()
     with pytest.raises(ValueError, match="valid: raise, discard"):
         rowstore.open_rows(path, layout, on_mismatch="ignore")
+
+
+def _damage_member(ds_root, shard: int, nth: int) -> int:
+    """Overwrite the header of the nth JPEG of a shard in place (same size): returns its sample id."""
+    from filterx import tario
+
+    tar = Dataset.open(ds_root).shard_path(shard)
+    e = [e for e in tario.read_index(tario.index_path(tar)) if e.ext == "jpg"][nth]
+    with open(tar, "r+b") as f:
+        f.seek(e.offset + 2)
+        f.write(bytes(min(200, e.size - 4)))
+    return int(e.key)
+
+
+@pytest.mark.parametrize("backend", ["pil", "torchvision", "dali"])
+def test_a_damaged_jpeg_is_skipped_reported_and_scores_nan(backend, sample_dirs, encoder_file, embedded, tmp_path):
+    import shutil
+
+    from filterx.embed import read_bad_samples
+    from filterx.loader import dali_available
+
+    if backend == "dali" and not dali_available():
+        pytest.skip("needs nvidia-dali")
+    src = tmp_path / "source"
+    shutil.copytree(sample_dirs[0], src)
+    bad_id = _damage_member(src, 1, 3)
+    summary = embed(EmbedConfig(src, encoder_file, **{**KW, "backend": backend}))
+    ds = Dataset.open(src)
+    tag = load_encoder(encoder_file).tag
+    assert summary.bad_samples == 1 and summary.samples == ds.num_samples - 1
+    assert embeddings_complete(ds, tag)  # one bad image does not stop a shard
+    bad = read_bad_samples(ds, tag)
+    assert [b["id"] for b in bad] == [bad_id]
+    assert bad[0]["tar"] == str(ds.shard_path(1)) and bad[0]["member"] == f"{bad_id:010d}.jpg"
+    emb = read_embeddings(ds, tag)
+    good = np.arange(ds.num_samples) != bad_id
+    assert np.isnan(emb[bad_id]).all() and np.isfinite(emb[good]).all()
+    if backend == "pil":  # the other rows are exactly what an undamaged run gives
+        np.testing.assert_array_equal(emb[good], read_embeddings(Dataset.open(embedded[0]), tag)[good])
+    # the scores of the bad sample are NaN, so no selection can take it
+    from filterx.score import ScoreConfig, read_scores, score
+
+    score(ScoreConfig("domain-cls", src, sample_dirs[1], encoder_file, seed=0, device="cpu", backend="pil",
+                      workers=0, quiet=True))
+    s, _ = read_scores(ds, "domain-cls")
+    assert np.isnan(s[bad_id]) and np.isfinite(s[good]).all()
+
+
+def test_a_damaged_jpeg_without_skipping_names_tar_and_member(sample_dirs, tmp_path):
+    import shutil
+
+    src = tmp_path / "source"
+    shutil.copytree(sample_dirs[0], src)
+    bad_id = _damage_member(src, 0, 2)
+    ds = Dataset.open(src)
+    with pytest.raises(ValueError, match=rf"{ds.shard_path(0)}: cannot decode {bad_id:010d}\.jpg"):
+        for _ in load_batches(ds.tar_paths(), LoaderConfig(resolution=32, backend="pil", workers=0)):
+            pass
