@@ -72,8 +72,12 @@ def commit(done: str | os.PathLike, path: str | os.PathLike) -> None:
         os.rename(path, old)
         os.rename(done, path)
         remove(old)
-    else:
+        return
+    try:
         os.replace(done, path)
+    except OSError:  # e.g. ``path`` is a directory: the complete output is not left beside it
+        remove(done)
+        raise
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

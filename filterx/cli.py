@@ -11,6 +11,7 @@ values it ran with, as YAML that ``--config`` reads back, next to its outputs (w
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from pathlib import Path
@@ -50,10 +51,35 @@ class FilterxGroup(click.Group):
 
         try:
             return super().invoke(ctx)
-        except (*USER_ERRORS, LockedError) as exc:
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            click.echo(f"filterx: error: {msg}", err=True)
+        except (*USER_ERRORS, LockedError, OSError) as exc:
+            cmd = f" {ctx.invoked_subcommand}" if ctx.invoked_subcommand else ""
+            click.echo(f"filterx{cmd}: error: {error_line(exc)}", err=True)
             ctx.exit(2)
+
+
+# What to do about an OS error, by errno; outputs are written atomically, so a re-run after
+# the fix keeps every finished part.
+_OS_ADVICE = {
+    errno.ENOSPC: "free some space (or write elsewhere) and re-run: finished work is kept",
+    errno.EDQUOT: "free some space (or write elsewhere) and re-run: finished work is kept",
+    errno.EROFS: "the file system is read-only; write the output elsewhere",
+    errno.EACCES: "no permission; write the output elsewhere or fix its permissions",
+    errno.EPERM: "no permission; write the output elsewhere or fix its permissions",
+    errno.EEXIST: "remove it or name another output",
+    errno.EISDIR: "it is a directory; name a file",
+    errno.ENOTDIR: "a part of the path is a file, not a directory",
+    errno.ENOENT: "check the path",
+}
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for a user-facing error: its message, or for an OS error what failed where."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        advice = _OS_ADVICE.get(exc.errno)
+        return f"{exc.strerror}{where}" + (f" ({advice})" if advice else "")
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @click.group(cls=FilterxGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -18,7 +18,6 @@ target dataset, NaN on its validation split.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import json
@@ -34,7 +33,7 @@ import filterx
 from filterx import atomic
 from filterx.dataset import Dataset
 from filterx.faults import crash_point
-from filterx.scorers import ScoreInputs, get_scorer, resolved_params, run_scorer
+from filterx.scorers import ScoreInputs, check_params, get_scorer, resolved_params, run_scorer
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +94,8 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
     curvature = cfg_params.pop("curvature", "gauss-newton") if block == "last-block" else None
     if block not in ("head", "last-block"):
         raise ValueError(f"unknown influence parameters {block!r}; valid: head, last-block")
+    cfg_params = check_params(cfg.method, cfg_params)  # before anything is embedded
     params = resolved_params(cfg.method, **cfg_params)
-    bad = sorted(set(cfg_params) - set(scorer.defaults))
-    if bad:
-        raise ValueError(f"method {cfg.method!r} takes no parameter(s) {bad}; valid: {sorted(scorer.defaults)}")
     if cfg.candidates not in CANDIDATES:
         raise ValueError(f"unknown candidates {cfg.candidates!r}; valid: {', '.join(CANDIDATES)}")
     if cfg.method == "influence" and params.get("labels") == "given" and cfg.candidates != "target-train":
@@ -117,16 +114,14 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
     target = Dataset.open(cfg.target) if cfg.target is not None else None
 
     name = cfg.name or cfg.method
-    with contextlib.ExitStack() as held:
+    # Locked from the start: a second run writing the same scores is refused at once, not
+    # after it has embedded (and the last-block work store is this run's until removed below).
+    with atomic.run_lock((target if cfg.candidates == "target-train" else source).root, f"score-{name}"):
         if block == "last-block":
-            # Locked from the pool pass on: its work store is this run's until removed below.
-            scored_ds = target if cfg.candidates == "target-train" else source
-            held.enter_context(atomic.run_lock(scored_ds.root, f"score-{name}"))
             scored_ds, scored_ids, result, enc_info = _last_block(cfg, params, curvature, source, target, device)
             params = {**params, "params": "last-block", "curvature": curvature}
         else:
             inputs, scored_ds, scored_ids, enc_info = _gather_inputs(cfg, needs, source, target, device)
-            held.enter_context(atomic.run_lock(scored_ds.root, f"score-{name}"))
             result = run_scorer(cfg.method, inputs, seed=cfg.seed, **cfg_params)
         full = np.full(scored_ds.num_samples, np.nan, dtype=np.float32)
         full[scored_ids] = result.scores

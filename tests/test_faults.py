@@ -285,7 +285,7 @@ def test_a_second_writer_is_refused(image_folder, sample_dirs, encoder_file, sco
         proc = cli(*args)
     assert proc.returncode == 2, proc.stderr[-2000:]
     line = proc.stderr.strip().splitlines()[-1]
-    assert line.startswith("filterx: error:") and f"being written by {name} in process {os.getpid()}" in line
+    assert line.startswith(f"filterx {command}: error:") and f"being written by {name} in process {os.getpid()}" in line
     assert not output.exists()
 
 

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Union
 
 import numpy as np
 
@@ -109,6 +111,7 @@ class Scorer:
     needs: tuple[str, ...]
     defaults: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
+    types: Mapping[str, Any] = field(default_factory=dict)  # parameter -> its annotation
 
 
 _REGISTRY: dict[str, Scorer] = {}
@@ -135,7 +138,9 @@ def register_scorer(name: str, *, needs: tuple[str, ...] = ()) -> Callable:
             if p.kind is p.KEYWORD_ONLY and p.name != "seed"
         }
         doc = (fn.__doc__ or "").strip().splitlines()
-        _REGISTRY[name] = Scorer(name, fn, tuple(needs), defaults, doc[0] if doc else "")
+        hints = typing.get_type_hints(fn)
+        types = {k: hints[k] for k in defaults if k in hints}
+        _REGISTRY[name] = Scorer(name, fn, tuple(needs), defaults, doc[0] if doc else "", types)
         return fn
 
     return wrap
@@ -172,11 +177,7 @@ def run_scorer(name: str, inputs: ScoreInputs, *, seed: int = 0, **params: Any) 
     Unknown parameter names and missing inputs raise ValueError naming what is valid.
     """
     scorer = get_scorer(name)
-    bad = sorted(set(params) - set(scorer.defaults))
-    if bad:
-        raise ValueError(
-            f"method {name!r} takes no parameter(s) {bad}; valid: {sorted(scorer.defaults)}"
-        )
+    params = check_params(name, params)
     missing = [n for n in scorer.needs if getattr(inputs, n) is None]
     if missing:
         raise ValueError(f"method {name!r} needs inputs {missing}, which were not given")
@@ -189,6 +190,47 @@ def run_scorer(name: str, inputs: ScoreInputs, *, seed: int = 0, **params: Any) 
             f"scorer {name!r} returned shape {scores.shape}, expected ({inputs.num_source},)"
         )
     return ScoreResult(scores.astype(np.float32, copy=False), dict(out.attrs), dict(out.tables))
+
+
+def _conform(value: Any, kind: Any) -> tuple[bool, Any]:
+    """(whether ``value`` fits annotation ``kind``, the value as that type)."""
+    if kind is Any:
+        return True, value
+    options = typing.get_args(kind) if isinstance(kind, types.UnionType) or typing.get_origin(kind) is Union \
+        else (kind,)
+    for option in options:
+        if option is type(None) and value is None:
+            return True, None
+        if option is bool and isinstance(value, bool):
+            return True, value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return True, value
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        if option is str and isinstance(value, str):
+            return True, value
+        if typing.get_origin(option) is tuple and isinstance(value, (list, tuple)):
+            return True, tuple(value)
+        if option not in (type(None), bool, int, float, str) and typing.get_origin(option) is not tuple:
+            return True, value  # a type this check does not know: the scorer validates it
+    return False, value
+
+
+def check_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` checked against scorer ``name``'s declared parameters (names and types);
+    ValueError naming the bad parameter, its value and what it takes."""
+    scorer = get_scorer(name)
+    bad = sorted(set(params) - set(scorer.defaults))
+    if bad:
+        raise ValueError(f"method {name!r} takes no parameter(s) {bad}; valid: {sorted(scorer.defaults)}")
+    out = {}
+    for key, value in params.items():
+        kind = scorer.types.get(key, Any)
+        ok, out[key] = _conform(value, kind)
+        if not ok:
+            want = getattr(kind, "__name__", None) or str(kind).replace("typing.", "")
+            raise ValueError(f"method {name!r}: parameter {key} takes {want}, got {value!r}")
+    return out
 
 
 def resolved_params(name: str, **params: Any) -> dict[str, Any]:
