@@ -283,7 +283,8 @@ def score(method, source, target, encoder, name, candidates, seed, device, backe
 @click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), help="Keep this share of the scored samples.")
 @click.option("--count", type=click.IntRange(1), help="Keep this many samples.")
 @click.option("--threshold", type=float, help="Keep every sample scoring >= this.")
-@click.option("--per-class-cap", type=click.IntRange(1), help="At most this many samples of one class.")
+@click.option("--per-class-cap", type=click.IntRange(1),
+              help="At most this many samples of one class; unlabelled samples (label -1) are not capped.")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "npy", "txt", "wds"]),
               help="Manifest format; default: from the output's suffix, none = wds.")
 @click.option("--txt-field", default="key", show_default=True, type=click.Choice(["key", "path"]),

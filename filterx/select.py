@@ -4,7 +4,9 @@ Budget: exactly one of ``fraction`` (of the scored samples), ``count``, or ``thr
 (keep every score >= threshold). Order: score descending, ties broken by the lower sample id,
 NaN (unscored) never selected, so the same scores always give the same selection.
 ``per_class_cap`` keeps at most that many samples of any one class, walking down the ranking
-until the budget is met or the ranking is exhausted.
+until the budget is met or the ranking is exhausted; unlabelled samples (label -1) belong to
+no class and are not capped (capping them as one class would shrink the selection of an
+unlabelled pool to the cap).
 """
 
 from __future__ import annotations
@@ -64,13 +66,14 @@ def select_ids(scores: np.ndarray, *, fraction: float | None = None, count: int 
     if labels is None:
         raise ValueError("--per-class-cap needs sample labels")
     lab = np.asarray(labels)[ranked]
-    # rank of each sample within its class along the ranking: keep those under the cap
+    # rank of each sample within its class along the ranking: keep those under the cap;
+    # label -1 (unlabelled) is no class, so it is never capped
     order = np.argsort(lab, kind="stable")
     sorted_lab = lab[order]
     first = np.searchsorted(sorted_lab, sorted_lab, side="left")
     within = np.empty(len(lab), dtype=np.int64)
     within[order] = np.arange(len(lab)) - first
-    return ranked[within < per_class_cap][:limit]
+    return ranked[(within < per_class_cap) | (lab < 0)][:limit]
 
 
 @dataclass(frozen=True)

@@ -58,3 +58,43 @@ def test_selection_properties(values, fraction, cap):
     # nothing left out that beats a selected sample of a class under its cap
     plain = select_ids(s, fraction=fraction)
     assert len(plain) == k and set(plain.tolist()) == set(rank_ids(s)[:k].tolist())
+
+
+def test_per_class_cap_leaves_unlabelled_samples_uncapped():
+    s = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    # an unlabelled pool: label -1 is no class, so the cap takes nothing away
+    assert select_ids(s, count=5, labels=np.full(6, -1), per_class_cap=1).tolist() == [0, 1, 2, 3, 4]
+    labels = np.array([-1, 0, -1, 0, 1, -1])
+    assert select_ids(s, count=6, labels=labels, per_class_cap=1).tolist() == [0, 1, 2, 4, 5]
+    assert select_ids(s, count=4, labels=labels, per_class_cap=1).tolist() == [0, 1, 2, 4]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.floats(-5, 5, width=32), min_size=1, max_size=60), st.integers(1, 60), st.integers(1, 4))
+def test_per_class_cap_property_with_unlabelled(values, count, cap):
+    s = np.array(values, dtype=np.float32)
+    labels = np.arange(len(s)) % 4 - 1  # -1, 0, 1, 2, -1, ...
+    count = min(count, len(s))
+    sel = select_ids(s, count=count, labels=labels, per_class_cap=cap)
+    assert (np.bincount(labels[sel][labels[sel] >= 0], minlength=3) <= cap).all()
+    # every unlabelled sample ranked above the cut is kept: the cap never drops one
+    ranked = rank_ids(s)
+    last = np.flatnonzero(ranked == sel[-1])[0]
+    unlabelled_above = set(ranked[: last + 1][labels[ranked[: last + 1]] < 0].tolist())
+    assert unlabelled_above <= set(sel.tolist())
+
+
+def test_per_class_cap_on_an_unlabelled_pool_keeps_the_budget(image_folder, tmp_path):
+    from filterx.dataset import Dataset
+    from filterx.score import write_scores
+    from filterx.select import SelectConfig, select
+    from filterx.shard import ShardConfig, shard
+
+    paths = sorted(image_folder.glob("class */img_*.jpg"))[:12]
+    (tmp_path / "list.txt").write_text("".join(f"{p}\n" for p in paths))  # no labels: all -1
+    shard(ShardConfig(tmp_path / "list.txt", tmp_path / "pool", shard_size=5, workers=1, quiet=True))
+    ds = Dataset.open(tmp_path / "pool")
+    assert (ds.labels == -1).all() and ds.num_samples == 12
+    write_scores(ds, "s", -np.arange(12, dtype=np.float32), {"method": "test"})
+    s = select(SelectConfig(tmp_path / "pool", "s", tmp_path / "m.npy", count=8, per_class_cap=2))
+    assert s.selected == 8 and np.load(tmp_path / "m.npy").tolist() == list(range(8))
