@@ -1,9 +1,25 @@
+import json
+import shutil
+
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from filterx.cli import main
 from filterx.select import budget_count, infer_format, rank_ids, select_ids
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("filterx"), err
+    return lines[0]
 
 
 def test_rank_order_ties_and_nan():
@@ -98,3 +114,61 @@ def test_per_class_cap_on_an_unlabelled_pool_keeps_the_budget(image_folder, tmp_
     write_scores(ds, "s", -np.arange(12, dtype=np.float32), {"method": "test"})
     s = select(SelectConfig(tmp_path / "pool", "s", tmp_path / "m.npy", count=8, per_class_cap=2))
     assert s.selected == 8 and np.load(tmp_path / "m.npy").tolist() == list(range(8))
+    assert s.warnings == ()
+
+
+def test_nan_threshold_is_refused():
+    with pytest.raises(ValueError, match="--threshold must be a number, got nan"):
+        select_ids(np.arange(5.0), threshold=float("nan"))
+
+
+# ---------------------------------------------------------------- the select stage and command
+
+
+@pytest.fixture()
+def scored(dataset_dir, tmp_path):
+    """A copy of dataset_dir with scores "s" (0.1 * id, highest 2.6) and "unscored" (all NaN)."""
+    from filterx.dataset import Dataset
+    from filterx.score import write_scores
+
+    src = tmp_path / "src"
+    shutil.copytree(dataset_dir, src)
+    ds = Dataset.open(src)
+    write_scores(ds, "s", (np.arange(ds.num_samples) * 0.1).astype(np.float32), {"method": "test"})
+    write_scores(ds, "unscored", np.full(ds.num_samples, np.nan, np.float32), {"method": "test"})
+    return src
+
+
+def test_nan_threshold_is_one_line(scored, tmp_path):
+    code, _, err = run("select", "--source", scored, "--method", "s", "--threshold", "nan", "-o", tmp_path / "m.jsonl")
+    line = one_line(err)
+    assert code == 2 and "--threshold must be a number, got nan" in line
+    assert not (tmp_path / "m.jsonl").exists()
+
+
+@pytest.mark.parametrize("args, reason", [
+    (["--method", "s", "--threshold", "1e9"], "threshold 1e+09 is above the highest score 2.6; nothing selected"),
+    (["--method", "s", "--threshold", "inf"], "threshold inf is above the highest score 2.6; nothing selected"),
+    (["--method", "s", "--fraction", "0.01"],
+     "fraction 0.01 of the 27 scored samples rounds to 0 samples; nothing selected"),
+    (["--method", "unscored", "--fraction", "0.5"], "no sample is scored (all 27 scores are NaN); nothing selected"),
+])
+def test_a_budget_that_selects_nothing_warns_why(scored, tmp_path, args, reason):
+    out = tmp_path / "m.jsonl"
+    code, stdout, err = run("select", "--source", scored, *args, "-o", out, "--json")
+    assert code == 0, err
+    method = args[1]
+    warning = f"scores {method!r}: {reason}"
+    assert [line for line in err.splitlines() if line.startswith("WARNING")] == [f"WARNING filterx.select: {warning}"]
+    summary = json.loads(stdout)
+    assert summary["selected"] == 0 and summary["warnings"] == [warning]
+    lines = out.read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["count"] == 0
+
+
+def test_a_budget_that_selects_something_does_not_warn(scored, tmp_path):
+    code, stdout, err = run("select", "--source", scored, "--method", "s", "--threshold", "2.55",
+                            "-o", tmp_path / "m.jsonl", "--json")
+    assert code == 0 and "WARNING" not in err
+    summary = json.loads(stdout)
+    assert summary["selected"] == 1 and summary["warnings"] == []
