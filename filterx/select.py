@@ -153,6 +153,9 @@ def select(cfg: SelectConfig) -> SelectSummary:
     t0 = time.perf_counter()
     out = Path(cfg.output)
     fmt = infer_format(out, cfg.fmt)
+    if fmt != "wds" and out.is_dir():
+        raise ValueError(f"-o {out} is a directory, and a {fmt} manifest is a file: name a file "
+                         f"(e.g. {out / ('subset.' + fmt)}), or pass --format wds to write a directory")
     ds = Dataset.open(cfg.source)
     scores, attrs = read_scores(ds, cfg.method)
     used = (attrs.get("encoder") or {}).get("tag")

@@ -172,3 +172,17 @@ def test_a_budget_that_selects_something_does_not_warn(scored, tmp_path):
     assert code == 0 and "WARNING" not in err
     summary = json.loads(stdout)
     assert summary["selected"] == 1 and summary["warnings"] == []
+
+
+@pytest.mark.parametrize("name, fmt", [("m.jsonl", None), ("m.npy", None), ("m.txt", None), ("subset", "jsonl")])
+def test_output_naming_an_existing_directory_for_a_file_format_is_one_line(scored, tmp_path, name, fmt):
+    out = tmp_path / "outs" / name
+    out.mkdir(parents=True)
+    (out / "keep.txt").write_text("mine")
+    args = ["--format", fmt] if fmt else []
+    code, _, err = run("select", "--source", scored, "--method", "s", "--count", 3, "-o", out, *args)
+    line = one_line(err)
+    assert code == 2 and f"-o {out} is a directory" in line and "--format wds" in line
+    # nothing written, nothing left behind: no temporaries, no header sidecar, no saved options
+    assert sorted(p.name for p in (tmp_path / "outs").iterdir()) == [name]
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
