@@ -15,6 +15,7 @@ writes its empty manifest, with a warning saying why (logged, and in the summary
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -181,7 +182,7 @@ def select(cfg: SelectConfig) -> SelectSummary:
         "per_class_cap": cfg.per_class_cap,
         "scores": {k: attrs.get(k) for k in ("method", "params", "seed", "encoder", "candidates")},
     })
-    with atomic.run_lock(out.parent, f"select-{out.name}"):
+    with _output_lock(out):
         manifest.write_manifest(out, fmt, ds, ranked, scores[ranked], header, txt_field=cfg.txt_field,
                                 quiet=cfg.quiet)
     pool = ds.labels[~np.isnan(scores)]
@@ -191,3 +192,17 @@ def select(cfg: SelectConfig) -> SelectSummary:
                          len(np.setdiff1d(present, kept)), scored - len(ranked), time.perf_counter() - t0,
                          tuple(warnings))
 
+
+@contextlib.contextmanager
+def _output_lock(out: Path):
+    """The run lock of the manifest ``out`` (a lock file in its directory); when another select
+    holds it, the error names the output, not the directory the lock file lives in."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(atomic.run_lock(out.parent, f"select-{out.name}"))
+        except atomic.LockedError as exc:
+            _, sep, holder = str(exc).partition(" in process ")
+            if not sep:
+                raise
+            raise atomic.LockedError(f"{out} is being written by another filterx select in process {holder}") from None
+        yield

@@ -174,6 +174,20 @@ def test_a_budget_that_selects_something_does_not_warn(scored, tmp_path):
     assert summary["selected"] == 1 and summary["warnings"] == []
 
 
+def test_a_locked_output_is_named_in_the_error(scored, tmp_path):
+    from filterx import atomic
+    from filterx.select import SelectConfig, select
+
+    out = tmp_path / "out" / "m.jsonl"
+    with atomic.run_lock(out.parent, f"select-{out.name}"):  # as a select in another process would
+        with pytest.raises(atomic.LockedError) as exc:
+            select(SelectConfig(scored, "s", out, count=3))
+        assert str(exc.value).startswith(f"{out} is being written by another filterx select in process ")
+        code, _, err = run("select", "--source", scored, "--method", "s", "--count", 3, "-o", out)
+        assert code == 2 and one_line(err).startswith(f"filterx: error: {out} is being written by")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("name, fmt", [("m.jsonl", None), ("m.npy", None), ("m.txt", None), ("subset", "jsonl")])
 def test_output_naming_an_existing_directory_for_a_file_format_is_one_line(scored, tmp_path, name, fmt):
     out = tmp_path / "outs" / name
