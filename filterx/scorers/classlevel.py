@@ -22,7 +22,7 @@ removes nothing, and every hard class has held-out images) are drawn, seeded by 
 from the pool's classes that are NOT in the named/hard set and have at least one image, and
 those are removed instead. Drawing from the complement (rather than from all classes) keeps
 the control free of the treatment: a draw from all classes would on average remove a few of
-the very classes under study (about 42*42/1000 ~ 1.8 for the Office-31 preset), mixing the
+the very classes under study (about 47*47/1000 ~ 2.2 for the Office-31 preset), mixing the
 effect being measured into its own baseline. Requiring an image, and not counting named
 classes without one, keeps the control from removing less or more than the treatment.
 """
