@@ -7,7 +7,7 @@ ImageFolder); ``resolve_classes`` turns a user's spec into the classes it names:
 
     spec = "coffee mug, n03793489"      # names or wnids, comma-separated
     spec = "@my_classes.txt"            # one name or wnid per line, '#' starts a comment
-    spec = "@office31"                  # the preset: 42 ImageNet classes related to Office-31
+    spec = "@office31"                  # the preset: 47 ImageNet classes related to Office-31
 
     resolve_classes(spec, classes)                     # -> [ClassInfo, ...] sorted by index
     print(describe_matches(match_classes(spec, classes)))   # what each entry matched
@@ -38,7 +38,10 @@ from pathlib import Path
 
 from filterx.scorers import ClassInfo
 
-# Named presets for "@NAME" specs: package data files listing {"entry", "wnid", "name"}.
+# Named presets for "@NAME" specs: package data files listing {"entry", "wnid", "name"} (the
+# ImageNet class: the entry's wording, its wnid, its synset names) and, for @office31, the
+# Office-31 category the class stands for ("office31"; e.g. "notebook" is ImageNet's notebook
+# computer, so laptop_computer, not paper_notebook). Only the wnid is matched.
 PRESETS = {"office31": "office31_imagenet.json"}
 
 MATCH_MODES = ("exact", "substring")
@@ -114,7 +117,7 @@ def class_info_for_folders(folder_names: list[str]) -> tuple[ClassInfo, ...]:
 
 
 def preset_entries(name: str) -> list[dict[str, str]]:
-    """The rows {"entry", "wnid", "name"} of preset ``name`` (see ``PRESETS``)."""
+    """The rows {"entry", "wnid", "name", ...} of preset ``name`` (see ``PRESETS``)."""
     if name not in PRESETS:
         raise ValueError(f"unknown class preset @{name}; valid presets: {sorted(PRESETS)}")
     return json.loads(_read_data(PRESETS[name]))

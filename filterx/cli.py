@@ -308,8 +308,9 @@ def score(method, source, target, encoder, name, candidates, seed, device, backe
               help="Manifest file (.jsonl, .npy, .txt), or a directory for --format wds.")
 @click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), help="Keep this share of the scored samples.")
 @click.option("--count", type=click.IntRange(1), help="Keep this many samples.")
-@click.option("--threshold", type=float, help="Keep every sample scoring >= this.")
-@click.option("--per-class-cap", type=click.IntRange(1), help="At most this many samples of one class.")
+@click.option("--threshold", type=float, help="Keep every sample scoring >= this (a number, not nan).")
+@click.option("--per-class-cap", type=click.IntRange(1),
+              help="At most this many samples of one class; unlabelled samples (label -1) are not capped.")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "npy", "txt", "wds"]),
               help="Manifest format; default: from the output's suffix, none = wds.")
 @click.option("--txt-field", default="key", show_default=True, type=click.Choice(["key", "path"]),
@@ -322,9 +323,11 @@ def select(source, method, output, fraction, count, threshold, per_class_cap, fm
 
     Give exactly one budget: --fraction, --count or --threshold. Ties go to the lower
     sample id and unscored (NaN) samples are never kept, so the same scores give the same
-    manifest. jsonl: a header line, then one line per sample (id, key, shard, label,
-    score); npy: sorted ids (header in OUTPUT.json); txt: keys or paths (header in
-    OUTPUT.json); wds: a directory of tars holding the selected images.
+    manifest; a budget that keeps nothing (a threshold above every score) writes an empty
+    manifest and warns why. --per-class-cap leaves unlabelled samples (label -1) uncapped.
+    jsonl: a header line, then one line per sample (id, key, shard, label, score); npy:
+    sorted ids (header in OUTPUT.json); txt: keys or paths (header in OUTPUT.json); wds: a
+    directory of tars holding the selected images.
 
     \b
     Saves its options to: OUTPUT.filterx.yaml (wds: OUTPUT/filterx-select.yaml)

@@ -4,12 +4,20 @@ Budget: exactly one of ``fraction`` (of the scored samples), ``count``, or ``thr
 (keep every score >= threshold). Order: score descending, ties broken by the lower sample id,
 NaN (unscored) never selected, so the same scores always give the same selection.
 ``per_class_cap`` keeps at most that many samples of any one class, walking down the ranking
-until the budget is met or the ranking is exhausted.
+until the budget is met or the ranking is exhausted; unlabelled samples (label -1) belong to
+no class and are not capped (capping them as one class would shrink the selection of an
+unlabelled pool to the cap).
+
+A NaN threshold is refused (no score is >= NaN). A budget that selects nothing (a threshold
+above every score, a fraction that rounds to no sample, a pool with no scored sample) still
+writes its empty manifest, with a warning saying why (logged, and in the summary).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +59,8 @@ def select_ids(scores: np.ndarray, *, fraction: float | None = None, count: int 
     given = [b is not None for b in (fraction, count, threshold)]
     if sum(given) != 1:
         raise ValueError("give exactly one of --fraction, --count, --threshold")
+    if threshold is not None and math.isnan(threshold):
+        raise ValueError("--threshold must be a number, got nan: no score is >= NaN, so it would select nothing")
     ranked = rank_ids(scores)
     if threshold is not None:
         ranked = ranked[np.asarray(scores)[ranked] >= threshold]
@@ -64,13 +74,30 @@ def select_ids(scores: np.ndarray, *, fraction: float | None = None, count: int 
     if labels is None:
         raise ValueError("--per-class-cap needs sample labels")
     lab = np.asarray(labels)[ranked]
-    # rank of each sample within its class along the ranking: keep those under the cap
+    # rank of each sample within its class along the ranking: keep those under the cap;
+    # label -1 (unlabelled) is no class, so it is never capped
     order = np.argsort(lab, kind="stable")
     sorted_lab = lab[order]
     first = np.searchsorted(sorted_lab, sorted_lab, side="left")
     within = np.empty(len(lab), dtype=np.int64)
     within[order] = np.arange(len(lab)) - first
-    return ranked[within < per_class_cap][:limit]
+    return ranked[(within < per_class_cap) | (lab < 0)][:limit]
+
+
+def why_nothing_selected(scores: np.ndarray, *, fraction: float | None = None, count: int | None = None,
+                         threshold: float | None = None) -> str:
+    """Why a budget selects no sample of ``scores`` (N,) float: one sentence for the user."""
+    scores = np.asarray(scores, dtype=np.float64)
+    scored = scores[~np.isnan(scores)]
+    if scored.size == 0:
+        return f"no sample is scored (all {scores.size} scores are NaN); nothing selected"
+    if threshold is not None:
+        return (f"threshold {threshold:g} is above the highest score {float(scored.max()):.6g}; "
+                "nothing selected")
+    if fraction is not None:
+        return (f"fraction {fraction:g} of the {scored.size} scored samples rounds to 0 samples; "
+                "nothing selected")
+    return f"the budget (count {count}) selects nothing"
 
 
 @dataclass(frozen=True)
@@ -98,6 +125,7 @@ class SelectSummary:
     classes_removed: int
     images_removed: int
     seconds: float
+    warnings: tuple[str, ...] = ()  # also logged: e.g. why nothing was selected
 
     def line(self) -> str:
         return (f"selected {self.selected} of {self.scored} scored samples "
@@ -124,7 +152,11 @@ def infer_format(output: Path, fmt: str | None) -> str:
 def select(cfg: SelectConfig) -> SelectSummary:
     """Select from ``cfg.source``'s stored scores ``cfg.method`` and write the manifest."""
     t0 = time.perf_counter()
-    fmt = infer_format(Path(cfg.output), cfg.fmt)
+    out = Path(cfg.output)
+    fmt = infer_format(out, cfg.fmt)
+    if fmt != "wds" and out.is_dir():
+        raise ValueError(f"-o {out} is a directory, and a {fmt} manifest is a file: name a file "
+                         f"(e.g. {out / ('subset.' + fmt)}), or pass --format wds to write a directory")
     ds = Dataset.open(cfg.source)
     scores, attrs = read_scores(ds, cfg.method)
     used = (attrs.get("encoder") or {}).get("tag")
@@ -134,22 +166,43 @@ def select(cfg: SelectConfig) -> SelectSummary:
     ranked = select_ids(scores, fraction=cfg.fraction, count=cfg.count, threshold=cfg.threshold,
                         labels=ds.labels, per_class_cap=cfg.per_class_cap)
     scored = int((~np.isnan(scores)).sum())
-    if cfg.per_class_cap is not None and cfg.threshold is None:
+    warnings = []
+    if len(ranked) == 0:
+        warnings.append(f"scores {cfg.method!r}: " + why_nothing_selected(
+            scores, fraction=cfg.fraction, count=cfg.count, threshold=cfg.threshold))
+    elif cfg.per_class_cap is not None and cfg.threshold is None:
         wanted = budget_count(scored, fraction=cfg.fraction, count=cfg.count)
         if len(ranked) < wanted:
-            log.warning("--per-class-cap %d leaves %d samples, fewer than the %d the budget asks for",
-                        cfg.per_class_cap, len(ranked), wanted)
+            warnings.append(f"--per-class-cap {cfg.per_class_cap} leaves {len(ranked)} samples, "
+                            f"fewer than the {wanted} the budget asks for")
+    for w in warnings:
+        log.warning("%s", w)
     budget = {k: v for k, v in (("fraction", cfg.fraction), ("count", cfg.count), ("threshold", cfg.threshold)) if v is not None}
     header = manifest.make_header(ds, cfg.method, budget, len(ranked), {
         "per_class_cap": cfg.per_class_cap,
         "scores": {k: attrs.get(k) for k in ("method", "params", "seed", "encoder", "candidates")},
     })
-    out = Path(cfg.output)
-    with atomic.run_lock(out.parent, f"select-{out.name}"):
+    with _output_lock(out):
         manifest.write_manifest(out, fmt, ds, ranked, scores[ranked], header, txt_field=cfg.txt_field,
                                 quiet=cfg.quiet)
     pool = ds.labels[~np.isnan(scores)]
     kept = np.unique(ds.labels[ranked][ds.labels[ranked] >= 0])
     present = np.unique(pool[pool >= 0])
     return SelectSummary(Path(cfg.output), fmt, len(ranked), scored, len(kept),
-                         len(np.setdiff1d(present, kept)), scored - len(ranked), time.perf_counter() - t0)
+                         len(np.setdiff1d(present, kept)), scored - len(ranked), time.perf_counter() - t0,
+                         tuple(warnings))
+
+
+@contextlib.contextmanager
+def _output_lock(out: Path):
+    """The run lock of the manifest ``out`` (a lock file in its directory); when another select
+    holds it, the error names the output, not the directory the lock file lives in."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(atomic.run_lock(out.parent, f"select-{out.name}"))
+        except atomic.LockedError as exc:
+            _, sep, holder = str(exc).partition(" in process ")
+            if not sep:
+                raise
+            raise atomic.LockedError(f"{out} is being written by another filterx select in process {holder}") from None
+        yield

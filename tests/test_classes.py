@@ -105,10 +105,18 @@ def test_list_spec_and_empty_spec(imagenet_pool):
         resolve_classes("laptop", imagenet_pool, match="fuzzy")
 
 
-def test_office31_preset_has_42_unique_classes_each_entry_naming_exactly_one(imagenet_pool):
+OFFICE31_CATEGORIES = (
+    "back_pack bike bike_helmet bookcase bottle calculator desk_chair desk_lamp desktop_computer file_cabinet "
+    "headphones keyboard laptop_computer letter_tray mobile_phone monitor mouse mug paper_notebook pen phone "
+    "printer projector punchers ring_binder ruler scissors speaker stapler tape_dispenser trash_can"
+).split()
+
+
+def test_office31_preset_has_47_unique_classes_each_entry_naming_exactly_one(imagenet_pool):
     rows = preset_entries("office31")
-    assert len(rows) == 42
-    assert len({r["wnid"] for r in rows}) == 42
+    assert len(OFFICE31_CATEGORIES) == 31
+    assert len(rows) == 47
+    assert len({r["wnid"] for r in rows}) == 47
     by_wnid = {c.wnid: c for c in imagenet_classes()}
     for row in rows:
         # The wording resolves, as a whole name, to exactly the stored class; for
@@ -116,6 +124,7 @@ def test_office31_preset_has_42_unique_classes_each_entry_naming_exactly_one(ima
         name = row["entry"].split(" / ")[0]
         assert wnids(resolve_classes(name, imagenet_pool)) == [row["wnid"]], row
         assert row["name"] == ", ".join(by_wnid[row["wnid"]].names)
+        assert row["office31"] in OFFICE31_CATEGORIES, row
     found = resolve_classes("@office31", imagenet_pool)
     assert sorted(wnids(found)) == sorted(r["wnid"] for r in rows)
     # The preset's "mouse" and "monitor" are the devices, "screen" is the CRT screen.
@@ -125,11 +134,27 @@ def test_office31_preset_has_42_unique_classes_each_entry_naming_exactly_one(ima
     assert picked["screen"] == "n04152593"
 
 
+def test_office31_preset_holds_the_imagenet_classes_that_are_office31_categories_outright():
+    category = {r["wnid"]: r["office31"] for r in preset_entries("office31")}
+    assert {w: category.get(w) for w in ("n02747177", "n02769748", "n02783161", "n03337140", "n04118776")} == {
+        "n02747177": "trash_can",  # ashcan
+        "n02769748": "back_pack",  # backpack
+        "n02783161": "pen",  # ballpoint pen
+        "n03337140": "file_cabinet",  # file cabinet
+        "n04118776": "ruler",  # rule
+    }
+    # ImageNet's "notebook" is the notebook computer: a laptop, not a paper notebook
+    assert category["n03832673"] == "laptop_computer" and category["n03642806"] == "laptop_computer"
+    assert [w for w, c in category.items() if c == "paper_notebook"] == ["n06596364"]  # comic book
+    # every category ImageNet-1k has a class for is covered; these four it has none for
+    assert set(OFFICE31_CATEGORIES) - set(category.values()) == {"punchers", "scissors", "stapler", "tape_dispenser"}
+
+
 def test_preset_file_is_plain_json_list():
     from importlib.resources import files
 
     data = json.loads((files("filterx") / "data" / "office31_imagenet.json").read_text())
-    assert isinstance(data, list) and set(data[0]) == {"entry", "wnid", "name"}
+    assert isinstance(data, list) and all(set(row) == {"entry", "wnid", "name", "office31"} for row in data)
     with pytest.raises(ValueError, match="office31"):
         preset_entries("office32")
 

@@ -177,9 +177,26 @@ def test_hard_classes_count_bounds(count):
 
 
 def test_random_control_draws_only_from_classes_outside_the_named_set(pool):
-    # Naming classes 0-19 leaves exactly 20 classes with images (20-39), so a control drawn
-    # from the complement must be those; a draw from all classes would almost surely overlap.
+    # Naming classes 0-19 (class 7 has no image: 19 removed) leaves 20 classes with images
+    # (20-39), so a control drawn from the complement must be 19 of those; a draw from all
+    # classes would almost surely overlap.
     spec = ",".join(POOL_WNIDS[:20])
     out = run_scorer("class-mask", pool, seed=3, classes=spec, random_control=True)
-    assert out.attrs["masked_indices"] == list(range(20, 40))
-    assert [r["entry"] for r in out.tables["masked_classes"]] == ["random control"] * 20
+    assert len(out.attrs["masked_indices"]) == 19 and set(out.attrs["masked_indices"]) < set(range(20, 40))
+    assert [r["entry"] for r in out.tables["masked_classes"]] == ["random control"] * 19
+
+
+def test_random_control_removes_as_many_classes_as_the_named_ones_with_images(pool):
+    # A named class with no image removes nothing, so the control must not draw one for it.
+    empty = pool.source_classes[EMPTY_CLASS].wnid
+    spec = f"coffee mug, computer keyboard, {empty}"
+    named = run_scorer("class-mask", pool, classes=spec)
+    assert (named.scores == MASKED_SCORE).sum() == 10 and named.attrs["num_masked_images"] == 10
+    for seed in range(5):
+        control = run_scorer("class-mask", pool, seed=seed, classes=spec, random_control=True)
+        masked = control.attrs["masked_indices"]
+        assert len(masked) == 2 and not set(masked) & {4, 8, EMPTY_CLASS}
+        assert (control.scores == MASKED_SCORE).sum() == 10 and control.attrs["num_masked_images"] == 10
+    # only named classes without images: the treatment removes nothing, and so does its control
+    nothing = run_scorer("class-mask", pool, seed=0, classes=empty, random_control=True)
+    assert nothing.attrs["masked_indices"] == [] and (nothing.scores == KEPT_SCORE).all()

@@ -1,9 +1,25 @@
+import json
+import shutil
+
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from filterx.cli import main
 from filterx.select import budget_count, infer_format, rank_ids, select_ids
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("filterx"), err
+    return lines[0]
 
 
 def test_rank_order_ties_and_nan():
@@ -58,3 +74,129 @@ def test_selection_properties(values, fraction, cap):
     # nothing left out that beats a selected sample of a class under its cap
     plain = select_ids(s, fraction=fraction)
     assert len(plain) == k and set(plain.tolist()) == set(rank_ids(s)[:k].tolist())
+
+
+def test_per_class_cap_leaves_unlabelled_samples_uncapped():
+    s = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    # an unlabelled pool: label -1 is no class, so the cap takes nothing away
+    assert select_ids(s, count=5, labels=np.full(6, -1), per_class_cap=1).tolist() == [0, 1, 2, 3, 4]
+    labels = np.array([-1, 0, -1, 0, 1, -1])
+    assert select_ids(s, count=6, labels=labels, per_class_cap=1).tolist() == [0, 1, 2, 4, 5]
+    assert select_ids(s, count=4, labels=labels, per_class_cap=1).tolist() == [0, 1, 2, 4]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.floats(-5, 5, width=32), min_size=1, max_size=60), st.integers(1, 60), st.integers(1, 4))
+def test_per_class_cap_property_with_unlabelled(values, count, cap):
+    s = np.array(values, dtype=np.float32)
+    labels = np.arange(len(s)) % 4 - 1  # -1, 0, 1, 2, -1, ...
+    count = min(count, len(s))
+    sel = select_ids(s, count=count, labels=labels, per_class_cap=cap)
+    assert (np.bincount(labels[sel][labels[sel] >= 0], minlength=3) <= cap).all()
+    # every unlabelled sample ranked above the cut is kept: the cap never drops one
+    ranked = rank_ids(s)
+    last = np.flatnonzero(ranked == sel[-1])[0]
+    unlabelled_above = set(ranked[: last + 1][labels[ranked[: last + 1]] < 0].tolist())
+    assert unlabelled_above <= set(sel.tolist())
+
+
+def test_per_class_cap_on_an_unlabelled_pool_keeps_the_budget(image_folder, tmp_path):
+    from filterx.dataset import Dataset
+    from filterx.score import write_scores
+    from filterx.select import SelectConfig, select
+    from filterx.shard import ShardConfig, shard
+
+    paths = sorted(image_folder.glob("class */img_*.jpg"))[:12]
+    (tmp_path / "list.txt").write_text("".join(f"{p}\n" for p in paths))  # no labels: all -1
+    shard(ShardConfig(tmp_path / "list.txt", tmp_path / "pool", shard_size=5, workers=1, quiet=True))
+    ds = Dataset.open(tmp_path / "pool")
+    assert (ds.labels == -1).all() and ds.num_samples == 12
+    write_scores(ds, "s", -np.arange(12, dtype=np.float32), {"method": "test"})
+    s = select(SelectConfig(tmp_path / "pool", "s", tmp_path / "m.npy", count=8, per_class_cap=2))
+    assert s.selected == 8 and np.load(tmp_path / "m.npy").tolist() == list(range(8))
+    assert s.warnings == ()
+
+
+def test_nan_threshold_is_refused():
+    with pytest.raises(ValueError, match="--threshold must be a number, got nan"):
+        select_ids(np.arange(5.0), threshold=float("nan"))
+
+
+# ---------------------------------------------------------------- the select stage and command
+
+
+@pytest.fixture()
+def scored(dataset_dir, tmp_path):
+    """A copy of dataset_dir with scores "s" (0.1 * id, highest 2.6) and "unscored" (all NaN)."""
+    from filterx.dataset import Dataset
+    from filterx.score import write_scores
+
+    src = tmp_path / "src"
+    shutil.copytree(dataset_dir, src)
+    ds = Dataset.open(src)
+    write_scores(ds, "s", (np.arange(ds.num_samples) * 0.1).astype(np.float32), {"method": "test"})
+    write_scores(ds, "unscored", np.full(ds.num_samples, np.nan, np.float32), {"method": "test"})
+    return src
+
+
+def test_nan_threshold_is_one_line(scored, tmp_path):
+    code, _, err = run("select", "--source", scored, "--method", "s", "--threshold", "nan", "-o", tmp_path / "m.jsonl")
+    line = one_line(err)
+    assert code == 2 and "--threshold must be a number, got nan" in line
+    assert not (tmp_path / "m.jsonl").exists()
+
+
+@pytest.mark.parametrize("args, reason", [
+    (["--method", "s", "--threshold", "1e9"], "threshold 1e+09 is above the highest score 2.6; nothing selected"),
+    (["--method", "s", "--threshold", "inf"], "threshold inf is above the highest score 2.6; nothing selected"),
+    (["--method", "s", "--fraction", "0.01"],
+     "fraction 0.01 of the 27 scored samples rounds to 0 samples; nothing selected"),
+    (["--method", "unscored", "--fraction", "0.5"], "no sample is scored (all 27 scores are NaN); nothing selected"),
+])
+def test_a_budget_that_selects_nothing_warns_why(scored, tmp_path, args, reason):
+    out = tmp_path / "m.jsonl"
+    code, stdout, err = run("select", "--source", scored, *args, "-o", out, "--json")
+    assert code == 0, err
+    method = args[1]
+    warning = f"scores {method!r}: {reason}"
+    assert [line for line in err.splitlines() if line.startswith("WARNING")] == [f"WARNING filterx.select: {warning}"]
+    summary = json.loads(stdout)
+    assert summary["selected"] == 0 and summary["warnings"] == [warning]
+    lines = out.read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["count"] == 0
+
+
+def test_a_budget_that_selects_something_does_not_warn(scored, tmp_path):
+    code, stdout, err = run("select", "--source", scored, "--method", "s", "--threshold", "2.55",
+                            "-o", tmp_path / "m.jsonl", "--json")
+    assert code == 0 and "WARNING" not in err
+    summary = json.loads(stdout)
+    assert summary["selected"] == 1 and summary["warnings"] == []
+
+
+def test_a_locked_output_is_named_in_the_error(scored, tmp_path):
+    from filterx import atomic
+    from filterx.select import SelectConfig, select
+
+    out = tmp_path / "out" / "m.jsonl"
+    with atomic.run_lock(out.parent, f"select-{out.name}"):  # as a select in another process would
+        with pytest.raises(atomic.LockedError) as exc:
+            select(SelectConfig(scored, "s", out, count=3))
+        assert str(exc.value).startswith(f"{out} is being written by another filterx select in process ")
+        code, _, err = run("select", "--source", scored, "--method", "s", "--count", 3, "-o", out)
+        assert code == 2 and one_line(err).startswith(f"filterx: error: {out} is being written by")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name, fmt", [("m.jsonl", None), ("m.npy", None), ("m.txt", None), ("subset", "jsonl")])
+def test_output_naming_an_existing_directory_for_a_file_format_is_one_line(scored, tmp_path, name, fmt):
+    out = tmp_path / "outs" / name
+    out.mkdir(parents=True)
+    (out / "keep.txt").write_text("mine")
+    args = ["--format", fmt] if fmt else []
+    code, _, err = run("select", "--source", scored, "--method", "s", "--count", 3, "-o", out, *args)
+    line = one_line(err)
+    assert code == 2 and f"-o {out} is a directory" in line and "--format wds" in line
+    # nothing written, nothing left behind: no temporaries, no header sidecar, no saved options
+    assert sorted(p.name for p in (tmp_path / "outs").iterdir()) == [name]
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"

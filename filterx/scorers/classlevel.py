@@ -16,13 +16,15 @@ classes; ties among kept images are the selector's to break.
 - ``hard-classes``: the ``count`` classes with the lowest held-out accuracy of a linear probe
   on the pool's embeddings.
 
-Random control (``random_control=True``, both scorers): the same number of classes is drawn,
-seeded by ``seed``, from the pool's classes that are NOT in the named/hard set and have at
-least one image, and those are removed instead. Drawing from the complement (rather than from
-all classes) keeps the control free of the treatment: a draw from all classes would on average
-remove a few of the very classes under study (about 42*42/1000 ~ 1.8 for the Office-31
-preset), mixing the effect being measured into its own baseline. Requiring an image keeps the
-control from removing less data by drawing classes absent from the pool.
+Random control (``random_control=True``, both scorers): as many classes as the treatment
+actually removes (named/hard classes with at least one image; a named class without images
+removes nothing, and every hard class has held-out images) are drawn, seeded by ``seed``,
+from the pool's classes that are NOT in the named/hard set and have at least one image, and
+those are removed instead. Drawing from the complement (rather than from all classes) keeps
+the control free of the treatment: a draw from all classes would on average remove a few of
+the very classes under study (about 47*47/1000 ~ 2.2 for the Office-31 preset), mixing the
+effect being measured into its own baseline. Requiring an image, and not counting named
+classes without one, keeps the control from removing less or more than the treatment.
 """
 
 from __future__ import annotations
@@ -74,8 +76,8 @@ def random_control_classes(
     candidates = np.setdiff1d(np.flatnonzero(np.asarray(counts) > 0), exclude)
     if count > candidates.size:
         raise ValueError(
-            f"random control needs {count} classes outside the {len(exclude)} removed ones "
-            f"with at least one image; only {candidates.size} exist"
+            f"random control needs {count} classes with at least one image outside the "
+            f"{len(exclude)} named or hard ones; only {candidates.size} exist"
         )
     rng = np.random.default_rng(seed)
     return np.sort(rng.choice(candidates, size=count, replace=False)).astype(np.int64)
@@ -301,7 +303,9 @@ def class_mask(
         log.warning("class-mask: %d named class(es) have no image in the pool: %s",
                     len(empty), ", ".join(pool[i].name for i in empty))
     if random_control:
-        masked = random_control_classes(counts, named, len(named), seed=seed)
+        # as many as the treatment removes: a named class without images removes nothing
+        removed = int((counts[named] > 0).sum())
+        masked = random_control_classes(counts, named, removed, seed=seed)
         entries = ["random control"] * len(masked)
     else:
         masked, entries = named, [entry_of[i] for i in named]
@@ -360,6 +364,8 @@ def hard_classes(
     preds = predict_linear(emb[val_idx], weight, bias, device=inputs.device)
     acc = per_class_accuracy(labels[val_idx], preds, num_classes)
     hard = hardest_classes(acc, count)
+    # every hard class has images (a finite held-out accuracy needs a held-out image), so
+    # the treatment removes `count` classes and the control draws as many
     masked = (
         random_control_classes(counts, hard, count, seed=seed) if random_control else np.sort(hard)
     )
