@@ -157,11 +157,12 @@ def worker_init(*_) -> None:
 
 
 @contextlib.contextmanager
-def run_lock(directory: str | os.PathLike, what: str) -> Iterator[None]:
+def run_lock(directory: str | os.PathLike, what: str, output: str | os.PathLike | None = None) -> Iterator[None]:
     """Hold an exclusive lock on ``directory`` for the duration of a writing stage.
 
     A second run writing to the same output fails at once with LockedError instead of
     interleaving its writes with the first. The lock is released when the process dies.
+    ``output``: what the refusal names (default: ``directory``), e.g. the one file written there.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -174,7 +175,7 @@ def run_lock(directory: str | os.PathLike, what: str) -> Iterator[None]:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
             gone = holder.isdigit() and not _alive(int(holder))
             raise LockedError(
-                f"{directory} is being written by {what} in process {holder}; "
+                f"{output or directory} is being written by {what} in process {holder}; "
                 + ("that process has ended and its workers are exiting: retry in a few seconds" if gone
                    else "wait for it to finish or stop it first")
             ) from None

@@ -15,7 +15,6 @@ writes its empty manifest, with a warning saying why (logged, and in the summary
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -193,16 +192,7 @@ def select(cfg: SelectConfig) -> SelectSummary:
                          tuple(warnings))
 
 
-@contextlib.contextmanager
 def _output_lock(out: Path):
-    """The run lock of the manifest ``out`` (a lock file in its directory); when another select
-    holds it, the error names the output, not the directory the lock file lives in."""
-    with contextlib.ExitStack() as stack:
-        try:
-            stack.enter_context(atomic.run_lock(out.parent, f"select-{out.name}"))
-        except atomic.LockedError as exc:
-            _, sep, holder = str(exc).partition(" in process ")
-            if not sep:
-                raise
-            raise atomic.LockedError(f"{out} is being written by another filterx select in process {holder}") from None
-        yield
+    """The run lock of the manifest ``out`` (a lock file in its directory); a refusal names
+    the output, not the directory the lock file lives in."""
+    return atomic.run_lock(out.parent, f"select-{out.name}", output=out)

@@ -182,9 +182,9 @@ def test_a_locked_output_is_named_in_the_error(scored, tmp_path):
     with atomic.run_lock(out.parent, f"select-{out.name}"):  # as a select in another process would
         with pytest.raises(atomic.LockedError) as exc:
             select(SelectConfig(scored, "s", out, count=3))
-        assert str(exc.value).startswith(f"{out} is being written by another filterx select in process ")
+        assert str(exc.value).startswith(f"{out} is being written by select-{out.name} in process ")
         code, _, err = run("select", "--source", scored, "--method", "s", "--count", 3, "-o", out)
-        assert code == 2 and one_line(err).startswith(f"filterx: error: {out} is being written by")
+        assert code == 2 and one_line(err).startswith(f"filterx select: error: {out} is being written by")
     assert not out.exists()
 
 
