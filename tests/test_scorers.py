@@ -27,7 +27,8 @@ def auc(scores, positive):
 
 def test_registry_lists_and_rejects():
     names = list_scorers()
-    assert {"random", "clustering", "domain-cls", "entropy"} <= set(names)
+    # the seven methods of the design, each its own registered scorer
+    assert {"random", "clustering", "domain-cls", "entropy", "influence", "class-mask", "hard-classes"} <= set(names)
     with pytest.raises(ValueError, match="valid methods: .*clustering"):
         get_scorer("clusterin")
     with pytest.raises(ValueError, match="takes no parameter"):
@@ -88,3 +89,48 @@ def test_entropy_matches_softmax_entropy(order):
     np.testing.assert_allclose(res.scores, ref if order == "high" else -ref, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="valid: high, low"):
         run_scorer("entropy", ScoreInputs(num_source=300, source_emb=S, head_weight=W, head_bias=b), order="mid")
+
+
+# ---------------------------------------------------------------- the contract, for every registered scorer
+
+# parameters a scorer cannot run without (every other parameter keeps its default)
+REQUIRED = {"class-mask": {"classes": "c0_0"}, "hard-classes": {"count": 1}}
+
+
+def _contract_inputs(seed=0):
+    """Every input a scorer may need, read-only: pool of 3 blobs x 2 classes; target near blob 0."""
+    from filterx.scorers import ClassInfo
+
+    S, T, which = blobs(seed, n_source=240, n_target=60, d=8)
+    rng = np.random.default_rng(seed)
+    source_labels = (2 * which + rng.integers(0, 2, len(S))).astype(np.int64)
+    arrays = dict(source_emb=S, target_emb=T[:40], target_labels=rng.integers(0, 3, 40).astype(np.int64),
+                  target_val_emb=T[40:], target_val_labels=rng.integers(0, 3, 20).astype(np.int64),
+                  source_labels=source_labels, head_weight=rng.normal(size=(3, 8)).astype(np.float32),
+                  head_bias=np.zeros(3, np.float32))
+    for a in arrays.values():
+        a.flags.writeable = False  # a scorer must not change what it is given
+    classes = tuple(ClassInfo(i, f"c{i // 2}_{i % 2}") for i in range(6))
+    return ScoreInputs(num_source=len(S), source_classes=classes, **arrays)
+
+
+@pytest.mark.parametrize("name", list_scorers())
+def test_every_scorer_keeps_the_contract(name, tmp_path, monkeypatch):
+    from filterx.scorers import check_params
+
+    monkeypatch.chdir(tmp_path)
+    scorer = get_scorer(name)
+    # declared defaults fit their own annotations, so -p values are checked against real types
+    assert check_params(name, {k: v for k, v in scorer.defaults.items() if v is not None}) is not None
+    inputs = _contract_inputs()
+    params = REQUIRED.get(name, {})
+    a = run_scorer(name, inputs, seed=0, **params)
+    b = run_scorer(name, inputs, seed=0, **params)
+    assert a.scores.dtype == np.float32 and a.scores.shape == (inputs.num_source,)
+    assert not np.isnan(a.scores).any()  # every input is valid here, so every sample is scored
+    np.testing.assert_array_equal(a.scores, b.scores)  # deterministic for a seed
+    assert a.scores.std() > 0  # it ranks: a constant score would select by id alone
+    import json
+
+    json.dumps(dict(a.attrs))  # attrs are stored as zarr attrs: JSON only
+    assert list(tmp_path.iterdir()) == []  # no file I/O: the stage writes, not the scorer
