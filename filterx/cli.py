@@ -504,6 +504,11 @@ def info(dataset, quiet, verbose, as_json):
     """What a dataset dir holds: samples, classes, shards, embeddings, score arrays, and the
     options saved by the commands that wrote into it. Reads only; saves no options.
 
+    Each tar's size is checked against its DALI index (no data is read): a truncated or
+    missing tar, or an index that does not match its tar, is listed (DAMAGED / MISSING, and
+    under "damaged_shards" / "missing_tars" with --json), a WARNING line says which shards
+    readers will fail on, and the exit status is 1 (0 when every tar is whole).
+
     \b
     Example:
       filterx info ws/source
@@ -514,8 +519,12 @@ def info(dataset, quiet, verbose, as_json):
     details = dataset_info(dataset)
     if as_json:
         click.echo(json.dumps(plain_json(details.to_dict()), sort_keys=True, allow_nan=False))
+        if not details.healthy:
+            click.echo(f"filterx info: {details.warning()}", err=True)
     else:
         click.echo(details.text())
+    if not details.healthy:
+        click.get_current_context().exit(1)
 
 
 @main.command(short_help="The whole chain on built-in sample data.")
