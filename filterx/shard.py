@@ -1,6 +1,7 @@
 """shard: an ImageFolder tree or a list file -> a dataset dir (filterx.dataset).
 
-Two passes, both parallel over worker processes and both resumable:
+Inputs are listed by ``filterx.shard_inputs`` (the rules for list files are there). Then two
+passes, both parallel over worker processes and both resumable:
 
 1. scan: every input is opened and decoded (at 1/8 scale through libjpeg's DCT scaling, so
    this costs a fraction of a full decode) to find corrupt, truncated and non-image files.
@@ -34,6 +35,7 @@ from filterx import atomic, dataset, tario
 from filterx.faults import crash_point
 from filterx.progress import progress
 from filterx.scorers import ClassInfo
+from filterx.shard_inputs import Inputs, list_file, list_image_folder
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,7 @@ class ShardConfig:
     resize_short: int | None = None
     workers: int = 0  # 0: one per core
     quiet: bool = False
+    num_classes: int | None = None  # list files with integer labels: labels are < this
 
 
 @dataclass(frozen=True)
@@ -71,61 +74,6 @@ class ShardSummary:
             f"{self.skipped} bad inputs, re-encoded {self.reencoded}{empty}; "
             f"report: {self.out / dataset.SHARD_REPORT}"
         )
-
-
-# ---------------------------------------------------------------- inputs
-
-
-def list_image_folder(src: Path) -> tuple[list[tuple[str, int]], list[str]]:
-    """Files of an ImageFolder tree as (relative path, label) and the sorted class folders.
-
-    Every regular, non-hidden file is an input: whether it is an image is decided by the
-    scan, so that non-images are reported rather than silently ignored.
-    """
-    classes = sorted(p.name for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise ValueError(f"{src} has no class sub-folders; expected SRC/<class>/<image> files")
-    items = []
-    for label, cls in enumerate(classes):
-        for root, dirs, files in os.walk(src / cls):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for f in sorted(files):
-                if not f.startswith("."):
-                    items.append((os.path.relpath(os.path.join(root, f), src), label))
-    return items, classes
-
-
-def list_file(src: Path) -> tuple[list[tuple[str, int]], list[str], Path]:
-    """Parse a list file of ``path[,label]`` lines (``#`` comments, blank lines ignored).
-
-    Labels may be integers (class names are then the integers) or class names (sorted to
-    indexes). Paths are relative to the list file's directory unless absolute. Returns the
-    items, the class names and the root that relative paths refer to.
-    """
-    root = src.parent
-    rows = []
-    for n, line in enumerate(src.read_text(encoding="utf-8").splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        path, sep, label = line.rpartition(",") if "," in line else (line, "", "")
-        rows.append((path.strip(), label.strip() if sep else None, n))
-    if not rows:
-        raise ValueError(f"list file {src} holds no paths")
-    given = [r[1] for r in rows if r[1] is not None]
-    if len(given) not in (0, len(rows)):
-        raise ValueError(f"list file {src}: give a label on every line or on none")
-    if not given:
-        return [(p, -1) for p, _, _ in rows], [], root
-    if all(g.lstrip("-").isdigit() for g in given):
-        labels = [int(g) for g in given]
-        if min(labels) < 0:
-            raise ValueError(f"list file {src}: negative label {min(labels)}")
-        classes = [str(i) for i in range(max(labels) + 1)]
-        return [(p, lab) for (p, _, _), lab in zip(rows, labels)], classes, root
-    classes = sorted(set(given))
-    to_index = {c: i for i, c in enumerate(classes)}
-    return [(p, to_index[g]) for p, g, _ in rows], classes, root
 
 
 # ---------------------------------------------------------------- scan
@@ -260,31 +208,43 @@ def shard(cfg: ShardConfig) -> ShardSummary:
         raise ValueError(f"shard size must be >= 1, got {cfg.shard_size}")
     if cfg.resize_short is not None and cfg.resize_short < 8:
         raise ValueError(f"--resize-short must be >= 8 pixels, got {cfg.resize_short}")
+    if cfg.num_classes is not None and cfg.num_classes < 1:
+        raise ValueError(f"--num-classes must be >= 1, got {cfg.num_classes}")
     if src.is_dir():
-        items, class_names = list_image_folder(src)
-        root = src
+        if cfg.num_classes is not None:
+            raise ValueError(f"--num-classes is for list files with integer labels; {src} is an ImageFolder "
+                             "tree, whose classes are its sub-folders")
+        inputs = list_image_folder(src)
     else:
-        items, class_names, root = list_file(src)
-    workers = cfg.workers or os.cpu_count() or 1
+        inputs = list_file(src, cfg.num_classes)
+    return _shard(cfg, src, out, inputs, t0)
 
+
+def _shard(cfg: ShardConfig, src: Path, out: Path, inputs: Inputs, t0: float) -> ShardSummary:
+    items, class_names, root = inputs.items, inputs.class_names, inputs.root
+    workers = cfg.workers or os.cpu_count() or 1
     with atomic.run_lock(out, "shard"):
         work = out / WORK
         settings = {"src": str(src.resolve()), "n": len(items), "shard_size": cfg.shard_size,
                     "resize_short": cfg.resize_short}
+        if cfg.num_classes is not None:
+            settings["num_classes"] = cfg.num_classes
         _check_settings(out, work, settings)
 
         statuses = _scan(items, root, work, cfg.shard_size, workers, cfg.quiet)
         good = [i for i, (st, _) in enumerate(statuses) if st != "bad"]
-        bad = [{"path": items[i][0], "reason": r} for i, (st, r) in enumerate(statuses) if st == "bad"]
+        bad = inputs.skipped + [{"path": items[i][0], "reason": r}
+                                for i, (st, r) in enumerate(statuses) if st == "bad"]
         if not good:
-            raise ValueError(f"no readable images under {src} ({len(bad)} inputs, all bad)")
+            raise ValueError(f"no readable images under {src} ({len(items)} inputs, all bad)")
         chunks = [good[i : i + cfg.shard_size] for i in range(0, len(good), cfg.shard_size)]
 
-        (out / dataset.SHARDS).mkdir(parents=True, exist_ok=True)
-        atomic.clean_stale_tmp(out / dataset.SHARDS)
+        shards_dir = out / dataset.SHARDS
+        shards_dir.mkdir(parents=True, exist_ok=True)
+        atomic.clean_stale_tmp(shards_dir)
         jobs, first = [], 0
         for s, chunk in enumerate(chunks):
-            path = out / dataset.SHARDS / f"{dataset.shard_name(s)}.tar"
+            path = shards_dir / f"{dataset.shard_name(s)}.tar"
             if not _shard_complete(path, len(chunk)):
                 jobs.append(_ShardJob(path, root, first, [items[i][0] for i in chunk],
                                       [items[i][1] for i in chunk], class_names,

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import tarfile
 
 import numpy as np
@@ -73,8 +74,9 @@ def test_list_file_with_names_and_a_missing_path(image_folder, tmp_path):
     files = sorted(p for p in (image_folder / "class 0 é").glob("img_*.jpg"))[:3]
     lines = [f"{p},mug" for p in files] + [f"{files[0]},cup", "does/not/exist.jpg,cup", "# comment", ""]
     lst.write_text("\n".join(lines))
-    items, classes, _ = list_file(lst)
-    assert classes == ["cup", "mug"] and len(items) == 5
+    inputs = list_file(lst)
+    assert inputs.class_names == ["cup", "mug"] and len(inputs.items) == 5
+    assert [lab for _, lab in inputs.items] == [1, 1, 1, 0, 0]
     s = shard(ShardConfig(lst, tmp_path / "out", workers=1, quiet=True))
     assert s.num_samples == 4 and s.skipped == 1
     report = json.loads((tmp_path / "out" / "shard_report.json").read_text())
@@ -120,3 +122,110 @@ def test_truncated_tar_is_detected_and_missing_index_rebuilt(dataset_copy):
     tar.write_bytes(tar.read_bytes()[:1500])
     with pytest.raises(ValueError, match="not a complete tar"):
         tario.scan_tar(tar)
+
+
+# ---------------------------------------------------------------- list file labels
+
+
+def _list(tmp_path, *lines: str):
+    lst = tmp_path / "list.txt"
+    lst.write_text("\n".join(lines) + "\n")
+    return lst
+
+
+def test_list_file_integer_labels_far_beyond_the_lines_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"line 2: label 99999999 is >= the number of labelled lines \(3\).*--num-classes"):
+        list_file(_list(tmp_path, "a.jpg,0", "b.jpg,99999999", "c.jpg,1"))
+    with pytest.raises(ValueError, match="line 3: label 5000"):
+        list_file(_list(tmp_path, "# c", "a.jpg,0", "b.jpg,5000", "c.jpg,1"))
+    ok = list_file(_list(tmp_path, "a.jpg,0", "b.jpg,2", "c.jpg,1"))
+    assert ok.class_names == ["0", "1", "2"] and [lab for _, lab in ok.items] == [0, 2, 1]
+
+
+def test_list_file_num_classes_allows_high_labels_below_it(tmp_path):
+    lst = _list(tmp_path, "a.jpg,0", "b.jpg,999", "c.jpg,7")
+    got = list_file(lst, num_classes=1000)
+    assert len(got.class_names) == 1000 and got.class_names[999] == "999"
+    assert [lab for _, lab in got.items] == [0, 999, 7]
+    with pytest.raises(ValueError, match=r"line 2: label 999 is not < --num-classes 500"):
+        list_file(lst, num_classes=500)
+    with pytest.raises(ValueError, match="--num-classes 3 applies to integer labels"):
+        list_file(_list(tmp_path, "a.jpg,cat", "b.jpg,dog"), num_classes=3)
+
+
+@pytest.mark.parametrize("lines, message", [
+    (["a.jpg,1", "b.jpg,2", "c.jpg,1O", "d.jpg,3"], r"line 3: label '1O' is a class name, but 3 lines have integer"),
+    (["a.jpg,1", "b.jpg,1.5", "c.jpg,0"], r"line 2: label '1.5' is a number but not a class index"),
+    (["a.jpg,1", "b.jpg,-1", "c.jpg,0"], r"line 2: label '-1' is a negative number"),
+    (["a.jpg,cat", "b.jpg,dog", "c.jpg,-1"], r"line 3: label '-1' is a number, but 2 lines have class names"),
+    (["a.jpg,cat", "b.jpg,7", "c.jpg,dog"], r"line 2: label '7' is an integer, but 2 lines have class names"),
+    (["a.jpg,1", "b.jpg,", "c.jpg,0"], r"line 2: empty label after the comma"),
+    (["a.jpg,1", "b.jpg", "c.jpg,0"], r"line 2: no label, unlike line 1"),
+])
+def test_list_file_bad_labels_name_the_line(tmp_path, lines, message):
+    with pytest.raises(ValueError, match=message) as e:
+        list_file(_list(tmp_path, *lines))
+    assert "\n" not in str(e.value) and str(tmp_path / "list.txt") in str(e.value)
+
+
+def test_list_file_header_line_is_skipped(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="filterx.shard_inputs"):
+        got = list_file(_list(tmp_path, "# made by a script", "Path,Label", "a.jpg,cat", "b.jpg,dog"))
+    assert got.class_names == ["cat", "dog"] and got.items == [("a.jpg", 0), ("b.jpg", 1)]
+    assert "line 2 ('Path,Label') is a header; skipped" in caplog.text
+    assert list_file(_list(tmp_path, "filename,class", "a.jpg,3", "b.jpg,0", "c.jpg,1", "d.jpg,2")).class_names == \
+        ["0", "1", "2", "3"]
+    # only the first line can be a header: later it is a path with a class name among integers
+    with pytest.raises(ValueError, match="line 2: label 'label' is a class name"):
+        list_file(_list(tmp_path, "a.jpg,0", "path,label", "b.jpg,1"))
+
+
+def test_shard_cli_num_classes_and_bad_labels(image_folder, tmp_path):
+    from click.testing import CliRunner
+
+    from filterx.cli import main
+
+    files = sorted((image_folder / "class 0 é").glob("img_*.jpg"))[:3]
+    lst = _list(tmp_path, *(f"{p},{lab}" for p, lab in zip(files, (0, 9, 4))))
+    r = CliRunner().invoke(main, ["shard", str(lst), str(tmp_path / "no"), "-q"])
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "label 9" in r.stderr and "--num-classes" in r.stderr
+    assert not (tmp_path / "no").exists()
+    r = CliRunner().invoke(main, ["shard", str(lst), str(tmp_path / "yes"), "--num-classes", "10", "--workers", "1",
+                                  "-q", "--json"])
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["num_classes"] == 10
+    ds = Dataset.open(tmp_path / "yes")
+    assert ds.num_classes == 10 and ds.labels.tolist() == [0, 9, 4]
+    r = CliRunner().invoke(main, ["shard", str(image_folder), str(tmp_path / "f"), "--num-classes", "3", "-q"])
+    assert r.exit_code == 2 and "is for list files with integer labels" in r.stderr
+
+
+# ---------------------------------------------------------------- folders
+
+
+def test_folder_symlink_loops_are_reported(image_folder, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(image_folder / "class 0 é", src / "a")
+    (src / "a" / "sub").mkdir()
+    shutil.copy(image_folder / "class 0 é" / "img_00.jpg", src / "a" / "sub" / "x.jpg")
+    os.symlink("..", src / "a" / "sub" / "up")              # a loop: back to the class folder
+    os.symlink("sub", src / "a" / "zz_again")               # the same folder a second time
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(image_folder / "class 0 é" / "img_01.jpg", tmp_path / "elsewhere" / "y.jpg")
+    (src / "b").mkdir()
+    os.symlink(tmp_path / "elsewhere", src / "b" / "linked")  # a folder outside the tree: followed
+    s = shard(ShardConfig(src, tmp_path / "out", workers=1, quiet=True))
+    report = json.loads((tmp_path / "out" / "shard_report.json").read_text())
+    assert {r["path"]: r["reason"] for r in report["skipped_inputs"]} == {
+        "a/sub/up": "directory symlink loop: leads back to 'a', already listed; not followed",
+        "a/zz_again": "same folder as 'a/sub', already listed; not followed",
+    }
+    ds = Dataset.open(tmp_path / "out")
+    originals = sorted(p.name for p in (image_folder / "class 0 é").iterdir())
+    assert sorted(ds.paths) == sorted([f"a/{n}" for n in originals] + ["a/sub/x.jpg", "b/linked/y.jpg"])
+    assert s.skipped == 2 and report["skipped"] == 2
+
+
+
