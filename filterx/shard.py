@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import os
+import re
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -96,10 +97,21 @@ def inspect_image(data: bytes) -> tuple[str, str]:
                 im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
             im.load()
     except Exception as exc:  # PIL raises many types for bad data; all mean "unreadable"
-        return "bad", f"unreadable image ({type(exc).__name__}: {exc})"
+        return "bad", f"unreadable image ({_plain_reason(exc)})"
     if fmt == "JPEG" and mode in ("RGB", "L"):
         return "copy", ""
     return "reencode", f"{fmt} {mode}"
+
+
+_OBJECT_REPR = re.compile(r"\s*<[^<>]*\bat 0x[0-9a-fA-F]+>")
+
+
+def _plain_reason(exc: BaseException) -> str:
+    """``Type: message`` without the reprs of in-memory objects PIL puts in some messages
+    ("cannot identify image file <_io.BytesIO object at 0x7f...>"): a report line must not
+    change from one run to the next."""
+    text = _OBJECT_REPR.sub("", str(exc)).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _scan_chunk(args: tuple[Path, list[str]]) -> list[tuple[str, str]]:
@@ -126,7 +138,7 @@ def encode_jpeg(data: bytes, resize_short: int | None) -> bytes:
         if resize_short and im.format == "JPEG":
             # DCT-domain downscale first (exact enough: the final resize is done below).
             im.draft("RGB", (resize_short, resize_short))
-        im = im.convert("RGB")
+        im = to_8bit(im).convert("RGB")
         if resize_short and min(im.size) > resize_short:
             w, h = im.size
             s = resize_short / min(w, h)
@@ -134,6 +146,36 @@ def encode_jpeg(data: bytes, resize_short: int | None) -> bytes:
         buf = io.BytesIO()
         im.save(buf, format="JPEG", quality=JPEG_QUALITY)
         return buf.getvalue()
+
+
+def to_8bit(im):
+    """A PIL image whose samples are wider than 8 bits (modes I;16*, I, F) as mode L, scaled;
+    other images unchanged. PIL's own conversion clips such samples at 255 (a 16-bit gradient
+    turns almost white), so:
+
+    - I;16, I;16B, ... (16-bit): ``value >> 8``;
+    - I (32-bit integers) and F (floats), by their range: floats within 0..1 are scaled by
+      255, values within 0..255 kept, within 0..65535 taken as 16-bit (``>> 8``), anything
+      else stretched from min..max to 0..255.
+    """
+    from PIL import Image
+
+    if not (im.mode.startswith("I") or im.mode == "F"):
+        return im
+    a = np.asarray(im)
+    if im.mode.startswith("I;16"):
+        return Image.fromarray((a.astype(np.uint16) >> 8).astype(np.uint8), "L")
+    a = np.nan_to_num(a.astype(np.float64))
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if im.mode == "F" and lo >= 0 and hi <= 1:
+        out = a * 255
+    elif lo >= 0 and hi <= 255:
+        out = a
+    elif lo >= 0 and hi <= 65535:
+        out = np.floor(a / 256)
+    else:
+        out = (a - lo) * (255 / max(hi - lo, 1e-12))
+    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), "L")
 
 
 @dataclass(frozen=True)

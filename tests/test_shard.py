@@ -202,7 +202,54 @@ def test_shard_cli_num_classes_and_bad_labels(image_folder, tmp_path):
     assert r.exit_code == 2 and "is for list files with integer labels" in r.stderr
 
 
-# ---------------------------------------------------------------- folders
+# ---------------------------------------------------------------- images and reports
+
+
+def _gradient16(width=256, height=32) -> np.ndarray:
+    return np.tile(np.linspace(0, 65535, width).round().astype(np.uint16), (height, 1))
+
+
+def test_16_bit_png_keeps_its_brightness(tmp_path):
+    import io
+
+    src = tmp_path / "src"
+    (src / "deep").mkdir(parents=True)
+    Image.fromarray(_gradient16()).save(src / "deep" / "gradient.png")
+    assert Image.open(src / "deep" / "gradient.png").mode == "I;16"
+    shard(ShardConfig(src, tmp_path / "out", workers=1, quiet=True))
+    (sample,) = wds.WebDataset(str(Dataset.open(tmp_path / "out").shard_path(0)), shardshuffle=False)
+    out = np.asarray(Image.open(io.BytesIO(sample["jpg"])).convert("L"), dtype=np.float64)
+    assert out.mean() == pytest.approx(127.5, abs=2)
+    row = out.mean(axis=0)  # still a gradient from black to white, not clipped
+    assert row[:8].mean() < 8 and row[-8:].mean() > 247 and abs(row[128] - 128) < 4
+
+
+@pytest.mark.parametrize("make, mode", [
+    (lambda g: g.astype(">u2"), "I;16B"),
+    (lambda g: g.astype(np.int32), "I"),                    # 16-bit values in a 32-bit image
+    (lambda g: (g.astype(np.int32) >> 8), "I"),             # 8-bit values in a 32-bit image
+    (lambda g: g.astype(np.int32) * 1000 - 7, "I"),         # beyond 16 bits: by its range
+    (lambda g: g.astype(np.float32) / 65535, "F"),          # floats in 0..1
+])
+def test_wide_samples_are_scaled_to_8_bits(tmp_path, make, mode):
+    import io
+
+    from filterx.shard import encode_jpeg
+
+    im = Image.fromarray(make(_gradient16()))
+    buf = io.BytesIO()
+    im.save(buf, format="TIFF")
+    assert Image.open(io.BytesIO(buf.getvalue())).mode == mode
+    out = np.asarray(Image.open(io.BytesIO(encode_jpeg(buf.getvalue(), None))).convert("L"), dtype=np.float64)
+    assert out.mean() == pytest.approx(127.5, abs=2)
+
+
+def test_skip_reasons_hold_no_object_addresses(dataset_dir):
+    report = json.loads((dataset_dir / "shard_report.json").read_text())
+    reasons = [r["reason"] for r in report["skipped_inputs"]]
+    assert all(" at 0x" not in r and "<" not in r for r in reasons), reasons
+    bad = {r["path"]: r["reason"] for r in report["skipped_inputs"]}
+    assert bad["class 2 é/notes.jpg"] == "unreadable image (UnidentifiedImageError: cannot identify image file)"
 
 
 def test_folder_symlink_loops_are_reported(image_folder, tmp_path):
