@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 
 WORK = ".work"
 JPEG_QUALITY = 90
+# A killed run's workers exit within about a second of it (filterx.atomic.worker_init); a
+# re-run waits this long at most for them before it clears their temporaries.
+ORPHAN_WAIT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -294,6 +297,10 @@ def _shard(cfg: ShardConfig, src: Path, out: Path, inputs: Inputs, t0: float) ->
             first += len(chunk)
         for _ in _map(_write_shard, jobs, workers, "shard: write", [len(j.rels) for j in jobs], cfg.quiet):
             crash_point("shard.tar")
+        # Again, now that every tar is written: the workers of a killed run outlive it by up to
+        # a second, so at the first clean some were still writing, and they left temporaries of
+        # tars that no write of this run replaces.
+        _clean_orphans(shards_dir)
 
         classes = _class_infos(class_names)
         labels = np.array([items[i][1] for i in good], dtype=np.int64)
@@ -308,7 +315,18 @@ def _shard(cfg: ShardConfig, src: Path, out: Path, inputs: Inputs, t0: float) ->
                   "skipped_inputs": bad}
         atomic.write_text(out / dataset.SHARD_REPORT, json.dumps(report, indent=1, ensure_ascii=False))
         atomic.remove(work)
+        _clean_orphans(out)
     return summary
+
+
+def _clean_orphans(directory: Path) -> None:
+    """Remove the temporaries a killed run left in ``directory``, waiting (a bounded time) for
+    its workers to exit first: under the run lock, no live writer of this output remains."""
+    atomic.clean_stale_tmp(directory, wait=ORPHAN_WAIT_S)
+    left = sorted(p.name for p in directory.iterdir() if atomic.TMP_MARK in p.name)
+    if left:
+        log.warning("%s: temporaries of processes that are still running after %.0fs, left in place: %s",
+                    directory, ORPHAN_WAIT_S, ", ".join(left[:5]) + (" ..." if len(left) > 5 else ""))
 
 
 def _check_settings(out: Path, work: Path, settings: dict) -> None:

@@ -275,4 +275,63 @@ def test_folder_symlink_loops_are_reported(image_folder, tmp_path):
     assert s.skipped == 2 and report["skipped"] == 2
 
 
+# ---------------------------------------------------------------- kills
 
+
+def _cli(*args, crash: str | None = None):
+    import subprocess
+    import sys
+
+    from filterx.faults import ENV
+
+    env = {k: v for k, v in os.environ.items() if k != ENV}
+    env["OMP_NUM_THREADS"] = "1"
+    if crash:
+        env[ENV] = crash
+    return subprocess.run([sys.executable, "-m", "filterx", *map(str, args), "-q"], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def _temporaries(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if ".tmp-" in p.name)
+
+
+def test_rerun_after_a_kill_removes_every_abandoned_temporary(image_folder, tmp_path):
+    import subprocess
+
+    from filterx.faults import CRASH_EXIT
+
+    out = tmp_path / "ds"
+    args = ["shard", image_folder, out, "--shard-size", "5", "--workers", "1"]
+    assert _cli(*args, crash="commit:11").returncode == CRASH_EXIT  # killed with a tar under its temporary name
+    assert any(t.startswith("shards/") for t in _temporaries(out))
+    # The workers of a killed run outlive it for up to a second: temporaries whose writer is
+    # still alive when the re-run starts, of a tar the re-run writes and of one it keeps.
+    exiting = subprocess.Popen(["sleep", "1.5"])
+    for name in ("000004.tar", "000000.idx"):
+        (out / "shards" / f"{name}.tmp-{exiting.pid}").write_bytes(b"half a tar")
+    proc = _cli(*args)
+    exiting.wait()
+    assert proc.returncode == 0, proc.stderr
+    assert _temporaries(out) == []
+    assert Dataset.open(out).num_samples == GOOD_IMAGES
+
+
+def test_temporaries_of_live_processes_are_left_alone(image_folder, tmp_path, monkeypatch, caplog):
+    import subprocess
+
+    import filterx.shard as shard_module
+
+    monkeypatch.setattr(shard_module, "ORPHAN_WAIT_S", 0.2)
+    out = tmp_path / "ds"
+    (out / "shards").mkdir(parents=True)
+    alive = subprocess.Popen(["sleep", "60"])
+    try:
+        tmp = out / "shards" / f"000001.tar.tmp-{alive.pid}"
+        tmp.write_bytes(b"being written")
+        shard(ShardConfig(image_folder, out, shard_size=5, workers=1, quiet=True))
+        assert tmp.read_bytes() == b"being written"
+        assert f"000001.tar.tmp-{alive.pid}" in caplog.text and "still running" in caplog.text
+    finally:
+        alive.kill()
+        alive.wait()
