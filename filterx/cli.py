@@ -111,10 +111,15 @@ def shard(src, out, shard_size, resize_short, workers, num_classes, quiet, verbo
       filterx shard ~/data/imagenet/train ws/source --shard-size 1000
       filterx shard train_list.txt ws/source --num-classes 1000
     """
-    from filterx.shard import ShardConfig, shard as run
+    from filterx.shard import NO_ROOM, ShardConfig, shard as run
 
     setup(quiet, verbose)
-    summary = run(ShardConfig(src, out, shard_size, resize_short, workers, quiet, num_classes))
+    try:
+        summary = run(ShardConfig(src, out, shard_size, resize_short, workers, quiet, num_classes))
+    except OSError as exc:
+        if exc.errno not in NO_ROOM:
+            raise
+        raise ValueError(exc.strerror) from None  # a full or read-only disk: one line, like a bad value
     finish(summary, as_json, inside(out, "shard"))
 
 

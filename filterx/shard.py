@@ -18,6 +18,7 @@ and shards that were not finished.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
@@ -45,6 +46,9 @@ JPEG_QUALITY = 90
 # A killed run's workers exit within about a second of it (filterx.atomic.worker_init); a
 # re-run waits this long at most for them before it clears their temporaries.
 ORPHAN_WAIT_S = 10.0
+# Write failures that no retry fixes: the user has to make room (or choose another OUT).
+NO_ROOM = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+           errno.EROFS: "the file system is read-only"}
 
 
 @dataclass(frozen=True)
@@ -249,6 +253,9 @@ def shard(cfg: ShardConfig) -> ShardSummary:
     src, out = Path(cfg.src).expanduser(), Path(cfg.out).expanduser()
     if not src.exists():
         raise FileNotFoundError(f"source {str(src)!r} does not exist")
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"output {str(out)!r} exists and is not a directory; OUT must be a new "
+                                 "directory (or the dataset dir of a killed shard run, to resume it)")
     if cfg.shard_size < 1:
         raise ValueError(f"shard size must be >= 1, got {cfg.shard_size}")
     if cfg.resize_short is not None and cfg.resize_short < 8:
@@ -262,7 +269,14 @@ def shard(cfg: ShardConfig) -> ShardSummary:
         inputs = list_image_folder(src)
     else:
         inputs = list_file(src, cfg.num_classes)
-    return _shard(cfg, src, out, inputs, t0)
+    try:
+        return _shard(cfg, src, out, inputs, t0)
+    except OSError as exc:
+        if exc.errno not in NO_ROOM:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise OSError(exc.errno, f"cannot write to {out}: {NO_ROOM[exc.errno]}{where}; make room or choose "
+                                 "another OUT, then re-run: finished shards are kept") from None
 
 
 def _shard(cfg: ShardConfig, src: Path, out: Path, inputs: Inputs, t0: float) -> ShardSummary:

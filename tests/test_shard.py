@@ -275,7 +275,44 @@ def test_folder_symlink_loops_are_reported(image_folder, tmp_path):
     assert s.skipped == 2 and report["skipped"] == 2
 
 
-# ---------------------------------------------------------------- kills
+# ---------------------------------------------------------------- OS errors and kills
+
+
+def test_out_that_is_a_file_is_one_line(image_folder, tmp_path):
+    from click.testing import CliRunner
+
+    from filterx.cli import main
+
+    (tmp_path / "out").write_text("not a dir")
+    with pytest.raises(NotADirectoryError, match="exists and is not a directory"):
+        shard(ShardConfig(image_folder, tmp_path / "out", quiet=True))
+    r = CliRunner().invoke(main, ["shard", str(image_folder), str(tmp_path / "out"), "-q"])
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert str(tmp_path / "out") in r.stderr
+
+
+def test_full_disk_while_writing_tars_is_one_line(image_folder, tmp_path, monkeypatch):
+    import errno
+
+    from click.testing import CliRunner
+
+    from filterx.cli import main
+
+    calls = []
+
+    def full(path, samples):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", f"{path}.tmp-1")
+        return real(path, samples)
+
+    real = tario.write_tar
+    monkeypatch.setattr(tario, "write_tar", full)
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["shard", str(image_folder), str(out), "--shard-size", "5", "--workers", "1", "-q"])
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"cannot write to {out}: no space left on the device" in r.stderr and "re-run" in r.stderr
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["000000.idx", "000000.tar"]  # kept for the re-run
 
 
 def _cli(*args, crash: str | None = None):
