@@ -146,7 +146,8 @@ def test_info_reports_truncated_and_mismatched_shards(dataset_copy):
     assert "3 SHARDS UNREADABLE" in info.line()
     d = info.to_dict()
     assert d["healthy"] is False
-    assert [(x["shard"], x["problem"]) for x in d["damaged_shards"]] == [(0, "index"), (2, "truncated"), (3, "truncated")]
+    assert [(x["shard"], x["problem"]) for x in d["damaged_shards"]] == \
+        [(0, "index"), (2, "truncated"), (3, "truncated")]
 
 
 def test_info_without_an_index_reads_the_tar_headers(dataset_copy):
@@ -172,7 +173,8 @@ def test_info_command_warns_and_exits_1_on_damaged_shards(dataset_copy):
     assert r.exit_code == 1
     d = json.loads(r.stdout)
     assert d["damaged_shards"][0]["shard"] == 1 and d["missing_tars"] == [5] and d["healthy"] is False
-    assert r.stderr.count("\n") == 1 and "WARNING: 2 of 6 shards unreadable (1 damaged, 1 missing: shards 1, 5)" in r.stderr
+    assert r.stderr.count("\n") == 1
+    assert "WARNING: 2 of 6 shards unreadable (1 damaged, 1 missing: shards 1, 5)" in r.stderr
     r = CliRunner().invoke(main, ["info", str(dataset_copy)])
     assert r.exit_code == 1 and "DAMAGED shard 1: truncated, 3000 bytes" in r.stdout
     assert r.stdout.rstrip().splitlines()[-1].startswith("WARNING: 2 of 6 shards unreadable")

@@ -134,7 +134,8 @@ def _list(tmp_path, *lines: str):
 
 
 def test_list_file_integer_labels_far_beyond_the_lines_are_refused(tmp_path):
-    with pytest.raises(ValueError, match=r"line 2: label 99999999 is >= the number of labelled lines \(3\).*--num-classes"):
+    beyond = r"line 2: label 99999999 is >= the number of labelled lines \(3\).*--num-classes"
+    with pytest.raises(ValueError, match=beyond):
         list_file(_list(tmp_path, "a.jpg,0", "b.jpg,99999999", "c.jpg,1"))
     with pytest.raises(ValueError, match="line 3: label 5000"):
         list_file(_list(tmp_path, "# c", "a.jpg,0", "b.jpg,5000", "c.jpg,1"))
