@@ -13,6 +13,7 @@ import fcntl
 import glob
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -98,28 +99,51 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:  # alive, someone else's
         return True
-    return True
+    try:  # a zombie (exited, not yet reaped by its parent) answers the signal but writes nothing
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _owner(tmp: Path) -> int | None:
+    """The pid that ends a temporary's name (None: not a name filterx makes)."""
+    pid = tmp.name.rpartition(TMP_MARK)[2].rpartition("-")[2]
+    return int(pid) if pid.isdigit() else None
 
 
 def _abandoned(tmp: Path) -> bool:
     """Whether a temporary was left by a process that is gone (its pid ends the name)."""
-    pid = tmp.name.rpartition(TMP_MARK)[2].rpartition("-")[2]
-    if not pid.isdigit():
+    pid = _owner(tmp)
+    if pid is None:
         return True
-    return int(pid) != os.getpid() and not _alive(int(pid))
+    return pid != os.getpid() and not _alive(pid)
 
 
-def clean_stale_tmp(directory: str | os.PathLike) -> int:
+def clean_stale_tmp(directory: str | os.PathLike, wait: float = 0.0) -> int:
     """Remove temporaries left by killed runs in ``directory`` (not those of live processes,
-    which may be writing them now); returns how many."""
+    which may be writing them now); returns how many.
+
+    ``wait``: seconds to wait, at most, for the other live processes that own temporaries
+    here to end, and then remove theirs too (for a writer that holds the output's lock, so
+    that such processes can only be a killed run's workers on their way out).
+    """
     directory = Path(directory)
-    if not directory.is_dir():
-        return 0
+    deadline = time.monotonic() + wait
     n = 0
-    for p in directory.iterdir():
-        if TMP_MARK in p.name and _abandoned(p):
-            remove(p)
-            n += 1
+    while directory.is_dir():
+        waiting = False
+        for p in directory.iterdir():
+            if TMP_MARK not in p.name:
+                continue
+            if _abandoned(p):
+                with contextlib.suppress(FileNotFoundError):  # its writer may have just renamed it
+                    remove(p)
+                n += 1
+            else:
+                waiting = waiting or _owner(p) != os.getpid()
+        if not waiting or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
     return n
 
 
@@ -140,7 +164,6 @@ def worker_init(*_) -> None:
     when its parent dies, rather than live on as an orphan that still writes.
     """
     import threading
-    import time
 
     for fd in list(_HELD_LOCKS):
         with contextlib.suppress(OSError):

@@ -112,8 +112,11 @@ def main():
               help="Re-encode every image with its short side shrunk to this (e.g. 128 for a 112-px "
                    "pool); default: keep the original bytes.")
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(0), help="Processes; 0 = one per core.")
+@click.option("--num-classes", type=click.IntRange(1), default=None, metavar="N",
+              help="List files with integer labels: there are N classes (labels 0..N-1). Needed when a "
+                   "label is >= the number of labelled lines, which is otherwise refused as a typo.")
 @common
-def shard(src, out, shard_size, resize_short, workers, quiet, verbose, as_json):
+def shard(src, out, shard_size, resize_short, workers, num_classes, quiet, verbose, as_json):
     """Turn an ImageFolder tree or a list file into a dataset dir.
 
     SRC is a folder with one sub-folder of images per class, or a text file of
@@ -121,17 +124,28 @@ def shard(src, out, shard_size, resize_short, workers, quiet, verbose, as_json):
     (OUT/shards/) and the sample index (OUT/index.zarr). Corrupt and non-image files are
     skipped and listed in OUT/shard_report.json. Re-running a killed run resumes it.
 
+    List file labels are all integers (class indexes 0..K-1) or all class names; a label of
+    the other kind, an empty or negative label, or an integer label >= the number of
+    labelled lines without --num-classes is refused, naming the line. A first line
+    `path,label` (or file/filename..., class/category...) is a header and skipped.
+
     \b
     Saves its options to: OUT/filterx-shard.yaml
 
     \b
     Example:
       filterx shard ~/data/imagenet/train ws/source --shard-size 1000
+      filterx shard train_list.txt ws/source --num-classes 1000
     """
-    from filterx.shard import ShardConfig, shard as run
+    from filterx.shard import NO_ROOM, ShardConfig, shard as run
 
     setup(quiet, verbose)
-    summary = run(ShardConfig(src, out, shard_size, resize_short, workers, quiet))
+    try:
+        summary = run(ShardConfig(src, out, shard_size, resize_short, workers, quiet, num_classes))
+    except OSError as exc:
+        if exc.errno not in NO_ROOM:
+            raise
+        raise ValueError(exc.strerror) from None  # a full or read-only disk: one line, like a bad value
     finish(summary, as_json, inside(out, "shard"))
 
 
@@ -533,6 +547,11 @@ def info(dataset, quiet, verbose, as_json):
     """What a dataset dir holds: samples, classes, shards, embeddings, score arrays, and the
     options saved by the commands that wrote into it. Reads only; saves no options.
 
+    Each tar's size is checked against its DALI index (no data is read): a truncated or
+    missing tar, or an index that does not match its tar, is listed (DAMAGED / MISSING, and
+    under "damaged_shards" / "missing_tars" with --json), a WARNING line says which shards
+    readers will fail on, and the exit status is 1 (0 when every tar is whole).
+
     \b
     Example:
       filterx info ws/source
@@ -543,8 +562,12 @@ def info(dataset, quiet, verbose, as_json):
     details = dataset_info(dataset)
     if as_json:
         click.echo(json.dumps(plain_json(details.to_dict()), sort_keys=True, allow_nan=False))
+        if not details.healthy:
+            click.echo(f"filterx info: {details.warning()}", err=True)
     else:
         click.echo(details.text())
+    if not details.healthy:
+        click.get_current_context().exit(1)
 
 
 @main.command(short_help="The whole chain on built-in sample data.")

@@ -5,6 +5,13 @@ embeddings' done masks, the score arrays) and never writes. Its result is a froz
 ``DatasetInfo`` whose ``to_dict()`` is plain JSON and whose ``text()`` is the screen a user
 reads; ``line()`` is the one-line summary.
 
+Shards are checked cheaply, without reading their data: a tar whose size does not match what
+its DALI index says (the end of its last member, padded as tar pads; see
+``filterx.tario.tar_size_bounds``) or whose index lists another number of samples than
+``index.zarr`` is reported as damaged (``DatasetInfo.damaged_shards``); a shard without an
+index is checked by reading its tar headers instead. ``DatasetInfo.healthy`` is False when a
+tar is missing or damaged (``filterx info`` then warns and exits 1).
+
 ``DATASET/configs/`` holds the options of the commands that wrote into the dataset dir
 (``embed-<encoder tag>.yaml``, ``score-<name>.yaml``, saved by ``filterx.cli``); info lists
 them and reads nothing else from there.
@@ -18,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from filterx import tario
 from filterx.dataset import EMBEDDINGS, SHARD_REPORT, Dataset
 from filterx.score import list_scores, read_scores
 
@@ -66,6 +74,18 @@ class ScoreInfo:
 
 
 @dataclass(frozen=True)
+class DamagedShard:
+    """A shard that readers will fail on. ``problem``: "truncated" (the tar is shorter than its
+    index says), "oversized" (longer: the index is not this tar's), "index" (the index is
+    unreadable or lists another number of samples than index.zarr), "unreadable" (no index,
+    and the tar's headers cannot be read to the end)."""
+
+    shard: int
+    problem: str
+    detail: str
+
+
+@dataclass(frozen=True)
 class DatasetInfo:
     root: Path
     samples: int
@@ -85,15 +105,34 @@ class DatasetInfo:
     filterx_version: str | None
     fingerprint: str
     configs: tuple[str, ...] = ()  # saved options under configs/, by file name
+    damaged_shards: tuple[DamagedShard, ...] = ()
 
     @property
     def indexes_present(self) -> bool:
         return not self.missing_indexes
 
+    @property
+    def healthy(self) -> bool:
+        """Every tar is there and matches its index (a missing index alone is rebuilt by the
+        commands that read the tars)."""
+        return not (self.missing_tars or self.damaged_shards)
+
+    def warning(self) -> str | None:
+        """One line on what is wrong with the shards; None when they are healthy."""
+        if self.healthy:
+            return None
+        bad = sorted({d.shard for d in self.damaged_shards} | set(self.missing_tars))
+        what = ", ".join(filter(None, (
+            f"{len(self.damaged_shards)} damaged" if self.damaged_shards else "",
+            f"{len(self.missing_tars)} missing" if self.missing_tars else "")))
+        return (f"WARNING: {len(bad)} of {self.num_shards} shards unreadable ({what}: shards {_ints(tuple(bad))}); "
+                f"readers will fail on them: restore them or re-shard the dataset")
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["root"] = str(self.root)
         d["indexes_present"] = self.indexes_present
+        d["healthy"] = self.healthy
         for e, emb in zip(d["embeddings"], self.embeddings):
             e["complete"] = emb.complete
         return json.loads(json.dumps(d))
@@ -101,7 +140,8 @@ class DatasetInfo:
     def line(self) -> str:
         return (f"{self.root}: {self.samples} samples, {self.num_classes} classes "
                 f"({len(self.empty_classes)} empty), {self.num_shards} shards ({_size(self.shard_bytes)}), "
-                f"{len(self.embeddings)} embedding store(s), {len(self.scores)} score array(s)")
+                f"{len(self.embeddings)} embedding store(s), {len(self.scores)} score array(s)"
+                + ("" if self.healthy else f"; {len(self.damaged_shards) + len(self.missing_tars)} SHARDS UNREADABLE"))
 
     def text(self) -> str:
         sizes = self.shard_sizes or (0,)
@@ -120,6 +160,8 @@ class DatasetInfo:
         ]
         if self.missing_tars:
             lines.append(f"  MISSING tars for shards {_ints(self.missing_tars)}")
+        for d in self.damaged_shards:
+            lines.append(f"  DAMAGED shard {d.shard}: {d.problem}, {d.detail}")
         lines.append(f"embeddings   {len(self.embeddings) or 'none'}")
         for e in self.embeddings:
             lines.append(f"  {e.tag:<32} {e.shape[0]}x{e.shape[1]} {e.dtype}, "
@@ -137,6 +179,8 @@ class DatasetInfo:
                              + stale)
         if self.configs:
             lines.append(f"configs      {self.root / CONFIGS}: {', '.join(self.configs)}")
+        if not self.healthy:
+            lines.append(self.warning())
         return "\n".join(lines)
 
 
@@ -158,6 +202,32 @@ def _ints(values: tuple[int, ...], limit: int = 8) -> str:
 
 def _dir_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def shard_damage(tar: Path, index: Path | None, samples: int) -> tuple[str, str] | None:
+    """What is wrong with one shard's tar of ``samples`` samples, by its size against its DALI
+    index (``index``; None: there is none, read the tar's headers instead): (problem, detail)
+    as in ``DamagedShard``, or None."""
+    if index is None:
+        try:
+            found = len({e.key for e in tario.scan_tar(tar)})
+        except ValueError as exc:
+            return "unreadable", f"no DALI index and {str(exc).partition(': ')[2]}"
+        return None if found == samples else (
+            "index", f"no DALI index and its tar holds {found} samples, index.zarr says {samples}")
+    try:
+        count, end = tario.index_extent(index)
+    except (OSError, ValueError) as exc:
+        return "index", f"unreadable DALI index ({exc})"
+    if count != samples:
+        return "index", f"its DALI index lists {count} samples, index.zarr {samples}"
+    size = tar.stat().st_size
+    least, most = tario.tar_size_bounds(end)
+    if size < least:
+        return "truncated", f"{size} bytes of the {least} or more its index needs"
+    if size > most:
+        return "oversized", f"{size} bytes, more than the {most} at most its index accounts for"
+    return None
 
 
 def _embeddings(ds: Dataset) -> tuple[EmbeddingsInfo, ...]:
@@ -209,13 +279,17 @@ def dataset_info(path: str | Path, *, top: int = TOP_CLASSES) -> DatasetInfo:
     names = [c.name for c in ds.classes]
     order = np.lexsort((np.arange(len(per_class)), -per_class))  # most first, ties by index
     top_classes = tuple(ClassCount(names[i], int(per_class[i])) for i in order[:top] if per_class[i] > 0)
-    shard_bytes, missing_tars, missing_idx = 0, [], []
+    shard_bytes, missing_tars, missing_idx, damaged = 0, [], [], []
     for s in range(ds.num_shards):
         for p, missing in ((ds.shard_path(s), missing_tars), (ds.index_path(s), missing_idx)):
             if p.is_file():
                 shard_bytes += p.stat().st_size
             else:
                 missing.append(s)
+        if ds.shard_path(s).is_file():
+            index = None if missing_idx and missing_idx[-1] == s else ds.index_path(s)
+            if (damage := shard_damage(ds.shard_path(s), index, ds.shard_counts[s])) is not None:
+                damaged.append(DamagedShard(s, *damage))
     report = ds.root / SHARD_REPORT
     skipped = None
     if report.is_file():
@@ -230,4 +304,5 @@ def dataset_info(path: str | Path, *, top: int = TOP_CLASSES) -> DatasetInfo:
         total_bytes=_dir_bytes(ds.root), missing_tars=tuple(missing_tars), missing_indexes=tuple(missing_idx),
         embeddings=_embeddings(ds), scores=tuple(score_info(ds, n) for n in list_scores(ds)),
         skipped_inputs=skipped, source_root=ds.attrs.get("source_root"),
-        filterx_version=ds.attrs.get("filterx_version"), fingerprint=ds.fingerprint, configs=_configs(ds))
+        filterx_version=ds.attrs.get("filterx_version"), fingerprint=ds.fingerprint, configs=_configs(ds),
+        damaged_shards=tuple(damaged))

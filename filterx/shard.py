@@ -1,6 +1,7 @@
 """shard: an ImageFolder tree or a list file -> a dataset dir (filterx.dataset).
 
-Two passes, both parallel over worker processes and both resumable:
+Inputs are listed by ``filterx.shard_inputs`` (the rules for list files are there). Then two
+passes, both parallel over worker processes and both resumable:
 
 1. scan: every input is opened and decoded (at 1/8 scale through libjpeg's DCT scaling, so
    this costs a fraction of a full decode) to find corrupt, truncated and non-image files.
@@ -17,10 +18,12 @@ and shards that were not finished.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
 import os
+import re
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -34,11 +37,18 @@ from filterx import atomic, dataset, tario
 from filterx.faults import crash_point
 from filterx.progress import progress
 from filterx.scorers import ClassInfo
+from filterx.shard_inputs import Inputs, list_file, list_image_folder
 
 log = logging.getLogger(__name__)
 
 WORK = ".work"
 JPEG_QUALITY = 90
+# A killed run's workers exit within about a second of it (filterx.atomic.worker_init); a
+# re-run waits this long at most for them before it clears their temporaries.
+ORPHAN_WAIT_S = 10.0
+# Write failures that no retry fixes: the user has to make room (or choose another OUT).
+NO_ROOM = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+           errno.EROFS: "the file system is read-only"}
 
 
 @dataclass(frozen=True)
@@ -49,6 +59,7 @@ class ShardConfig:
     resize_short: int | None = None
     workers: int = 0  # 0: one per core
     quiet: bool = False
+    num_classes: int | None = None  # list files with integer labels: labels are < this
 
 
 @dataclass(frozen=True)
@@ -73,61 +84,6 @@ class ShardSummary:
         )
 
 
-# ---------------------------------------------------------------- inputs
-
-
-def list_image_folder(src: Path) -> tuple[list[tuple[str, int]], list[str]]:
-    """Files of an ImageFolder tree as (relative path, label) and the sorted class folders.
-
-    Every regular, non-hidden file is an input: whether it is an image is decided by the
-    scan, so that non-images are reported rather than silently ignored.
-    """
-    classes = sorted(p.name for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise ValueError(f"{src} has no class sub-folders; expected SRC/<class>/<image> files")
-    items = []
-    for label, cls in enumerate(classes):
-        for root, dirs, files in os.walk(src / cls):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for f in sorted(files):
-                if not f.startswith("."):
-                    items.append((os.path.relpath(os.path.join(root, f), src), label))
-    return items, classes
-
-
-def list_file(src: Path) -> tuple[list[tuple[str, int]], list[str], Path]:
-    """Parse a list file of ``path[,label]`` lines (``#`` comments, blank lines ignored).
-
-    Labels may be integers (class names are then the integers) or class names (sorted to
-    indexes). Paths are relative to the list file's directory unless absolute. Returns the
-    items, the class names and the root that relative paths refer to.
-    """
-    root = src.parent
-    rows = []
-    for n, line in enumerate(src.read_text(encoding="utf-8").splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        path, sep, label = line.rpartition(",") if "," in line else (line, "", "")
-        rows.append((path.strip(), label.strip() if sep else None, n))
-    if not rows:
-        raise ValueError(f"list file {src} holds no paths")
-    given = [r[1] for r in rows if r[1] is not None]
-    if len(given) not in (0, len(rows)):
-        raise ValueError(f"list file {src}: give a label on every line or on none")
-    if not given:
-        return [(p, -1) for p, _, _ in rows], [], root
-    if all(g.lstrip("-").isdigit() for g in given):
-        labels = [int(g) for g in given]
-        if min(labels) < 0:
-            raise ValueError(f"list file {src}: negative label {min(labels)}")
-        classes = [str(i) for i in range(max(labels) + 1)]
-        return [(p, lab) for (p, _, _), lab in zip(rows, labels)], classes, root
-    classes = sorted(set(given))
-    to_index = {c: i for i, c in enumerate(classes)}
-    return [(p, to_index[g]) for p, g, _ in rows], classes, root
-
-
 # ---------------------------------------------------------------- scan
 
 
@@ -148,10 +104,21 @@ def inspect_image(data: bytes) -> tuple[str, str]:
                 im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
             im.load()
     except Exception as exc:  # PIL raises many types for bad data; all mean "unreadable"
-        return "bad", f"unreadable image ({type(exc).__name__}: {exc})"
+        return "bad", f"unreadable image ({_plain_reason(exc)})"
     if fmt == "JPEG" and mode in ("RGB", "L"):
         return "copy", ""
     return "reencode", f"{fmt} {mode}"
+
+
+_OBJECT_REPR = re.compile(r"\s*<[^<>]*\bat 0x[0-9a-fA-F]+>")
+
+
+def _plain_reason(exc: BaseException) -> str:
+    """``Type: message`` without the reprs of in-memory objects PIL puts in some messages
+    ("cannot identify image file <_io.BytesIO object at 0x7f...>"): a report line must not
+    change from one run to the next."""
+    text = _OBJECT_REPR.sub("", str(exc)).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _scan_chunk(args: tuple[Path, list[str]]) -> list[tuple[str, str]]:
@@ -178,7 +145,7 @@ def encode_jpeg(data: bytes, resize_short: int | None) -> bytes:
         if resize_short and im.format == "JPEG":
             # DCT-domain downscale first (exact enough: the final resize is done below).
             im.draft("RGB", (resize_short, resize_short))
-        im = im.convert("RGB")
+        im = to_8bit(im).convert("RGB")
         if resize_short and min(im.size) > resize_short:
             w, h = im.size
             s = resize_short / min(w, h)
@@ -186,6 +153,36 @@ def encode_jpeg(data: bytes, resize_short: int | None) -> bytes:
         buf = io.BytesIO()
         im.save(buf, format="JPEG", quality=JPEG_QUALITY)
         return buf.getvalue()
+
+
+def to_8bit(im):
+    """A PIL image whose samples are wider than 8 bits (modes I;16*, I, F) as mode L, scaled;
+    other images unchanged. PIL's own conversion clips such samples at 255 (a 16-bit gradient
+    turns almost white), so:
+
+    - I;16, I;16B, ... (16-bit): ``value >> 8``;
+    - I (32-bit integers) and F (floats), by their range: floats within 0..1 are scaled by
+      255, values within 0..255 kept, within 0..65535 taken as 16-bit (``>> 8``), anything
+      else stretched from min..max to 0..255.
+    """
+    from PIL import Image
+
+    if not (im.mode.startswith("I") or im.mode == "F"):
+        return im
+    a = np.asarray(im)
+    if im.mode.startswith("I;16"):
+        return Image.fromarray((a.astype(np.uint16) >> 8).astype(np.uint8), "L")
+    a = np.nan_to_num(a.astype(np.float64))
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if im.mode == "F" and lo >= 0 and hi <= 1:
+        out = a * 255
+    elif lo >= 0 and hi <= 255:
+        out = a
+    elif lo >= 0 and hi <= 65535:
+        out = np.floor(a / 256)
+    else:
+        out = (a - lo) * (255 / max(hi - lo, 1e-12))
+    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), "L")
 
 
 @dataclass(frozen=True)
@@ -256,35 +253,57 @@ def shard(cfg: ShardConfig) -> ShardSummary:
     src, out = Path(cfg.src).expanduser(), Path(cfg.out).expanduser()
     if not src.exists():
         raise FileNotFoundError(f"source {str(src)!r} does not exist")
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"output {str(out)!r} exists and is not a directory; OUT must be a new "
+                                 "directory (or the dataset dir of a killed shard run, to resume it)")
     if cfg.shard_size < 1:
         raise ValueError(f"shard size must be >= 1, got {cfg.shard_size}")
     if cfg.resize_short is not None and cfg.resize_short < 8:
         raise ValueError(f"--resize-short must be >= 8 pixels, got {cfg.resize_short}")
+    if cfg.num_classes is not None and cfg.num_classes < 1:
+        raise ValueError(f"--num-classes must be >= 1, got {cfg.num_classes}")
     if src.is_dir():
-        items, class_names = list_image_folder(src)
-        root = src
+        if cfg.num_classes is not None:
+            raise ValueError(f"--num-classes is for list files with integer labels; {src} is an ImageFolder "
+                             "tree, whose classes are its sub-folders")
+        inputs = list_image_folder(src)
     else:
-        items, class_names, root = list_file(src)
-    workers = cfg.workers or os.cpu_count() or 1
+        inputs = list_file(src, cfg.num_classes)
+    try:
+        return _shard(cfg, src, out, inputs, t0)
+    except OSError as exc:
+        if exc.errno not in NO_ROOM:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise OSError(exc.errno, f"cannot write to {out}: {NO_ROOM[exc.errno]}{where}; make room or choose "
+                                 "another OUT, then re-run: finished shards are kept") from None
 
+
+def _shard(cfg: ShardConfig, src: Path, out: Path, inputs: Inputs, t0: float) -> ShardSummary:
+    items, class_names, root = inputs.items, inputs.class_names, inputs.root
+    workers = cfg.workers or os.cpu_count() or 1
     with atomic.run_lock(out, "shard"):
         work = out / WORK
         settings = {"src": str(src.resolve()), "n": len(items), "shard_size": cfg.shard_size,
                     "resize_short": cfg.resize_short}
+        if cfg.num_classes is not None:
+            settings["num_classes"] = cfg.num_classes
         _check_settings(out, work, settings)
 
         statuses = _scan(items, root, work, cfg.shard_size, workers, cfg.quiet)
         good = [i for i, (st, _) in enumerate(statuses) if st != "bad"]
-        bad = [{"path": items[i][0], "reason": r} for i, (st, r) in enumerate(statuses) if st == "bad"]
+        bad = inputs.skipped + [{"path": items[i][0], "reason": r}
+                                for i, (st, r) in enumerate(statuses) if st == "bad"]
         if not good:
-            raise ValueError(f"no readable images under {src} ({len(bad)} inputs, all bad)")
+            raise ValueError(f"no readable images under {src} ({len(items)} inputs, all bad)")
         chunks = [good[i : i + cfg.shard_size] for i in range(0, len(good), cfg.shard_size)]
 
-        (out / dataset.SHARDS).mkdir(parents=True, exist_ok=True)
-        atomic.clean_stale_tmp(out / dataset.SHARDS)
+        shards_dir = out / dataset.SHARDS
+        shards_dir.mkdir(parents=True, exist_ok=True)
+        atomic.clean_stale_tmp(shards_dir)
         jobs, first = [], 0
         for s, chunk in enumerate(chunks):
-            path = out / dataset.SHARDS / f"{dataset.shard_name(s)}.tar"
+            path = shards_dir / f"{dataset.shard_name(s)}.tar"
             if not _shard_complete(path, len(chunk)):
                 jobs.append(_ShardJob(path, root, first, [items[i][0] for i in chunk],
                                       [items[i][1] for i in chunk], class_names,
@@ -292,6 +311,10 @@ def shard(cfg: ShardConfig) -> ShardSummary:
             first += len(chunk)
         for _ in _map(_write_shard, jobs, workers, "shard: write", [len(j.rels) for j in jobs], cfg.quiet):
             crash_point("shard.tar")
+        # Again, now that every tar is written: the workers of a killed run outlive it by up to
+        # a second, so at the first clean some were still writing, and they left temporaries of
+        # tars that no write of this run replaces.
+        _clean_orphans(shards_dir)
 
         classes = _class_infos(class_names)
         labels = np.array([items[i][1] for i in good], dtype=np.int64)
@@ -306,7 +329,18 @@ def shard(cfg: ShardConfig) -> ShardSummary:
                   "skipped_inputs": bad}
         atomic.write_text(out / dataset.SHARD_REPORT, json.dumps(report, indent=1, ensure_ascii=False))
         atomic.remove(work)
+        _clean_orphans(out)
     return summary
+
+
+def _clean_orphans(directory: Path) -> None:
+    """Remove the temporaries a killed run left in ``directory``, waiting (a bounded time) for
+    its workers to exit first: under the run lock, no live writer of this output remains."""
+    atomic.clean_stale_tmp(directory, wait=ORPHAN_WAIT_S)
+    left = sorted(p.name for p in directory.iterdir() if atomic.TMP_MARK in p.name)
+    if left:
+        log.warning("%s: temporaries of processes that are still running after %.0fs, left in place: %s",
+                    directory, ORPHAN_WAIT_S, ", ".join(left[:5]) + (" ..." if len(left) > 5 else ""))
 
 
 def _check_settings(out: Path, work: Path, settings: dict) -> None:

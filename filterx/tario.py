@@ -170,6 +170,33 @@ def check_complete(tar_path: str | os.PathLike, entries: Iterable[MemberEntry] |
                          "restore it or re-shard the dataset")
 
 
+def index_extent(path: str | os.PathLike) -> tuple[int, int]:
+    """(samples, end of the last member's data) of a DALI index, from its first and last lines
+    only (members are indexed in the order they lie in the tar). ValueError naming the file
+    when it is not an index."""
+    lines = Path(path).read_text().splitlines()
+    try:
+        version, _, count = lines[0].partition(" ")
+        if version != INDEX_VERSION or int(count) != len(lines) - 1:
+            raise ValueError
+        f = lines[-1].split(" ") if len(lines) > 1 else []
+        if len(f) % 4:
+            raise ValueError
+        end = max((int(f[i + 1]) + int(f[i + 2]) for i in range(0, len(f), 4)), default=0)
+    except (ValueError, IndexError):
+        raise ValueError(f"{path}: not a {INDEX_VERSION} index") from None
+    return int(count), end
+
+
+def tar_size_bounds(data_end: int) -> tuple[int, int]:
+    """The smallest and largest size of a complete tar whose last member's data ends at byte
+    ``data_end``: the data padded to a 512-byte block, then the end-of-archive marker (two zero
+    blocks), then at most the padding to a whole record (20 blocks) that tarfile and GNU tar add."""
+    block, record = tarfile.BLOCKSIZE, tarfile.RECORDSIZE
+    least = -(-data_end // block) * block + 2 * block
+    return least, -(-least // record) * record
+
+
 def read_members(tar_path: str | os.PathLike, entries: Iterable[MemberEntry]) -> Iterator[tuple[MemberEntry, bytes]]:
     """Read the data of the given members by offset (no tar parsing)."""
     with open(tar_path, "rb") as f:

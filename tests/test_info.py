@@ -121,3 +121,60 @@ def test_info_lists_saved_configs_and_takes_them_for_nothing_else(scored_copy):
     assert info.to_dict()["configs"] == ["embed-resnet18-r32-abc.yaml", "score-lin.yaml"]
     assert f"configs      {configs}: embed-resnet18-r32-abc.yaml, score-lin.yaml" in info.text()
     assert "\nconfigs " not in before.text() and before.configs == ()
+
+
+def test_info_reports_truncated_and_mismatched_shards(dataset_copy):
+    ds = Dataset.open(dataset_copy)
+    assert dataset_info(dataset_copy).healthy and dataset_info(dataset_copy).damaged_shards == ()
+    tar2 = ds.shard_path(2)
+    size = tar2.stat().st_size
+    tar2.write_bytes(tar2.read_bytes()[: size // 2])  # a copy cut off half-way
+    tar3 = ds.shard_path(3)
+    tar3.write_bytes(tar3.read_bytes()[:-10240])  # only the end-of-archive record lost
+    ds.index_path(0).write_text(ds.index_path(1).read_text().replace("v1.2 5", "v1.2 4", 1).rsplit("\n", 2)[0] + "\n")
+    ds.index_path(4).unlink()  # no index: checked from the tar's headers, whole
+    info = dataset_info(dataset_copy)
+    got = {d.shard: d.problem for d in info.damaged_shards}
+    assert got == {0: "index", 2: "truncated", 3: "truncated"}
+    detail2 = next(d.detail for d in info.damaged_shards if d.shard == 2)
+    assert detail2.startswith(f"{size // 2} bytes of the ") and "its index needs" in detail2
+    assert info.missing_indexes == (4,) and not info.healthy
+    text = info.text()
+    assert f"DAMAGED shard 2: truncated, {size // 2} bytes" in text
+    assert text.splitlines()[-1] == ("WARNING: 3 of 6 shards unreadable (3 damaged: shards 0, 2, 3); readers will "
+                                     "fail on them: restore them or re-shard the dataset")
+    assert "3 SHARDS UNREADABLE" in info.line()
+    d = info.to_dict()
+    assert d["healthy"] is False
+    assert [(x["shard"], x["problem"]) for x in d["damaged_shards"]] == \
+        [(0, "index"), (2, "truncated"), (3, "truncated")]
+
+
+def test_info_without_an_index_reads_the_tar_headers(dataset_copy):
+    ds = Dataset.open(dataset_copy)
+    ds.index_path(2).unlink()
+    tar = ds.shard_path(2)
+    tar.write_bytes(tar.read_bytes()[:1500])
+    (d,) = dataset_info(dataset_copy).damaged_shards
+    assert (d.shard, d.problem) == (2, "unreadable") and d.detail.startswith("no DALI index and not a complete tar")
+
+
+def test_info_command_warns_and_exits_1_on_damaged_shards(dataset_copy):
+    from click.testing import CliRunner
+
+    from filterx.cli import main
+
+    r = CliRunner().invoke(main, ["info", str(dataset_copy), "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["damaged_shards"] == [] and r.stderr == ""
+    ds = Dataset.open(dataset_copy)
+    ds.shard_path(1).write_bytes(ds.shard_path(1).read_bytes()[:3000])
+    ds.shard_path(5).unlink()
+    r = CliRunner().invoke(main, ["info", str(dataset_copy), "--json"])
+    assert r.exit_code == 1
+    d = json.loads(r.stdout)
+    assert d["damaged_shards"][0]["shard"] == 1 and d["missing_tars"] == [5] and d["healthy"] is False
+    assert r.stderr.count("\n") == 1
+    assert "WARNING: 2 of 6 shards unreadable (1 damaged, 1 missing: shards 1, 5)" in r.stderr
+    r = CliRunner().invoke(main, ["info", str(dataset_copy)])
+    assert r.exit_code == 1 and "DAMAGED shard 1: truncated, 3000 bytes" in r.stdout
+    assert r.stdout.rstrip().splitlines()[-1].startswith("WARNING: 2 of 6 shards unreadable")
