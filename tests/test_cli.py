@@ -24,13 +24,26 @@ def test_chain_shard_score_select(image_folder, sample_dirs, encoder_file, tmp_p
                          "--encoder", encoder_file, "--k", 3, "--distance", "avg", "--backend", "pil",
                          "--device", "cpu", "--workers", 0, "-q")
     assert code == 0, err
-    assert "scored" in out and "clustering" in out
+    import numpy as np
+
+    from filterx.dataset import Dataset
+    from filterx.score import read_scores
+
+    ds = Dataset.open(tmp_path / "src")
+    scores, attrs = read_scores(ds, "clustering")
+    assert f"scored {ds.num_samples} of {ds.num_samples} samples with clustering" in out
+    assert attrs["params"]["k"] == 3 and attrs["params"]["distance"] == "avg"  # the options reached the scorer
+    assert np.isfinite(scores).all() and (scores < 0).all()  # minus a mean distance
     code, out, err = run("select", "--source", tmp_path / "src", "--method", "clustering", "--fraction", 0.25,
-                         "-o", tmp_path / "subset.jsonl", "-q")
+                         "-o", tmp_path / "subset.jsonl", "-q", "--json")
     assert code == 0, err
-    assert "selected" in out
-    header = json.loads((tmp_path / "subset.jsonl").read_text().splitlines()[0])
+    lines = (tmp_path / "subset.jsonl").read_text().splitlines()
+    header, rows = json.loads(lines[0]), [json.loads(x) for x in lines[1:]]
     assert header["method"] == "clustering" and header["budget"] == {"fraction": 0.25}
+    # the best quarter by score, best first, ties to the lower id
+    best = np.lexsort((np.arange(ds.num_samples), -scores))[: round(0.25 * ds.num_samples)]
+    assert [r["id"] for r in rows] == best.tolist() == [int(x) for x in best]
+    assert json.loads(out)["selected"] == len(best) == header["count"]
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -58,10 +71,36 @@ def test_one_class_target_is_refused(image_folder, tmp_path):
     assert len(err.strip().splitlines()) == 1
 
 
-def test_every_command_help_has_an_example():
-    for name in main.commands:
+def _examples(help_text: str) -> list[list[str]]:
+    """The command lines under a help text's "Example(s):" heading, continuation lines joined."""
+    import shlex
+
+    body = help_text.split("Example", 1)[1].split("Options:", 1)[0]
+    joined = body.replace("\\\n", " ")
+    return [shlex.split(ln.strip(), comments=True)[1:] for ln in joined.splitlines()
+            if ln.strip().startswith("filterx ")]
+
+
+def test_every_command_help_has_an_example_that_parses():
+    """Each command's examples name real options and valid choices (only their paths may be
+    missing here): parsed by the command itself, as a user pasting them would."""
+    import click
+
+    for name, cmd in main.commands.items():
         code, out, _ = run(name, "--help")
-        assert code == 0 and "Example" in out, name
+        examples = _examples(out) if code == 0 and "Example" in out else []
+        assert examples, name
+        paths = [p.type for p in cmd.params if isinstance(p.type, click.Path) and p.type.exists]
+        for t in paths:  # the examples' paths are not on this machine; everything else is checked
+            t.exists = False
+        try:
+            for args in examples:
+                assert args[0] == name, (name, args)
+                ctx = cmd.make_context(name, args[1:], parent=click.Context(main))
+                assert not ctx.args, (name, args)
+        finally:
+            for t in paths:
+                t.exists = True
 
 
 def test_pretrain_on_a_manifest_then_finetune(sample_dirs, tmp_path):
