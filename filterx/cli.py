@@ -327,7 +327,9 @@ _TRAINING_HELP = {
     "pretrain": {"lr": "Learning rate for a global batch of 256, scaled with the global batch.",
                  "val_fraction": "Without --val: share of DATA held out to evaluate on (0: none)."},
     "finetune": {"lr": "The backbone's learning rate (the new head's is x10); not scaled.",
-                 "val_fraction": "Without --test: share of TARGET held out as the test split."},
+                 "val_fraction": "Share of each training class held out to choose the epoch reported "
+                                 "(0: none, the last epoch is reported); never the test data.",
+                 "test_fraction": "Without --test: share of each TARGET class held out as the test split."},
 }
 
 
@@ -415,6 +417,9 @@ def pretrain(data, out, arch, val, val_fraction, resolution, epochs, batch_size,
 @click.option("--arch", type=RegistryChoice("arch", model_names),
               help="Architecture when training from scratch; with --init, a check that it matches.")
 @click.option("--test", type=click.Path(exists=True, path_type=Path), help="Target test dataset dir or manifest.")
+@click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), cls=DefaultOption,
+              show_default=str(TRAINING_DEFAULTS["finetune"]["test_fraction"]),
+              help=_TRAINING_HELP["finetune"]["test_fraction"])
 @click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), cls=DefaultOption,
               show_default=str(TRAINING_DEFAULTS["finetune"]["val_fraction"]), help=_TRAINING_HELP["finetune"]["val_fraction"])
 @click.option("--method", default="plain", show_default=True, type=click.Choice(["plain", "dann", "pseudo-label"]),
@@ -427,11 +432,14 @@ def pretrain(data, out, arch, val, val_fraction, resolution, epochs, batch_size,
               help="pseudo-label: confidence an unlabelled image needs.")
 @training_options("finetune")
 @common
-def finetune(target, out, init, arch, test, val_fraction, method, unlabeled, freeze_backbone, pseudo_threshold,
-             resolution, epochs, batch_size, lr, weight_decay, schedule, lr_step_epochs, resume, seed, device,
-             backend, workers, quiet, verbose, as_json):
+def finetune(target, out, init, arch, test, test_fraction, val_fraction, method, unlabeled, freeze_backbone,
+             pseudo_threshold, resolution, epochs, batch_size, lr, weight_decay, schedule, lr_step_epochs, resume,
+             seed, device, backend, workers, quiet, verbose, as_json):
     """Fine-tune on the TARGET dataset dir or manifest: a new head (lr x10), reporting the
-    target test top-1 per epoch.
+    target validation and test top-1 per epoch.
+
+    The epoch reported is the one of best validation top-1 (a split of the training data);
+    the test top-1 given is that epoch's (and the last's): test data never chooses.
 
     Default schedule: the inverse decay lr (1 + 10p)^-0.75 of domain adaptation. With
     --unlabeled, --method dann (gradient reversal) or pseudo-label adapts to that domain.
@@ -455,7 +463,8 @@ def finetune(target, out, init, arch, test, val_fraction, method, unlabeled, fre
     cfg = FinetuneConfig(target, out, init=init, arch=arch, test=test, unlabeled=unlabeled, method=method,
                          freeze_backbone=freeze_backbone, resolution=resolution, seed=seed, device=device,
                          backend=backend, workers=workers, resume=resume, quiet=quiet,
-                         **_given(val_fraction=val_fraction, pseudo_threshold=pseudo_threshold, epochs=epochs,
+                         **_given(test_fraction=test_fraction, val_fraction=val_fraction,
+                                  pseudo_threshold=pseudo_threshold, epochs=epochs,
                                   batch_size=batch_size, lr=lr, weight_decay=weight_decay, schedule=schedule,
                                   lr_step_epochs=lr_step_epochs))
     finish_rank0(run(cfg), as_json, inside(out, "finetune"))

@@ -135,7 +135,7 @@ TRAINING_DEFAULTS = {
     "pretrain": {"epochs": 90, "batch_size": 64, "lr": 0.01, "weight_decay": 1e-4, "schedule": "step",
                  "lr_step_epochs": 30, "val_fraction": 0.0},
     "finetune": {"epochs": 20, "batch_size": 32, "lr": 0.001, "weight_decay": 5e-4, "schedule": "inv",
-                 "lr_step_epochs": 10, "val_fraction": 0.2, "pseudo_threshold": 0.95},
+                 "lr_step_epochs": 10, "test_fraction": 0.2, "val_fraction": 0.1, "pseudo_threshold": 0.95},
 }
 
 

@@ -24,9 +24,10 @@ from filterx.train import PretrainConfig, pretrain
 from filterx.faults import CRASH_EXIT, ENV as CRASH_ENV
 from filterx.train_common import CHECKPOINT, METRICS, MODEL, Schedule, load_checkpoint
 from filterx.train_data import batches_per_epoch, resolve_training_data
+from filterx.train_common import TrainSummary
 from filterx.train_finetune import (
     DomainClassifier, FinetuneConfig, FinetuneNet, dann_lambda, finetune, finetune_loss,
-    grad_reverse, initial_model, pseudo_label_loss,
+    grad_reverse, initial_model, pseudo_label_loss, selected_epoch, split_target,
 )
 
 REPO = Path(filterx.__file__).resolve().parent.parent
@@ -303,8 +304,52 @@ def test_frozen_backbone_stays_bit_identical_and_head_learns(data, pretrained, t
     groups = load_checkpoint(tmp_path / "ft" / CHECKPOINT)["optimizer"]["param_groups"]
     assert [g["initial_lr"] for g in groups] == [pytest.approx(0.01)]  # the head alone, at 10x
     r = summary.history[0]
+    # 30 target images: 1 of each class's 6 held out for test, 1 of the other 5 for validation
     assert r["test_count"] == 5 and 0 <= r["test_top1"] <= 1 and "test_top5" in r
-    assert summary.best("test_top1") == (r["test_top1"], 0)
+    assert r["val_count"] == 5 and 0 <= r["val_top1"] <= 1 and r["images"] == 20
+    assert out["best_val_epoch"] == 0 and out["test_top1_at_best_val"] == r["test_top1"] == out["test_top1_last"]
+
+
+def test_selected_epoch_is_chosen_by_validation_never_by_test():
+    # test top-1 peaks at epoch 1, validation at epoch 2 (tied with 3: the earlier wins)
+    history = [{"epoch": e, "val_top1": v, "test_top1": t}
+               for e, (v, t) in enumerate([(0.2, 0.3), (0.4, 0.9), (0.6, 0.5), (0.6, 0.7), (0.5, 0.4)])]
+    assert selected_epoch(history) == {"best_val_top1": 0.6, "best_val_epoch": 2, "test_top1_at_best_val": 0.5,
+                                       "test_top1_last": 0.4}
+    line = TrainSummary("finetune", Path("o"), Path("o/model.pt"), 5, 0, 1, 1.0, history).line()
+    assert "val_top1 50.0% (best 60.0% at epoch 2)" in line
+    assert "test_top1 50.0% at epoch 2, the best on val (last epoch 40.0%)" in line and "90.0%" not in line
+    no_val = [{"epoch": 0, "test_top1": 0.3}, {"epoch": 1, "test_top1": 0.2}]
+    assert selected_epoch(no_val) == {"best_val_top1": None, "best_val_epoch": None,
+                                      "test_top1_at_best_val": None, "test_top1_last": 0.2}
+    assert "test_top1 20.0% (last epoch)" in TrainSummary("finetune", Path("o"), Path("o/m"), 2, 0, 1, 1.0,
+                                                          no_val).line()
+
+
+def test_finetune_splits_are_disjoint_and_validation_picks_the_epoch(data, pretrained, tmp_path):
+    pre_out, _ = pretrained
+    cfg = _finetune_cfg(data, tmp_path / "ft", init=pre_out / MODEL, freeze_backbone=True, epochs=3)
+    train, val, test = split_target(cfg)
+    ids = [set(d.sample_ids.tolist()) for d in (train, val, test)]
+    assert [len(i) for i in ids] == [20, 5, 5] and set.union(*ids) == set(range(30))
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    for d in (val, test):  # stratified: one image of every class
+        assert sorted(d.labels.tolist()) == [0, 1, 2, 3, 4]
+    finetune(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "ft" / METRICS).read_text().splitlines()]
+    assert len(rows) == 3 and all(r["val_count"] == 5 and r["test_count"] == 5 for r in rows)
+    val_top1 = [r["val_top1"] for r in rows]
+    chosen = int(np.argmax(val_top1))  # the first of the best
+    saved = load_checkpoint(tmp_path / "ft" / MODEL)
+    assert saved["best_val_epoch"] == chosen and saved["best_val_top1"] == val_top1[chosen]
+    assert saved["test_top1_at_best_val"] == rows[chosen]["test_top1"]
+    assert saved["test_top1_last"] == rows[-1]["test_top1"] and "best_test_top1" not in saved
+    # with its own test data, validation is carved from the target alone
+    train2, val2, test2 = split_target(_finetune_cfg(data, tmp_path / "x", test=data["tgt"], init=pre_out / MODEL))
+    assert (train2.count, val2.count, test2.count) == (25, 5, 30)
+    assert not set(train2.sample_ids.tolist()) & set(val2.sample_ids.tolist())
+    with pytest.raises(ValueError, match="val_fraction must be in"):
+        _finetune_cfg(data, tmp_path / "y", init=pre_out / MODEL, val_fraction=1.0)
 
 
 def _tiny_net(num_classes=5, seed=0):
@@ -395,6 +440,7 @@ def test_dann_and_pseudo_label_finetune_end_to_end(data, pretrained, tmp_path):
     pl = finetune(_finetune_cfg(data, tmp_path / "pl", arch="resnet18", method="pseudo-label",
                                 unlabeled=data["val"], pseudo_threshold=0.01))
     assert pl.history[0]["pseudo_share"] == 1.0 and pl.history[0]["test_count"] == 5
+    assert pl.history[0]["val_count"] == 5
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         finetune(_finetune_cfg(data, tmp_path / "x", init=tmp_path / "missing.pt"))
 
@@ -407,7 +453,8 @@ def dann_reference(data, pretrained, tmp_path_factory):
     return out, finetune(_finetune_cfg(data, out, **kw)), kw
 
 
-# 24 training images in batches of 8: 3 steps an epoch; step 4 is the first of epoch 2
+# 20 training images (30 less 5 test, 5 validation) in batches of 8: 3 steps an epoch; step 4
+# is the first of epoch 2
 @pytest.mark.parametrize("crash", ["train.epoch:1", "train.step:4"])
 def test_dann_finetune_resumes_bit_identically(data, dann_reference, tmp_path, crash):
     # the unlabelled stream, the DANN schedule and the domain classifier must all pick up
