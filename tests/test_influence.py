@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -281,6 +282,22 @@ def test_scorer_scores_follow_the_definition():
     assert np.median(scores[flipped]) < 0 < np.median(scores[~flipped])
     pseudo = run_scorer("influence", inputs, solver="exact").scores
     assert np.isfinite(pseudo).all() and not np.allclose(pseudo, scores)
+
+
+def test_scorer_without_a_held_out_split_says_so_in_one_line():
+    inputs, _ = _scorer_inputs()
+    empty = dataclasses.replace(inputs, target_val_emb=inputs.target_val_emb[:0],
+                                target_val_labels=inputs.target_val_labels[:0])
+    with pytest.raises(ValueError) as err:
+        run_scorer("influence", empty)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("influence needs the encoder's held-out split of the target")
+    assert "retrain it with filterx train-encoder TARGET OUT --val-fraction 0.1" in msg
+    W, b = torch.from_numpy(inputs.head_weight), torch.from_numpy(inputs.head_bias)
+    with pytest.raises(ValueError, match="influence needs validation samples"):
+        head_s_test(inputs.target_emb, empty.target_val_emb, empty.target_val_labels, W, b)
+    with pytest.raises(ValueError, match=r"none of the 200 validation samples is in val_classes \(0, 1\)"):
+        head_s_test(inputs.target_emb, inputs.target_val_emb, np.full(200, 3), W, b, val_classes=[0, 1])
 
 
 def test_scorer_rejects_unknown_labels_and_modes():

@@ -486,3 +486,47 @@ def test_foreign_files_are_refused_with_one_line(tmp_path):
             read(tmp_path / "other.pt")
         with pytest.raises(FileNotFoundError, match=f"{what} '.*gone.pt' does not exist"):
             read(tmp_path / "gone.pt")
+
+
+# ---------------------------------------------------------------- train-encoder on a tiny target
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from filterx.cli import main
+
+    r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return r.exit_code, r.stdout, r.stderr
+
+
+@pytest.fixture(scope="module")
+def two_images(tmp_path_factory):
+    """A target of two classes with one image each: no held-out split is possible."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("two")
+    rng = np.random.default_rng(0)
+    for name in ("cat", "dog"):
+        (root / "raw" / name).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / "raw" / name / "a.jpg")
+    shard(ShardConfig(root / "raw", root / "ds", shard_size=10, workers=1, quiet=True))
+    return root
+
+
+def test_train_encoder_refuses_a_target_with_no_held_out_split(two_images):
+    opts = ("--resolution", 64, "--epochs", 1, "--backend", "pil", "--device", "cpu", "--workers", 0, "-q")
+    code, out, err = _cli("train-encoder", two_images / "ds", two_images / "enc.pt", *opts)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert "has 2 images, no class with 2 or more" in err and "val_fraction 0.1" in err
+    assert "--val-fraction 0" in err and "Traceback" not in err
+    assert not (two_images / "enc.pt").exists()
+    # asked for explicitly, no held-out split trains, says so, and influence refuses it in one line
+    code, out, err = _cli("train-encoder", two_images / "ds", two_images / "enc0.pt", "--val-fraction", 0, *opts)
+    assert code == 0, err
+    assert "no held-out split (accuracy not measured; influence cannot use this encoder)" in out and "nan" not in out
+    code, out, err = _cli("score", "--method", "influence", "--source", two_images / "ds", "--target",
+                          two_images / "ds", "--encoder", two_images / "enc0.pt", "--backend", "pil", "--device",
+                          "cpu", "--workers", 0, "-q")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "influence needs the encoder's held-out split of the target" in err and "retrain it with" in err

@@ -64,6 +64,12 @@ def influence_scores(
     """
     if labels not in LABEL_MODES:
         raise ValueError(f"unknown labels mode {labels!r}; valid: {', '.join(LABEL_MODES)}")
+    if inputs.target_val_labels is None or len(inputs.target_val_labels) == 0:
+        raise ValueError(
+            "influence needs the encoder's held-out split of the target (its validation loss); this "
+            "encoder has none for this target (trained with val_fraction 0, on a target with no class of "
+            "2 or more images, or on another target): retrain it with filterx train-encoder TARGET OUT "
+            "--val-fraction 0.1 on this target")
     options = SolverOptions(
         solver=solver, damping=damping, weight_decay=weight_decay, cg_tol=cg_tol,
         cg_max_iter=cg_max_iter, lissa_scale=lissa_scale, lissa_depth=lissa_depth,
