@@ -324,7 +324,9 @@ def select(source, method, output, fraction, count, threshold, per_class_cap, fm
 
 
 _TRAINING_HELP = {
-    "pretrain": {"lr": "Learning rate for a global batch of 256, scaled with the global batch.",
+    "pretrain": {"lr": "Learning rate for a global batch of 256, scaled with the global batch "
+                       "(ResNets: Goyal et al.; alexnet_lrn: the BVLC AlexNet solver).",
+                 "lr_shown": "0.1 ResNets, 0.01 alexnet_lrn",
                  "val_fraction": "Without --val: share of DATA held out to evaluate on (0: none)."},
     "finetune": {"lr": "The backbone's learning rate (the new head's is x10); not scaled.",
                  "val_fraction": "Share of each training class held out to choose the epoch reported "
@@ -344,7 +346,8 @@ def training_options(command: str):
             click.option("--epochs", type=click.IntRange(1), cls=DefaultOption, show_default=str(d["epochs"]), help="Training epochs."),
             click.option("--batch-size", type=click.IntRange(1), cls=DefaultOption, show_default=str(d["batch_size"]),
                          help="Per-rank batch size (the global batch is this x the ranks)."),
-            click.option("--lr", type=float, cls=DefaultOption, show_default=str(d["lr"]), help=h["lr"]),
+            click.option("--lr", type=float, cls=DefaultOption, show_default=h.get("lr_shown", str(d["lr"])),
+                         help=h["lr"]),
             click.option("--weight-decay", type=float, cls=DefaultOption, show_default=str(d["weight_decay"]), help="L2 weight decay."),
             click.option("--schedule", type=click.Choice(["step", "cosine", "inv"]), cls=DefaultOption,
                          show_default=d["schedule"],
@@ -386,10 +389,11 @@ def pretrain(data, out, arch, val, val_fraction, resolution, epochs, batch_size,
              lr_step_epochs, resume, seed, device, backend, workers, quiet, verbose, as_json):
     """Pre-train a model on DATA: a manifest (any format) or a whole dataset dir.
 
-    Defaults follow the literature: SGD momentum 0.9, lr 0.01 per 256 images, weight decay
-    1e-4, x0.1 every 30 epochs, 90 epochs. Writes, in the directory OUT, checkpoint.pt every
-    epoch (continue after a kill with --resume), metrics.jsonl (per-epoch loss, top-1, lr,
-    img/s) and the final model.pt. Under torchrun it trains with DDP.
+    Defaults follow the literature: SGD momentum 0.9, lr 0.1 per 256 images for ResNets (0.01
+    for alexnet_lrn), weight decay 1e-4, x0.1 every 30 epochs, 90 epochs. Writes, in the
+    directory OUT, checkpoint.pt every epoch (continue after a kill with --resume),
+    metrics.jsonl (per-epoch loss, top-1, lr, img/s) and the final model.pt. Under torchrun
+    it trains with DDP.
 
     \b
     Saves its options to: OUT/filterx-pretrain.yaml

@@ -204,7 +204,7 @@ def test_pretrain_writes_checkpoint_metrics_and_model(data, pretrained):
     for r in rows:
         assert r["images"] == 52 and r["val_count"] == 13 and 0 <= r["val_top1"] <= r["val_top5"] <= 1
         assert np.isfinite(r["loss"]) and r["img_s"] > 0
-        assert r["lr"] == pytest.approx(0.01 * 13 / 256)
+        assert r["lr"] == pytest.approx(0.1 * 13 / 256)  # resnet18: 0.1 per 256 images
     ck = load_checkpoint(out / CHECKPOINT)
     assert ck["epoch"] == 2 and ck["arch"] == "resnet18" and ck["num_classes"] == 13
     assert ck["settings"]["global_batch"] == 13 and set(ck["rng"]) >= {"torch", "numpy", "python"}
@@ -236,7 +236,7 @@ def test_resume_after_a_kill_anywhere_is_bit_identical(data, pretrained, tmp_pat
     assert not (out / MODEL).exists()
     assert (load_checkpoint(out / CHECKPOINT)["epoch"] if saved else (out / CHECKPOINT).exists()) == saved
     if saved:
-        with pytest.raises(ValueError, match=r"lr: 0.01 -> 0.02"):
+        with pytest.raises(ValueError, match=r"lr: 0.1 -> 0.02"):
             pretrain(_pretrain_cfg(data, out, resume=True, lr=0.02))
     resumed = pretrain(_pretrain_cfg(data, out, resume=True))
     assert resumed.start_epoch == saved
@@ -486,6 +486,27 @@ def test_foreign_files_are_refused_with_one_line(tmp_path):
             read(tmp_path / "other.pt")
         with pytest.raises(FileNotFoundError, match=f"{what} '.*gone.pt' does not exist"):
             read(tmp_path / "gone.pt")
+
+
+# ---------------------------------------------------------------- defaults
+
+
+def test_pretrain_lr_defaults_follow_each_arch_recipe(pretrained):
+    from filterx.train import default_lr
+
+    assert default_lr("resnet18") == default_lr("resnet50") == 0.1  # Goyal et al.: 0.1 per 256
+    assert default_lr("alexnet_lrn") == 0.01  # BVLC AlexNet: 0.01 at batch 256
+    pre_out, _ = pretrained  # resnet18, one rank, batch 13, lr left unset
+    ck = load_checkpoint(pre_out / CHECKPOINT)
+    assert ck["settings"]["lr"] == 0.1  # the one it used
+    assert [g["initial_lr"] for g in ck["optimizer"]["param_groups"]] == [pytest.approx(0.1 * 13 / 256)]
+    from click.testing import CliRunner
+
+    from filterx.cli import main
+
+    out = " ".join(CliRunner().invoke(main, ["pretrain", "--help"]).stdout.split())
+    assert "lr 0.1 per 256 images for ResNets (0.01 for alexnet_lrn)" in out
+    assert "[default: 0.1 ResNets, 0.01 alexnet_lrn]" in out
 
 
 # ---------------------------------------------------------------- train-encoder on a tiny target
