@@ -361,8 +361,8 @@ def training_options(command: str):
                          help=DEVICE_HELP),
             click.option("--backend", default="auto", show_default=True,
                          type=click.Choice(["auto", "dali", "torchvision", "pil"]), help=BACKEND_HELP),
-            click.option("--workers", default=4, show_default=True, type=click.IntRange(0),
-                         help="Decode worker processes/threads."),
+            click.option("--workers", type=click.IntRange(0), cls=DefaultOption, show_default="min(4, cores)",
+                         help="Decode worker processes/threads; default: the cores available, at most 4."),
         ]):
             fn = opt(fn)
         return fn
@@ -407,9 +407,9 @@ def pretrain(data, out, arch, val, val_fraction, resolution, epochs, batch_size,
 
     setup(quiet, verbose)
     cfg = PretrainConfig(data, out, arch=arch, resolution=resolution, seed=seed, device=device, backend=backend,
-                         workers=workers, resume=resume, val=val, quiet=quiet,
-                         **_given(val_fraction=val_fraction, epochs=epochs, batch_size=batch_size, lr=lr,
-                                  weight_decay=weight_decay, schedule=schedule, lr_step_epochs=lr_step_epochs))
+                         resume=resume, val=val, quiet=quiet,
+                         **_given(workers=workers, val_fraction=val_fraction, epochs=epochs, batch_size=batch_size,
+                                  lr=lr, weight_decay=weight_decay, schedule=schedule, lr_step_epochs=lr_step_epochs))
     finish_rank0(run(cfg), as_json, inside(out, "pretrain"))
 
 
@@ -466,8 +466,8 @@ def finetune(target, out, init, arch, test, test_fraction, val_fraction, method,
         raise click.UsageError("give --init (a pre-trained model) or --arch (to train from scratch)")
     cfg = FinetuneConfig(target, out, init=init, arch=arch, test=test, unlabeled=unlabeled, method=method,
                          freeze_backbone=freeze_backbone, resolution=resolution, seed=seed, device=device,
-                         backend=backend, workers=workers, resume=resume, quiet=quiet,
-                         **_given(test_fraction=test_fraction, val_fraction=val_fraction,
+                         backend=backend, resume=resume, quiet=quiet,
+                         **_given(workers=workers, test_fraction=test_fraction, val_fraction=val_fraction,
                                   pseudo_threshold=pseudo_threshold, epochs=epochs,
                                   batch_size=batch_size, lr=lr, weight_decay=weight_decay, schedule=schedule,
                                   lr_step_epochs=lr_step_epochs))

@@ -39,7 +39,7 @@ from filterx.models import build_model, list_models
 from filterx.runtime import seed_everything
 from filterx.train_common import (
     CHECKPOINT, CHECKPOINT_FORMAT, SCHEDULES, Run, Runtime, Schedule, TrainSummary, resume_from,
-    config_dict, evaluate, finish, fit, prepare_model, setup_runtime,
+    config_dict, default_workers, evaluate, finish, fit, prepare_model, setup_runtime,
     supervised_step, teardown_runtime, to_input, topk_correct, wrap_ddp,
 )
 from filterx.train_data import (  # noqa: F401  (resolve_training_data: re-exported for callers)
@@ -77,7 +77,7 @@ class PretrainConfig:
     sync_bn: bool = True  # SyncBatchNorm across ranks on CUDA
     backend: str = "auto"
     device: str = "auto"
-    workers: int = 4
+    workers: int = field(default_factory=default_workers)  # min(4, the cores available)
     seed: int = 0
     resume: bool = False  # continue from out/checkpoint.pt
     save_every: int = 0  # also keep epoch_NNNN.pt every this many epochs

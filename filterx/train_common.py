@@ -50,6 +50,15 @@ CHECKPOINT_FORMAT = 1
 SCHEDULES = ("step", "cosine", "inv")
 
 
+def default_workers() -> int:
+    """Decode workers when none are asked for: the cores this process may use, at most 4 (more
+    than the cores only makes the DataLoader warn and the workers compete)."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cores))
+
+
 # ---------------------------------------------------------------- runtime
 
 

@@ -54,7 +54,7 @@ from filterx.models import (
 from filterx.runtime import seed_everything
 from filterx.train_common import (
     CHECKPOINT_FORMAT, MODEL, SCHEDULES, Run, Runtime, Schedule, TrainSummary, autocast,
-    resume_from, config_dict, evaluate, finish, fit, labelled_cross_entropy, load_checkpoint,
+    default_workers, resume_from, config_dict, evaluate, finish, fit, labelled_cross_entropy, load_checkpoint,
     prepare_model, setup_runtime, teardown_runtime, to_input, topk_correct, wrap_ddp,
 )
 from filterx.train_data import (
@@ -102,7 +102,7 @@ class FinetuneConfig:
     sync_bn: bool = True
     backend: str = "auto"
     device: str = "auto"
-    workers: int = 4
+    workers: int = field(default_factory=default_workers)  # min(4, the cores available)
     seed: int = 0
     resume: bool = False
     save_every: int = 0

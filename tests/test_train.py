@@ -509,6 +509,19 @@ def test_pretrain_lr_defaults_follow_each_arch_recipe(pretrained):
     assert "[default: 0.1 ResNets, 0.01 alexnet_lrn]" in out
 
 
+def test_training_workers_default_to_the_cores_available(data, tmp_path):
+    from click.testing import CliRunner
+
+    from filterx.cli import main
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert PretrainConfig(data=data["src"], out=tmp_path).workers == min(4, cores)
+    assert FinetuneConfig(target=data["tgt"], out=tmp_path, arch="resnet18").workers == min(4, cores)
+    for command in ("pretrain", "finetune"):
+        out = " ".join(CliRunner().invoke(main, [command, "--help"]).stdout.split())
+        assert "the cores available, at most 4. [default: min(4, cores); x>=0]" in out, command
+
+
 # ---------------------------------------------------------------- train-encoder on a tiny target
 
 
