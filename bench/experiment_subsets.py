@@ -222,10 +222,12 @@ def run_one(cfg: ExperimentConfig, work: Work, data: Path | None, seed: int) -> 
     """Pre-train on ``data`` (None: no pre-training) for ``cfg.steps`` steps, fine-tune on the
     target, test. Returns the record; cached under ``WORK/experiment/runs`` by its settings."""
     from filterx.train import FinetuneConfig, PretrainConfig, finetune, pretrain
+    from filterx.train_finetune import selected_epoch
 
     settings = {k: v for k, v in asdict(cfg).items()
                 if k not in ("work", "seeds", "methods", "budgets", "threads", "quick", "fresh", "demo_epochs")}
-    key = {"settings": settings, "data": _identity(data), "seed": seed,
+    # protocol 2: finetune trains on the target less a validation split (runs cached before differ)
+    key = {"settings": settings, "data": _identity(data), "seed": seed, "protocol": 2,
            "target": _identity(work.target_train), "test": _identity(work.test)}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     cache = work.root / "experiment" / "runs" / f"{digest}.json"
@@ -254,7 +256,8 @@ def run_one(cfg: ExperimentConfig, work: Work, data: Path | None, seed: int) -> 
                                      **common))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    rec.update(test_top1=ft.final["test_top1"], best_test_top1=ft.best("test_top1")[0],
+    rec.update(test_top1=ft.final["test_top1"],
+               test_top1_at_best_val=selected_epoch(ft.history)["test_top1_at_best_val"],
                test_count=ft.final["test_count"], finetune_train_top1=ft.final["train_top1"],
                test_top1_by_epoch=[r["test_top1"] for r in ft.history], finetune_seconds=ft.seconds)
     rec["seconds"] = rec.get("pretrain_seconds", 0.0) + ft.seconds

@@ -367,10 +367,14 @@ def select(source, method, output, fraction, count, threshold, per_class_cap, fm
 
 
 _TRAINING_HELP = {
-    "pretrain": {"lr": "Learning rate for a global batch of 256, scaled with the global batch.",
+    "pretrain": {"lr": "Learning rate for a global batch of 256, scaled with the global batch "
+                       "(ResNets: Goyal et al.; alexnet_lrn: the BVLC AlexNet solver).",
+                 "lr_shown": "0.1 ResNets, 0.01 alexnet_lrn",
                  "val_fraction": "Without --val: share of DATA held out to evaluate on (0: none)."},
     "finetune": {"lr": "The backbone's learning rate (the new head's is x10); not scaled.",
-                 "val_fraction": "Without --test: share of TARGET held out as the test split."},
+                 "val_fraction": "Share of each training class held out to choose the epoch reported "
+                                 "(0: none, the last epoch is reported); never the test data.",
+                 "test_fraction": "Without --test: share of each TARGET class held out as the test split."},
 }
 
 
@@ -385,7 +389,8 @@ def training_options(command: str):
             click.option("--epochs", type=click.IntRange(1), cls=DefaultOption, show_default=str(d["epochs"]), help="Training epochs."),
             click.option("--batch-size", type=click.IntRange(1), cls=DefaultOption, show_default=str(d["batch_size"]),
                          help="Per-rank batch size (the global batch is this x the ranks)."),
-            click.option("--lr", type=float, cls=DefaultOption, show_default=str(d["lr"]), help=h["lr"]),
+            click.option("--lr", type=float, cls=DefaultOption, show_default=h.get("lr_shown", str(d["lr"])),
+                         help=h["lr"]),
             click.option("--weight-decay", type=float, cls=DefaultOption, show_default=str(d["weight_decay"]), help="L2 weight decay."),
             click.option("--schedule", type=click.Choice(["step", "cosine", "inv"]), cls=DefaultOption,
                          show_default=d["schedule"],
@@ -399,8 +404,8 @@ def training_options(command: str):
                          help=DEVICE_HELP),
             click.option("--backend", default="auto", show_default=True,
                          type=click.Choice(["auto", "dali", "torchvision", "pil"]), help=BACKEND_HELP),
-            click.option("--workers", default=4, show_default=True, type=click.IntRange(0),
-                         help="Decode worker processes/threads."),
+            click.option("--workers", type=click.IntRange(0), cls=DefaultOption, show_default="min(4, cores)",
+                         help="Decode worker processes/threads; default: the cores available, at most 4."),
         ]):
             fn = opt(fn)
         return fn
@@ -427,10 +432,11 @@ def pretrain(data, out, arch, val, val_fraction, resolution, epochs, batch_size,
              lr_step_epochs, resume, seed, device, backend, workers, quiet, verbose, as_json):
     """Pre-train a model on DATA: a manifest (any format) or a whole dataset dir.
 
-    Defaults follow the literature: SGD momentum 0.9, lr 0.01 per 256 images, weight decay
-    1e-4, x0.1 every 30 epochs, 90 epochs. Writes, in the directory OUT, checkpoint.pt every
-    epoch (continue after a kill with --resume), metrics.jsonl (per-epoch loss, top-1, lr,
-    img/s) and the final model.pt. Under torchrun it trains with DDP.
+    Defaults follow the literature: SGD momentum 0.9, lr 0.1 per 256 images for ResNets (0.01
+    for alexnet_lrn), weight decay 1e-4, x0.1 every 30 epochs, 90 epochs. Writes, in the
+    directory OUT, checkpoint.pt every epoch (continue after a kill with --resume),
+    metrics.jsonl (per-epoch loss, top-1, lr, img/s) and the final model.pt. Under torchrun
+    it trains with DDP.
 
     \b
     Saves its options to: OUT/filterx-pretrain.yaml
@@ -444,9 +450,9 @@ def pretrain(data, out, arch, val, val_fraction, resolution, epochs, batch_size,
 
     setup(quiet, verbose)
     cfg = PretrainConfig(data, out, arch=arch, resolution=resolution, seed=seed, device=device, backend=backend,
-                         workers=workers, resume=resume, val=val, quiet=quiet,
-                         **_given(val_fraction=val_fraction, epochs=epochs, batch_size=batch_size, lr=lr,
-                                  weight_decay=weight_decay, schedule=schedule, lr_step_epochs=lr_step_epochs))
+                         resume=resume, val=val, quiet=quiet,
+                         **_given(workers=workers, val_fraction=val_fraction, epochs=epochs, batch_size=batch_size,
+                                  lr=lr, weight_decay=weight_decay, schedule=schedule, lr_step_epochs=lr_step_epochs))
     finish_rank0(run(cfg), as_json, inside(out, "pretrain"))
 
 
@@ -458,6 +464,9 @@ def pretrain(data, out, arch, val, val_fraction, resolution, epochs, batch_size,
 @click.option("--arch", type=RegistryChoice("arch", model_names),
               help="Architecture when training from scratch; with --init, a check that it matches.")
 @click.option("--test", type=click.Path(exists=True, path_type=Path), help="Target test dataset dir or manifest.")
+@click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), cls=DefaultOption,
+              show_default=str(TRAINING_DEFAULTS["finetune"]["test_fraction"]),
+              help=_TRAINING_HELP["finetune"]["test_fraction"])
 @click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), cls=DefaultOption,
               show_default=str(TRAINING_DEFAULTS["finetune"]["val_fraction"]), help=_TRAINING_HELP["finetune"]["val_fraction"])
 @click.option("--method", default="plain", show_default=True, type=click.Choice(["plain", "dann", "pseudo-label"]),
@@ -470,11 +479,14 @@ def pretrain(data, out, arch, val, val_fraction, resolution, epochs, batch_size,
               help="pseudo-label: confidence an unlabelled image needs.")
 @training_options("finetune")
 @common
-def finetune(target, out, init, arch, test, val_fraction, method, unlabeled, freeze_backbone, pseudo_threshold,
-             resolution, epochs, batch_size, lr, weight_decay, schedule, lr_step_epochs, resume, seed, device,
-             backend, workers, quiet, verbose, as_json):
+def finetune(target, out, init, arch, test, test_fraction, val_fraction, method, unlabeled, freeze_backbone,
+             pseudo_threshold, resolution, epochs, batch_size, lr, weight_decay, schedule, lr_step_epochs, resume,
+             seed, device, backend, workers, quiet, verbose, as_json):
     """Fine-tune on the TARGET dataset dir or manifest: a new head (lr x10), reporting the
-    target test top-1 per epoch.
+    target validation and test top-1 per epoch.
+
+    The epoch reported is the one of best validation top-1 (a split of the training data);
+    the test top-1 given is that epoch's (and the last's): test data never chooses.
 
     Default schedule: the inverse decay lr (1 + 10p)^-0.75 of domain adaptation. With
     --unlabeled, --method dann (gradient reversal) or pseudo-label adapts to that domain.
@@ -497,8 +509,9 @@ def finetune(target, out, init, arch, test, val_fraction, method, unlabeled, fre
         raise click.UsageError("give --init (a pre-trained model) or --arch (to train from scratch)")
     cfg = FinetuneConfig(target, out, init=init, arch=arch, test=test, unlabeled=unlabeled, method=method,
                          freeze_backbone=freeze_backbone, resolution=resolution, seed=seed, device=device,
-                         backend=backend, workers=workers, resume=resume, quiet=quiet,
-                         **_given(val_fraction=val_fraction, pseudo_threshold=pseudo_threshold, epochs=epochs,
+                         backend=backend, resume=resume, quiet=quiet,
+                         **_given(workers=workers, test_fraction=test_fraction, val_fraction=val_fraction,
+                                  pseudo_threshold=pseudo_threshold, epochs=epochs,
                                   batch_size=batch_size, lr=lr, weight_decay=weight_decay, schedule=schedule,
                                   lr_step_epochs=lr_step_epochs))
     finish_rank0(run(cfg), as_json, inside(out, "finetune"))

@@ -132,10 +132,11 @@ _CLASS_SPECS = ("classes", "relevant_classes")
 # pretrain / finetune options left unset take their value from PretrainConfig / FinetuneConfig;
 # shown in --help and written into saved configs (tests check that they agree).
 TRAINING_DEFAULTS = {
-    "pretrain": {"epochs": 90, "batch_size": 64, "lr": 0.01, "weight_decay": 1e-4, "schedule": "step",
+    # lr None: the arch's (filterx.train.default_lr: 0.1 per 256 for ResNets, 0.01 alexnet_lrn)
+    "pretrain": {"epochs": 90, "batch_size": 64, "lr": None, "weight_decay": 1e-4, "schedule": "step",
                  "lr_step_epochs": 30, "val_fraction": 0.0},
     "finetune": {"epochs": 20, "batch_size": 32, "lr": 0.001, "weight_decay": 5e-4, "schedule": "inv",
-                 "lr_step_epochs": 10, "val_fraction": 0.2, "pseudo_threshold": 0.95},
+                 "lr_step_epochs": 10, "test_fraction": 0.2, "val_fraction": 0.1, "pseudo_threshold": 0.95},
 }
 
 

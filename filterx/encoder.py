@@ -89,10 +89,12 @@ class EncoderSummary:
 
     def line(self) -> str:
         rate = self.epochs * self.train_count / max(self.train_seconds, 1e-9)
+        held = (f"held-out accuracy {self.val_acc:.1%} on {self.val_count} images" if self.val_count
+                else "no held-out split (accuracy not measured; influence cannot use this encoder)")
         return (
             f"trained {self.tag} for {self.epochs} epochs on {self.train_count} target images in "
-            f"{self.seconds:.1f}s ({rate:.0f} img/s in training): held-out accuracy {self.val_acc:.1%} "
-            f"on {self.val_count} images (train {self.train_acc:.1%}); saved to {self.out}"
+            f"{self.seconds:.1f}s ({rate:.0f} img/s in training): {held} "
+            f"(train {self.train_acc:.1%}); saved to {self.out}"
         )
 
 
@@ -112,6 +114,27 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     val = np.sort(np.array(val, dtype=np.int64))
     train = np.setdiff1d(np.flatnonzero(labels >= 0), val).astype(np.int64)
     return train, val
+
+
+def check_held_out(ds: Dataset, val_fraction: float) -> None:
+    """Refuse a target that leaves the held-out split empty (ValueError naming the counts).
+
+    stratified_split holds out images only of classes with 2 or more (a class's one image is
+    kept for training), so a target whose every class has a single image has no held-out
+    split: its accuracy cannot be measured and influence, which needs that split's loss,
+    cannot run. With val_fraction 0 the split is empty on purpose; a warning says so.
+    """
+    counts = np.bincount(ds.labels[ds.labels >= 0], minlength=ds.num_classes)
+    if val_fraction == 0:
+        log.warning("target %s: val_fraction 0 keeps no held-out split; the encoder's accuracy is not "
+                    "measured and score --method influence cannot use it", ds.root)
+        return
+    if counts.max(initial=0) < 2:
+        raise ValueError(
+            f"target {ds.root} has {int(counts.sum())} images, no class with 2 or more, so the held-out "
+            f"split (val_fraction {val_fraction}) would be empty; a class needs at least 2 images to give "
+            "one held-out image (held-out accuracy and --method influence need it); or train without "
+            "a held-out split with val_fraction 0 (--val-fraction 0)")
 
 
 def empty_classes(ds: Dataset) -> list[str]:
@@ -208,6 +231,7 @@ def train_encoder(cfg: EncoderConfig) -> EncoderSummary:
         )
     if cfg.epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {cfg.epochs}")
+    check_held_out(ds, cfg.val_fraction)
     empty = empty_classes(ds)
     if empty:
         # The head keeps an output for every class of the dataset, so that its indices stay the

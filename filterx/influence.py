@@ -164,11 +164,13 @@ def head_s_test(train_x, val_x, val_labels, weight, bias, *,
     W, b, tx, vx = (_to(a, dev, f64) for a in (weight, bias, train_x, val_x))
     vy, num_classes = _to(val_labels, dev, torch.int64), W.shape[0]
     _check_labels(vy, num_classes, "val_labels")
+    if len(vy) == 0:
+        raise ValueError("influence needs validation samples (the loss it is the influence on); got none")
     t0 = time.perf_counter()
     keep = _class_mask(vy, val_classes, num_classes)
     if not bool(keep.any()):
         raise ValueError(
-            f"none of the {len(vy)} validation samples is in val_classes {tuple(val_classes)}"
+            f"none of the {len(vy)} validation samples is in val_classes {tuple(val_classes or ())}"
         )
     v, val_loss = head_loss_gradient(vx[keep], vy[keep], W, b)
     sync_cuda(dev)

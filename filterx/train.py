@@ -2,9 +2,12 @@
 
     summary = pretrain(PretrainConfig(data="subset.jsonl", out="runs/r50", arch="resnet50"))
 
-Defaults follow the ImageNet literature: SGD with momentum 0.9, lr 0.01 at a global batch of
-256 scaled linearly with the global batch (per-rank batch x world size), weight decay 1e-4,
-x0.1 every 30 epochs, 90 epochs; bf16 autocast and channels_last on CUDA.
+Defaults follow the ImageNet literature: SGD with momentum 0.9, weight decay 1e-4, x0.1 every
+30 epochs, 90 epochs; lr at a global batch of 256, scaled linearly with the global batch
+(per-rank batch x world size): 0.1 for the ResNets (He et al. 2016; Goyal et al. 2017, "0.1 kn/256"),
+0.01 for ``alexnet_lrn`` (the BVLC AlexNet solver: base_lr 0.01 at batch 256; Krizhevsky et al.
+2012 used 0.01 at batch 128); bf16 autocast and channels_last on CUDA. (``lr=None`` picks the
+arch's; see :func:`default_lr`.)
 
 Distributed: run the same call under ``torchrun --nproc_per_node N`` (add ``--nnodes`` /
 ``--rdzv-endpoint`` for several machines; the output dir must then be on a shared file system
@@ -36,7 +39,7 @@ from filterx.models import build_model, list_models
 from filterx.runtime import seed_everything
 from filterx.train_common import (
     CHECKPOINT, CHECKPOINT_FORMAT, SCHEDULES, Run, Runtime, Schedule, TrainSummary, resume_from,
-    config_dict, evaluate, finish, fit, prepare_model, setup_runtime,
+    config_dict, default_workers, evaluate, finish, fit, prepare_model, setup_runtime,
     supervised_step, teardown_runtime, to_input, topk_correct, wrap_ddp,
 )
 from filterx.train_data import (  # noqa: F401  (resolve_training_data: re-exported for callers)
@@ -59,7 +62,7 @@ class PretrainConfig:
     resolution: int = 224
     epochs: int = 90
     batch_size: int = 64  # per rank; the global batch is batch_size x world size
-    lr: float = 0.01  # at a global batch of 256, scaled linearly
+    lr: float | None = None  # at a global batch of 256, scaled linearly; None: default_lr(arch)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     schedule: str = "step"  # step | cosine | inv
@@ -74,7 +77,7 @@ class PretrainConfig:
     sync_bn: bool = True  # SyncBatchNorm across ranks on CUDA
     backend: str = "auto"
     device: str = "auto"
-    workers: int = 4
+    workers: int = field(default_factory=default_workers)  # min(4, the cores available)
     seed: int = 0
     resume: bool = False  # continue from out/checkpoint.pt
     save_every: int = 0  # also keep epoch_NNNN.pt every this many epochs
@@ -94,6 +97,16 @@ class PretrainConfig:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.val is not None and self.val_fraction > 0:
             raise ValueError("give either val (a dataset to evaluate on) or val_fraction, not both")
+
+
+# lr at a global batch of 256 of the recipe each arch comes from; ResNets: DEFAULT_LR.
+DEFAULT_LR = 0.1
+ARCH_LR = {"alexnet_lrn": 0.01}
+
+
+def default_lr(arch: str) -> float:
+    """The literature's lr per 256 images for ``arch`` (module doc): 0.1, alexnet_lrn 0.01."""
+    return ARCH_LR.get(arch, DEFAULT_LR)
 
 
 def pretrain(cfg: PretrainConfig) -> TrainSummary:
@@ -129,7 +142,8 @@ def _pretrain(cfg: PretrainConfig, rt: Runtime, out: Path, train: TrainingData, 
                                                   for m in model.modules()):
         log.warning("BatchNorm statistics are per rank on the CPU (no SyncBatchNorm there)")
     global_batch = cfg.batch_size * rt.world_size
-    lr = cfg.lr * global_batch / 256
+    lr_256 = cfg.lr if cfg.lr is not None else default_lr(cfg.arch)
+    lr = lr_256 * global_batch / 256
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     steps = batches_per_epoch(train.count, cfg.batch_size, cfg.workers, rt.world_size, backend)
     if steps < 1:
@@ -138,8 +152,8 @@ def _pretrain(cfg: PretrainConfig, rt: Runtime, out: Path, train: TrainingData, 
     schedule = Schedule(cfg.schedule, steps, steps * cfg.epochs, cfg.lr_step_epochs, cfg.lr_gamma,
                         warmup_steps=steps * cfg.warmup_epochs)
     sched = schedule.scheduler(opt)
-    settings = {**config_dict(cfg), "world_size": rt.world_size, "global_batch": global_batch,
-                "train_data": train.identity()}
+    settings = {**config_dict(cfg), "lr": lr_256, "world_size": rt.world_size, "global_batch": global_batch,
+                "train_data": train.identity()}  # lr: the one used, whether given or the arch's
 
     start_epoch, history = resume_from(out, cfg.resume, settings, SOFT_SETTINGS + ("world_size",),
                                        {"model": model}, opt, sched)

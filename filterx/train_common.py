@@ -50,6 +50,15 @@ CHECKPOINT_FORMAT = 1
 SCHEDULES = ("step", "cosine", "inv")
 
 
+def default_workers() -> int:
+    """Decode workers when none are asked for: the cores this process may use, at most 4 (more
+    than the cores only makes the DataLoader warn and the workers compete)."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cores))
+
+
 # ---------------------------------------------------------------- runtime
 
 
@@ -431,9 +440,15 @@ class TrainSummary:
             parts.append(f"{timed[-1]['images']} images per epoch, {rate:.0f} img/s")
         if "loss" in f:
             parts.append(f"final loss {f['loss']:.4f}")
-        for key in ("val_top1", "test_top1"):
-            best = self.best(key)
-            if best:
-                parts.append(f"{key} {f[key]:.1%} (best {best[0]:.1%} at epoch {best[1]})")
+        best = self.best("val_top1")
+        if best:
+            parts.append(f"val_top1 {f['val_top1']:.1%} (best {best[0]:.1%} at epoch {best[1]})")
+        if "test_top1" in f:  # reported at the epoch validation chose, never its own best
+            at = next((r for r in self.history if r["epoch"] == best[1]), None) if best else None
+            if at is not None and "test_top1" in at:
+                parts.append(f"test_top1 {at['test_top1']:.1%} at epoch {best[1]}, the best on val "
+                             f"(last epoch {f['test_top1']:.1%})")
+            else:
+                parts.append(f"test_top1 {f['test_top1']:.1%} (last epoch)")
         parts.append(f"saved to {self.model} (checkpoint.pt and metrics.jsonl beside it)")
         return "; ".join(parts)

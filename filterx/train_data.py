@@ -96,13 +96,17 @@ def resolve_training_data(source: str | Path) -> TrainingData:
                         ids, ds.labels[ids], path, ds.fingerprint)
 
 
-def held_out_split(data: TrainingData, fraction: float, seed: int) -> tuple[TrainingData, TrainingData]:
-    """(train, held-out): ``fraction`` of every class held out (seeded, stratified)."""
+def held_out_split(data: TrainingData, fraction: float, seed: int,
+                   what: str = "evaluation") -> tuple[TrainingData, TrainingData]:
+    """(train, held-out): ``fraction`` of every class held out (seeded, stratified; see
+    ``filterx.encoder.stratified_split``). ``what`` names the held-out part in the error raised
+    when it would be empty (every class has a single image)."""
     from filterx.encoder import stratified_split
 
     train_pos, val_pos = stratified_split(data.labels, fraction, seed)
     if len(val_pos) == 0:
-        raise ValueError(f"a held-out fraction of {fraction} leaves no evaluation images in {data.source}")
+        raise ValueError(f"a held-out fraction of {fraction} leaves no {what} images in {data.source} "
+                         f"({data.count} images; a class needs 2 or more to give one)")
     return data.subset(data.sample_ids[train_pos]), data.subset(data.sample_ids[val_pos])
 
 

@@ -18,8 +18,14 @@ Unsupervised domain adaptation towards an ``unlabeled`` dataset (the labelled ta
 - ``pseudo-label`` (Lee 2013, with FixMatch's cut-off): unlabelled images whose max softmax is
   at least ``pseudo_threshold`` (0.95) join the loss with their argmax as the label.
 
-Each step feeds the labelled and the unlabelled batch through the network together. Test top-1
-is reported every epoch (on ``test`` or on a held-out share of the target) with the best epoch.
+Each step feeds the labelled and the unlabelled batch through the network together.
+
+Model selection never looks at the test data. A seeded, stratified validation split
+(``val_fraction`` of every class) is carved out of the training data; every epoch is evaluated
+on it and on the test data (``test``, or else a held-out ``test_fraction`` of the target,
+carved first). The selected epoch is the one of highest ``val_top1``, and the number to report
+is ``test_top1`` at that epoch (``test_top1_at_best_val``; the last epoch's as well). model.pt
+holds the last epoch's weights.
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ from filterx.models import (
 from filterx.runtime import seed_everything
 from filterx.train_common import (
     CHECKPOINT_FORMAT, MODEL, SCHEDULES, Run, Runtime, Schedule, TrainSummary, autocast,
-    resume_from, config_dict, evaluate, finish, fit, labelled_cross_entropy, load_checkpoint,
+    default_workers, resume_from, config_dict, evaluate, finish, fit, labelled_cross_entropy, load_checkpoint,
     prepare_model, setup_runtime, teardown_runtime, to_input, topk_correct, wrap_ddp,
 )
 from filterx.train_data import (
@@ -69,8 +75,9 @@ class FinetuneConfig:
     out: Path
     init: Path | None = None  # pretrain model.pt / checkpoint.pt or an encoder file; None: from scratch
     arch: str | None = None  # from scratch (or a check against init's arch)
-    test: Path | None = None  # target test data; else a held-out share of ``target``
-    val_fraction: float = 0.2
+    test: Path | None = None  # target test data; else ``test_fraction`` of ``target`` held out
+    test_fraction: float = 0.2  # without ``test``: share of every class of the target kept for test
+    val_fraction: float = 0.1  # share of every training class kept to select the epoch (0: none)
     unlabeled: Path | None = None  # unlabelled target-domain images (dann / pseudo-label)
     method: str = "plain"  # plain | dann | pseudo-label
     freeze_backbone: bool = False
@@ -95,7 +102,7 @@ class FinetuneConfig:
     sync_bn: bool = True
     backend: str = "auto"
     device: str = "auto"
-    workers: int = 4
+    workers: int = field(default_factory=default_workers)  # min(4, the cores available)
     seed: int = 0
     resume: bool = False
     save_every: int = 0
@@ -121,8 +128,10 @@ class FinetuneConfig:
         for name in ("epochs", "batch_size", "lr_step_epochs", "dann_hidden"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.test is None and not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"without a test dataset val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.test is None and not 0.0 < self.test_fraction < 1.0:
+            raise ValueError(f"without a test dataset test_fraction must be in (0, 1), got {self.test_fraction}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1) (0: no validation split), got {self.val_fraction}")
 
 
 # ---------------------------------------------------------------- DANN and pseudo-labels
@@ -306,19 +315,44 @@ def _check_test_coverage(train: TrainingData, test: TrainingData) -> None:
 # ---------------------------------------------------------------- finetune
 
 
-def finetune(cfg: FinetuneConfig) -> TrainSummary:
-    """Fine-tune on ``cfg.target`` (see the module doc). The summary's history has per epoch
-    loss, train_top1, test_top1 (+ test_top5 with >= 5 classes), lr (the first parameter
-    group's: the backbone's, or the head's when it is frozen), img_s, and for dann
-    domain_loss/domain_acc, for pseudo-label pseudo_share; ``summary.best("test_top1")``."""
-    t0 = time.perf_counter()
-    out = Path(cfg.out)
+def split_target(cfg: FinetuneConfig) -> tuple[TrainingData, TrainingData | None, TrainingData]:
+    """(train, validation or None, test): test is ``cfg.test`` or else ``test_fraction`` of the
+    target; validation is ``val_fraction`` of what remains, so the three never share an image."""
     target = resolve_training_data(cfg.target)
     if cfg.test is not None:
         train, test = target, resolve_training_data(cfg.test)
         _same_classes(target, test)
     else:
-        train, test = held_out_split(target, cfg.val_fraction, cfg.seed)
+        train, test = held_out_split(target, cfg.test_fraction, cfg.seed, what="test")
+    val = None
+    if cfg.val_fraction > 0:
+        train, val = held_out_split(train, cfg.val_fraction, cfg.seed, what="validation")
+    return train, val, test
+
+
+def selected_epoch(history: list[dict]) -> dict:
+    """What a run reports: the epoch of highest ``val_top1`` (the earliest on ties) and
+    ``test_top1`` there, with the last epoch's ``test_top1``. Test data never chooses."""
+    out: dict = {"test_top1_last": history[-1].get("test_top1") if history else None}
+    rows = [r for r in history if not math.isnan(r.get("val_top1", math.nan))]
+    if rows:
+        best = max(rows, key=lambda r: (r["val_top1"], -r["epoch"]))
+        out.update(best_val_top1=best["val_top1"], best_val_epoch=best["epoch"],
+                   test_top1_at_best_val=best.get("test_top1"))
+    else:
+        out.update(best_val_top1=None, best_val_epoch=None, test_top1_at_best_val=None)
+    return out
+
+
+def finetune(cfg: FinetuneConfig) -> TrainSummary:
+    """Fine-tune on ``cfg.target`` (see the module doc). The summary's history has per epoch
+    loss, train_top1, val_top1/val_loss (with a validation split), test_top1/test_loss (+ top5
+    with >= 5 classes), lr (the first parameter group's: the backbone's, or the head's when it
+    is frozen), img_s, and for dann domain_loss/domain_acc, for pseudo-label pseudo_share;
+    ``selected_epoch(summary.history)`` (also in model.pt) is what to report."""
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    train, val, test = split_target(cfg)
     _check_test_coverage(train, test)
     unlabeled = resolve_training_data(cfg.unlabeled) if cfg.unlabeled is not None else None
     backend = resolve_backend(cfg.backend, subset=train.ids is not None)
@@ -326,13 +360,13 @@ def finetune(cfg: FinetuneConfig) -> TrainSummary:
     try:
         lock = atomic.run_lock(out, "finetune") if rt.is_main else contextlib.nullcontext()
         with lock:
-            return _finetune(cfg, rt, out, train, test, unlabeled, backend, t0)
+            return _finetune(cfg, rt, out, train, val, test, unlabeled, backend, t0)
     finally:
         teardown_runtime(rt)
 
 
-def _finetune(cfg: FinetuneConfig, rt: Runtime, out: Path, train: TrainingData, test: TrainingData,
-              unlabeled: TrainingData | None, backend: str, t0: float) -> TrainSummary:
+def _finetune(cfg: FinetuneConfig, rt: Runtime, out: Path, train: TrainingData, val: TrainingData | None,
+              test: TrainingData, unlabeled: TrainingData | None, backend: str, t0: float) -> TrainSummary:
     seed_everything(cfg.seed)
     net, arch, kwargs = initial_model(cfg, train.num_classes)
     domain = DomainClassifier(feature_dim(net), cfg.dann_hidden) if cfg.method == "dann" else None
@@ -356,7 +390,7 @@ def _finetune(cfg: FinetuneConfig, rt: Runtime, out: Path, train: TrainingData, 
                         cfg.inv_gamma, cfg.inv_power)
     sched = schedule.scheduler(opt)
     settings = {**config_dict(cfg), "world_size": rt.world_size, "arch": arch,
-                "train_data": train.identity()}
+                "train_data": train.identity(), "val_data": val.identity() if val is not None else None}
 
     start_epoch, history = resume_from(out, cfg.resume, settings, SOFT_SETTINGS,
                                        {"model": net, "domain": domain}, opt, sched)
@@ -410,9 +444,13 @@ def _finetune(cfg: FinetuneConfig, rt: Runtime, out: Path, train: TrainingData, 
         return row
 
     def evaluate_epoch(epoch: int) -> dict:
-        test_backend = resolve_backend(cfg.backend, subset=test.ids is not None)
-        return evaluate(net, test, resolution=cfg.resolution, backend=test_backend,
-                        batch_size=cfg.batch_size, workers=cfg.workers, rt=rt, prefix="test")
+        row = {}
+        for data, prefix in ((val, "val"), (test, "test")):
+            if data is not None:
+                row.update(evaluate(net, data, resolution=cfg.resolution,
+                                    backend=resolve_backend(cfg.backend, subset=data.ids is not None),
+                                    batch_size=cfg.batch_size, workers=cfg.workers, rt=rt, prefix=prefix))
+        return row
 
     def payload() -> dict:
         return {"filterx_checkpoint": CHECKPOINT_FORMAT, "kind": "finetune", "arch": arch, "model_kwargs": kwargs,
@@ -429,6 +467,5 @@ def _finetune(cfg: FinetuneConfig, rt: Runtime, out: Path, train: TrainingData, 
     fit(run, rt, start_epoch, cfg.quiet)
     summary = TrainSummary("finetune", out, out / MODEL, cfg.epochs, start_epoch, rt.world_size,
                            time.perf_counter() - t0, list(run.history))
-    best = summary.best("test_top1")
-    finish(run, rt, {"best_test_top1": best[0] if best else None, "best_epoch": best[1] if best else None})
+    finish(run, rt, selected_epoch(summary.history))
     return summary

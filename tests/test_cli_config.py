@@ -200,7 +200,8 @@ def test_pretrain_saves_the_literature_defaults_it_used(sample_dirs, tmp_path):
     assert summary["config"] == str(config)
     values = saved(config)
     assert values["epochs"] == 1 and values["batch-size"] == 12  # given
-    assert values["lr"] == 0.01 and values["schedule"] == "step" and values["val-fraction"] == 0.0  # defaults
+    assert values["schedule"] == "step" and values["val-fraction"] == 0.0  # defaults
+    assert values["lr"] is None  # unset: the arch's (filterx.train.default_lr), also when read back
     assert values["data"] == str(tmp_path / "m.jsonl") and values["resume"] is False
     last = json.loads((tmp_path / "pre" / "metrics.jsonl").read_text().splitlines()[-1])
     shutil.move(config, tmp_path / "pre.yaml")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -270,10 +271,12 @@ def test_scorer_scores_follow_the_definition():
     scores = result.scores
     assert result.attrs["solver"] == "cg" and result.attrs["residual"] < 1e-5
     assert result.attrs["num_val"] == 200 and result.attrs["num_params"] == 36
+    assert result.attrs["weight_decay"] == 5e-4 and result.attrs["label_smoothing"] == 0.0
     assert scores.dtype == np.float32 and scores.shape == (300,) and np.isfinite(scores).all()
     W, b = torch.from_numpy(inputs.head_weight), torch.from_numpy(inputs.head_bias)
+    # by default H is that of train-encoder's objective: its weight decay is part of it
     s = head_s_test(inputs.target_emb, inputs.target_val_emb, inputs.target_val_labels, W, b,
-                    options=SolverOptions(solver="exact", damping=0.01)).s_test
+                    options=SolverOptions(solver="exact", damping=0.01, weight_decay=5e-4)).s_test
     x, y = torch.from_numpy(inputs.source_emb).double(), torch.from_numpy(inputs.source_labels)
     expected = per_sample_scores_autograd(x, y, W.double(), b.double(), s)
     np.testing.assert_allclose(scores, expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
@@ -281,6 +284,33 @@ def test_scorer_scores_follow_the_definition():
     assert np.median(scores[flipped]) < 0 < np.median(scores[~flipped])
     pseudo = run_scorer("influence", inputs, solver="exact").scores
     assert np.isfinite(pseudo).all() and not np.allclose(pseudo, scores)
+
+
+def test_scorer_default_objective_is_train_encoders():
+    from filterx.encoder import EncoderConfig
+    from filterx.scorers import get_scorer
+
+    assert get_scorer("influence").defaults["weight_decay"] == EncoderConfig.weight_decay == 5e-4
+    inputs, _ = _scorer_inputs()
+    plain = run_scorer("influence", inputs, labels="given", solver="exact", weight_decay=0.0).scores
+    default = run_scorer("influence", inputs, labels="given", solver="exact").scores
+    assert not np.allclose(plain, default, rtol=1e-4)  # the decay changes H, so the scores
+
+
+def test_scorer_without_a_held_out_split_says_so_in_one_line():
+    inputs, _ = _scorer_inputs()
+    empty = dataclasses.replace(inputs, target_val_emb=inputs.target_val_emb[:0],
+                                target_val_labels=inputs.target_val_labels[:0])
+    with pytest.raises(ValueError) as err:
+        run_scorer("influence", empty)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("influence needs the encoder's held-out split of the target")
+    assert "retrain it with filterx train-encoder TARGET OUT --val-fraction 0.1" in msg
+    W, b = torch.from_numpy(inputs.head_weight), torch.from_numpy(inputs.head_bias)
+    with pytest.raises(ValueError, match="influence needs validation samples"):
+        head_s_test(inputs.target_emb, empty.target_val_emb, empty.target_val_labels, W, b)
+    with pytest.raises(ValueError, match=r"none of the 200 validation samples is in val_classes \(0, 1\)"):
+        head_s_test(inputs.target_emb, inputs.target_val_emb, np.full(200, 3), W, b, val_classes=[0, 1])
 
 
 def test_scorer_rejects_unknown_labels_and_modes():

@@ -75,6 +75,25 @@ def test_domain_classifier_finds_target_like_source(params):
     assert res.attrs["mean_target_logit"] > res.attrs["mean_source_logit"]
 
 
+def test_domain_classifier_standardises_on_a_random_sample_of_rows():
+    from filterx.scorers.domain import standardisation
+
+    # a pool stored class by class: its first rows are all of one blob
+    S, T, which = blobs(seed=2, n_source=3000)
+    S = S[np.argsort(which, kind="stable")]
+    mean, std = standardisation(S, T, seed=0, max_rows=300)
+    # the union weighs 300 pool rows and the 120 target rows: its mean is this, in expectation
+    expected = (300 * S.mean(0) + 120 * T.mean(0)) / 420
+    first = np.concatenate([S[:300], T]).mean(0)  # what the pool's first 300 rows would give
+    assert np.abs(mean - expected).max() < 1.0 < 2.0 < np.abs(first - expected).max()
+    again, _ = standardisation(S, T, seed=0, max_rows=300)
+    other, _ = standardisation(S, T, seed=1, max_rows=300)
+    assert np.array_equal(mean, again) and not np.array_equal(mean, other)  # seeded
+    small_mean, small_std = standardisation(S[:200], T, seed=5, max_rows=300)  # fewer rows: all of them
+    np.testing.assert_allclose(small_mean, np.concatenate([S[:200], T]).mean(0), rtol=1e-5, atol=1e-5)
+    assert mean.dtype == std.dtype == np.float32 and (std > 0).all()
+
+
 @pytest.mark.parametrize("order", ["high", "low"])
 def test_entropy_matches_softmax_entropy(order):
     rng = np.random.default_rng(0)

@@ -24,9 +24,10 @@ from filterx.train import PretrainConfig, pretrain
 from filterx.faults import CRASH_EXIT, ENV as CRASH_ENV
 from filterx.train_common import CHECKPOINT, METRICS, MODEL, Schedule, load_checkpoint
 from filterx.train_data import batches_per_epoch, resolve_training_data
+from filterx.train_common import TrainSummary
 from filterx.train_finetune import (
     DomainClassifier, FinetuneConfig, FinetuneNet, dann_lambda, finetune, finetune_loss,
-    grad_reverse, initial_model, pseudo_label_loss,
+    grad_reverse, initial_model, pseudo_label_loss, selected_epoch, split_target,
 )
 
 REPO = Path(filterx.__file__).resolve().parent.parent
@@ -203,7 +204,7 @@ def test_pretrain_writes_checkpoint_metrics_and_model(data, pretrained):
     for r in rows:
         assert r["images"] == 52 and r["val_count"] == 13 and 0 <= r["val_top1"] <= r["val_top5"] <= 1
         assert np.isfinite(r["loss"]) and r["img_s"] > 0
-        assert r["lr"] == pytest.approx(0.01 * 13 / 256)
+        assert r["lr"] == pytest.approx(0.1 * 13 / 256)  # resnet18: 0.1 per 256 images
     ck = load_checkpoint(out / CHECKPOINT)
     assert ck["epoch"] == 2 and ck["arch"] == "resnet18" and ck["num_classes"] == 13
     assert ck["settings"]["global_batch"] == 13 and set(ck["rng"]) >= {"torch", "numpy", "python"}
@@ -235,7 +236,7 @@ def test_resume_after_a_kill_anywhere_is_bit_identical(data, pretrained, tmp_pat
     assert not (out / MODEL).exists()
     assert (load_checkpoint(out / CHECKPOINT)["epoch"] if saved else (out / CHECKPOINT).exists()) == saved
     if saved:
-        with pytest.raises(ValueError, match=r"lr: 0.01 -> 0.02"):
+        with pytest.raises(ValueError, match=r"lr: 0.1 -> 0.02"):
             pretrain(_pretrain_cfg(data, out, resume=True, lr=0.02))
     resumed = pretrain(_pretrain_cfg(data, out, resume=True))
     assert resumed.start_epoch == saved
@@ -303,8 +304,52 @@ def test_frozen_backbone_stays_bit_identical_and_head_learns(data, pretrained, t
     groups = load_checkpoint(tmp_path / "ft" / CHECKPOINT)["optimizer"]["param_groups"]
     assert [g["initial_lr"] for g in groups] == [pytest.approx(0.01)]  # the head alone, at 10x
     r = summary.history[0]
+    # 30 target images: 1 of each class's 6 held out for test, 1 of the other 5 for validation
     assert r["test_count"] == 5 and 0 <= r["test_top1"] <= 1 and "test_top5" in r
-    assert summary.best("test_top1") == (r["test_top1"], 0)
+    assert r["val_count"] == 5 and 0 <= r["val_top1"] <= 1 and r["images"] == 20
+    assert out["best_val_epoch"] == 0 and out["test_top1_at_best_val"] == r["test_top1"] == out["test_top1_last"]
+
+
+def test_selected_epoch_is_chosen_by_validation_never_by_test():
+    # test top-1 peaks at epoch 1, validation at epoch 2 (tied with 3: the earlier wins)
+    history = [{"epoch": e, "val_top1": v, "test_top1": t}
+               for e, (v, t) in enumerate([(0.2, 0.3), (0.4, 0.9), (0.6, 0.5), (0.6, 0.7), (0.5, 0.4)])]
+    assert selected_epoch(history) == {"best_val_top1": 0.6, "best_val_epoch": 2, "test_top1_at_best_val": 0.5,
+                                       "test_top1_last": 0.4}
+    line = TrainSummary("finetune", Path("o"), Path("o/model.pt"), 5, 0, 1, 1.0, history).line()
+    assert "val_top1 50.0% (best 60.0% at epoch 2)" in line
+    assert "test_top1 50.0% at epoch 2, the best on val (last epoch 40.0%)" in line and "90.0%" not in line
+    no_val = [{"epoch": 0, "test_top1": 0.3}, {"epoch": 1, "test_top1": 0.2}]
+    assert selected_epoch(no_val) == {"best_val_top1": None, "best_val_epoch": None,
+                                      "test_top1_at_best_val": None, "test_top1_last": 0.2}
+    assert "test_top1 20.0% (last epoch)" in TrainSummary("finetune", Path("o"), Path("o/m"), 2, 0, 1, 1.0,
+                                                          no_val).line()
+
+
+def test_finetune_splits_are_disjoint_and_validation_picks_the_epoch(data, pretrained, tmp_path):
+    pre_out, _ = pretrained
+    cfg = _finetune_cfg(data, tmp_path / "ft", init=pre_out / MODEL, freeze_backbone=True, epochs=3)
+    train, val, test = split_target(cfg)
+    ids = [set(d.sample_ids.tolist()) for d in (train, val, test)]
+    assert [len(i) for i in ids] == [20, 5, 5] and set.union(*ids) == set(range(30))
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    for d in (val, test):  # stratified: one image of every class
+        assert sorted(d.labels.tolist()) == [0, 1, 2, 3, 4]
+    finetune(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "ft" / METRICS).read_text().splitlines()]
+    assert len(rows) == 3 and all(r["val_count"] == 5 and r["test_count"] == 5 for r in rows)
+    val_top1 = [r["val_top1"] for r in rows]
+    chosen = int(np.argmax(val_top1))  # the first of the best
+    saved = load_checkpoint(tmp_path / "ft" / MODEL)
+    assert saved["best_val_epoch"] == chosen and saved["best_val_top1"] == val_top1[chosen]
+    assert saved["test_top1_at_best_val"] == rows[chosen]["test_top1"]
+    assert saved["test_top1_last"] == rows[-1]["test_top1"] and "best_test_top1" not in saved
+    # with its own test data, validation is carved from the target alone
+    train2, val2, test2 = split_target(_finetune_cfg(data, tmp_path / "x", test=data["tgt"], init=pre_out / MODEL))
+    assert (train2.count, val2.count, test2.count) == (25, 5, 30)
+    assert not set(train2.sample_ids.tolist()) & set(val2.sample_ids.tolist())
+    with pytest.raises(ValueError, match="val_fraction must be in"):
+        _finetune_cfg(data, tmp_path / "y", init=pre_out / MODEL, val_fraction=1.0)
 
 
 def _tiny_net(num_classes=5, seed=0):
@@ -395,6 +440,7 @@ def test_dann_and_pseudo_label_finetune_end_to_end(data, pretrained, tmp_path):
     pl = finetune(_finetune_cfg(data, tmp_path / "pl", arch="resnet18", method="pseudo-label",
                                 unlabeled=data["val"], pseudo_threshold=0.01))
     assert pl.history[0]["pseudo_share"] == 1.0 and pl.history[0]["test_count"] == 5
+    assert pl.history[0]["val_count"] == 5
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         finetune(_finetune_cfg(data, tmp_path / "x", init=tmp_path / "missing.pt"))
 
@@ -407,7 +453,8 @@ def dann_reference(data, pretrained, tmp_path_factory):
     return out, finetune(_finetune_cfg(data, out, **kw)), kw
 
 
-# 24 training images in batches of 8: 3 steps an epoch; step 4 is the first of epoch 2
+# 20 training images (30 less 5 test, 5 validation) in batches of 8: 3 steps an epoch; step 4
+# is the first of epoch 2
 @pytest.mark.parametrize("crash", ["train.epoch:1", "train.step:4"])
 def test_dann_finetune_resumes_bit_identically(data, dann_reference, tmp_path, crash):
     # the unlabelled stream, the DANN schedule and the domain classifier must all pick up
@@ -439,3 +486,81 @@ def test_foreign_files_are_refused_with_one_line(tmp_path):
             read(tmp_path / "other.pt")
         with pytest.raises(FileNotFoundError, match=f"{what} '.*gone.pt' does not exist"):
             read(tmp_path / "gone.pt")
+
+
+# ---------------------------------------------------------------- defaults
+
+
+def test_pretrain_lr_defaults_follow_each_arch_recipe(pretrained):
+    from filterx.train import default_lr
+
+    assert default_lr("resnet18") == default_lr("resnet50") == 0.1  # Goyal et al.: 0.1 per 256
+    assert default_lr("alexnet_lrn") == 0.01  # BVLC AlexNet: 0.01 at batch 256
+    pre_out, _ = pretrained  # resnet18, one rank, batch 13, lr left unset
+    ck = load_checkpoint(pre_out / CHECKPOINT)
+    assert ck["settings"]["lr"] == 0.1  # the one it used
+    assert [g["initial_lr"] for g in ck["optimizer"]["param_groups"]] == [pytest.approx(0.1 * 13 / 256)]
+    from click.testing import CliRunner
+
+    from filterx.cli import main
+
+    out = " ".join(CliRunner().invoke(main, ["pretrain", "--help"]).stdout.split())
+    assert "lr 0.1 per 256 images for ResNets (0.01 for alexnet_lrn)" in out
+    assert "[default: 0.1 ResNets, 0.01 alexnet_lrn]" in out
+
+
+def test_training_workers_default_to_the_cores_available(data, tmp_path):
+    from click.testing import CliRunner
+
+    from filterx.cli import main
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert PretrainConfig(data=data["src"], out=tmp_path).workers == min(4, cores)
+    assert FinetuneConfig(target=data["tgt"], out=tmp_path, arch="resnet18").workers == min(4, cores)
+    for command in ("pretrain", "finetune"):
+        out = " ".join(CliRunner().invoke(main, [command, "--help"]).stdout.split())
+        assert "the cores available, at most 4. [default: min(4, cores); x>=0]" in out, command
+
+
+# ---------------------------------------------------------------- train-encoder on a tiny target
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from filterx.cli import main
+
+    r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return r.exit_code, r.stdout, r.stderr
+
+
+@pytest.fixture(scope="module")
+def two_images(tmp_path_factory):
+    """A target of two classes with one image each: no held-out split is possible."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("two")
+    rng = np.random.default_rng(0)
+    for name in ("cat", "dog"):
+        (root / "raw" / name).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / "raw" / name / "a.jpg")
+    shard(ShardConfig(root / "raw", root / "ds", shard_size=10, workers=1, quiet=True))
+    return root
+
+
+def test_train_encoder_refuses_a_target_with_no_held_out_split(two_images):
+    opts = ("--resolution", 64, "--epochs", 1, "--backend", "pil", "--device", "cpu", "--workers", 0, "-q")
+    code, out, err = _cli("train-encoder", two_images / "ds", two_images / "enc.pt", *opts)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert "has 2 images, no class with 2 or more" in err and "val_fraction 0.1" in err
+    assert "--val-fraction 0" in err and "Traceback" not in err
+    assert not (two_images / "enc.pt").exists()
+    # asked for explicitly, no held-out split trains, says so, and influence refuses it in one line
+    code, out, err = _cli("train-encoder", two_images / "ds", two_images / "enc0.pt", "--val-fraction", 0, *opts)
+    assert code == 0, err
+    assert "no held-out split (accuracy not measured; influence cannot use this encoder)" in out and "nan" not in out
+    code, out, err = _cli("score", "--method", "influence", "--source", two_images / "ds", "--target",
+                          two_images / "ds", "--encoder", two_images / "enc0.pt", "--backend", "pil", "--device",
+                          "cpu", "--workers", 0, "-q")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "influence needs the encoder's held-out split of the target" in err and "retrain it with" in err

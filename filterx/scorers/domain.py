@@ -2,7 +2,9 @@
 
 Training draws every batch half from the source and half from the target (with replacement
 from the smaller side), so a target of a few hundred images weighs as much as a pool of a
-million. Features are standardised with statistics of the union. With ``folds > 1`` the
+million. Features are standardised with statistics of the union, estimated on a seeded random
+sample of at most 100k rows of each side (not the first rows: a pool stored class by class
+would otherwise be standardised on its first classes). With ``folds > 1`` the
 source is split and each part is scored by a classifier that never saw it (cross-fitting),
 so that a flexible model (``model="mlp"``) cannot score source images by having memorised
 them.
@@ -15,6 +17,23 @@ import numpy as np
 from filterx.scorers import ScoreInputs, ScoreResult, register_scorer
 
 MODELS = ("linear", "mlp")
+STATS_ROWS = 100_000  # rows of each side the standardisation statistics are estimated on
+
+
+def sample_rows(x: np.ndarray, max_rows: int, rng: np.random.Generator) -> np.ndarray:
+    """(min(N, max_rows), D) float32: every row of ``x``, or ``max_rows`` drawn without
+    replacement, in row order (an array store reads sorted rows fastest)."""
+    if len(x) <= max_rows:
+        return np.asarray(x[:], dtype=np.float32)
+    return np.asarray(x[np.sort(rng.choice(len(x), max_rows, replace=False))], dtype=np.float32)
+
+
+def standardisation(source: np.ndarray, target: np.ndarray, seed: int,
+                    max_rows: int = STATS_ROWS) -> tuple[np.ndarray, np.ndarray]:
+    """(mean (D,), std (D,)) float32 of the union of a seeded sample of each side."""
+    rng = np.random.default_rng(seed)
+    both = np.concatenate([sample_rows(source, max_rows, rng), sample_rows(target, max_rows, rng)])
+    return both.mean(0), both.std(0) + 1e-6
 
 
 def train_domain_classifier(source: np.ndarray, target: np.ndarray, *, model: str = "linear",
@@ -32,9 +51,7 @@ def train_domain_classifier(source: np.ndarray, target: np.ndarray, *, model: st
         raise ValueError(f"unknown domain classifier {model!r}; valid: {', '.join(MODELS)}")
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    both = np.concatenate([source[: 100_000], target[: 100_000]]).astype(np.float32)
-    mean = torch.from_numpy(both.mean(0)).to(device)
-    std = torch.from_numpy(both.std(0) + 1e-6).to(device)
+    mean, std = (torch.from_numpy(a).to(device) for a in standardisation(source, target, seed))
     d = source.shape[1]
     net = nn.Linear(d, 1) if model == "linear" else nn.Sequential(
         nn.Linear(d, hidden), nn.ReLU(), nn.Dropout(0.2), nn.Linear(hidden, 1))

@@ -5,8 +5,19 @@ params="head"): one s_test = (H + λI)^-1 ∇L_val, then one streamed GEMM pass 
 candidates. score(z) = ∇θ CE(z)ᵀ s_test; positive = removing z from (or not adding it to)
 the training set would raise the validation loss, i.e. z is helpful; higher = keep first.
 
+The Hessian is that of the objective train-encoder trained the head with: mean cross-entropy
+plus its weight decay, ``weight_decay`` = 5e-4 by default (train-encoder's; an encoder trained
+with another decay needs ``-p weight_decay=...``). Its label smoothing (0.1) is left out of
+the gradients, on purpose: for a softmax head the Hessian of the smoothed loss is the same
+(diag(p) - ppᵀ in the logits does not depend on the target), so s_test is exact either way;
+the validation loss is the plain cross-entropy, the quantity the target is judged on; and a
+candidate's gradient is that of its plain cross-entropy with its (pseudo-)label, the same in
+the head and last-block paths (smoothing ε would add ε·(onehot(y) - 1/C) to its residual
+p - onehot(y), a pull of every candidate towards its own label).
+
 The solve's diagnostics (residual, iterations, λ_max, timings: InverseHVPResult.summary())
-are returned as the ScoreResult's attrs and logged on "filterx.influence".
+are returned as the ScoreResult's attrs, with the objective's weight_decay and label_smoothing
+(0.0: none), and logged on "filterx.influence".
 """
 
 from __future__ import annotations
@@ -23,6 +34,9 @@ from filterx.scorers import ScoreInputs, ScoreResult, register_scorer
 logger = logging.getLogger("filterx.influence")
 
 LABEL_MODES = ("pseudo", "given")
+# The L2 decay train-encoder trains the head with (filterx.encoder.EncoderConfig.weight_decay;
+# not imported: scorers sit below the training code; tests/test_influence.py checks they agree).
+ENCODER_WEIGHT_DECAY = 5e-4
 
 
 @register_scorer(
@@ -36,7 +50,7 @@ def influence_scores(
     seed: int,
     solver: str = "cg",
     damping: float = 0.01,
-    weight_decay: float = 0.0,
+    weight_decay: float = ENCODER_WEIGHT_DECAY,
     labels: str = "pseudo",
     val_classes: Sequence[int] | None = None,
     cg_tol: float = 1e-6,
@@ -54,9 +68,10 @@ def influence_scores(
     about sqrt((λ_max + λ) / λ) · log(1/cg_tol) passes (tens to hundreds); "exact" forms the dense C(D+1)-square Hessian
     (refused above 20k parameters, 2 GiB at C=31, D=512) and "lissa" is stochastic and needs
     its scale and depth tuned. damping: λ added to H. weight_decay: the head's L2 training
-    decay, if any (part of H). labels: "pseudo" (the head's argmax: the influence the sample
-    would have with the label the classifier gives it) or "given" (inputs.source_labels, which
-    must be target class indices, e.g. when the candidates are the target training set).
+    decay (part of H; default train-encoder's 5e-4, 0 for a head trained without). labels:
+    "pseudo" (the head's argmax: the influence the sample would have with the label the
+    classifier gives it) or "given" (inputs.source_labels, which must be target class
+    indices, e.g. when the candidates are the target training set).
     val_classes: restrict the validation loss to these target classes. batch_size: candidates
     per streamed batch. (target_labels are needed for completeness only: the cross-entropy
     Hessian of the head does not depend on labels.) Returns the scores with the solve's
@@ -64,6 +79,12 @@ def influence_scores(
     """
     if labels not in LABEL_MODES:
         raise ValueError(f"unknown labels mode {labels!r}; valid: {', '.join(LABEL_MODES)}")
+    if inputs.target_val_labels is None or len(inputs.target_val_labels) == 0:
+        raise ValueError(
+            "influence needs the encoder's held-out split of the target (its validation loss); this "
+            "encoder has none for this target (trained with val_fraction 0, on a target with no class of "
+            "2 or more images, or on another target): retrain it with filterx train-encoder TARGET OUT "
+            "--val-fraction 0.1 on this target")
     options = SolverOptions(
         solver=solver, damping=damping, weight_decay=weight_decay, cg_tol=cg_tol,
         cg_max_iter=cg_max_iter, lissa_scale=lissa_scale, lissa_depth=lissa_depth,
@@ -88,7 +109,7 @@ def influence_scores(
         val_classes=None if val_classes is None else tuple(int(c) for c in val_classes),
         options=options, device=device,
     )
-    attrs = result.summary()
+    attrs = {**result.summary(), "weight_decay": float(weight_decay), "label_smoothing": 0.0}
     logger.info("influence solve: %s", attrs)
     scores = head_influence_scores(
         inputs.source_emb, weight, bias, result.s_test, labels=given,
