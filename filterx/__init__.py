@@ -6,6 +6,7 @@ shard -> train-encoder -> embed -> score -> select -> pretrain / finetune.
 
 import importlib.abc as _abc
 import importlib.util as _util
+import os as _os
 import sys as _sys
 from pathlib import Path as _Path
 
@@ -27,6 +28,12 @@ class _SourceTreeKernels(_abc.MetaPathFinder):
         return _util.spec_from_file_location(name, self.kernels / "__init__.py",
                                              submodule_search_locations=[str(self.kernels)])
 
+
+if _os.environ.get("FILTERX_PORTABLE", "").strip().lower() in ("1", "true", "yes", "on") \
+        and "torch" not in _sys.modules:
+    from filterx import portable as _portable
+
+    _portable.enable()
 
 _beside = _Path(__file__).resolve().parent.parent / "kernels"
 if (_beside / "__init__.py").is_file():

@@ -601,7 +601,9 @@ def demo(out, epochs, fraction, seed, quick, device, quiet, verbose, as_json):
     style), shards both, trains the target encoder, scores the pool with every method,
     selects a fraction, and reports how much of each selection is relevant, next to random.
     Everything goes under --out: data/, source/, target/, encoder.pt, manifests/ and the
-    table in demo_results.md (and .json). A re-run reuses what is there.
+    table in demo_results.md (and .json). A re-run reuses what is there. It runs with
+    portable CPU numerics (FILTERX_PORTABLE=1: oneDNN and MKL pinned to AVX2, 2 threads), so
+    that its table is as close across machines as torch allows.
 
     \b
     Saves its options to: OUT/filterx-demo.yaml
@@ -610,9 +612,20 @@ def demo(out, epochs, fraction, seed, quick, device, quiet, verbose, as_json):
     Example:
       filterx demo --out /tmp/filterx-demo
     """
+    import logging
+    import sys
+
+    from filterx import portable
+
+    if "torch" not in sys.modules:  # a fresh process: the CLI imports torch only in commands
+        portable.enable()
+    setup(quiet, verbose)
+    if not portable.active():
+        logging.getLogger("filterx.demo").warning(
+            "torch was imported before the demo started: it runs with this machine's native CPU numerics, "
+            "so its table may differ from the README's in the last digits")
     from filterx.demo import DemoConfig, run_demo
 
-    setup(quiet, verbose)
     summary = run_demo(DemoConfig(out, epochs, fraction, seed, quick, device, quiet))
     finish(summary, as_json, inside(out, "demo"))
 
