@@ -226,8 +226,9 @@ def train_encoder(cfg: EncoderConfig) -> EncoderSummary:
     if ds.num_classes < 2 or len(np.unique(ds.labels[ds.labels >= 0])) < 2:
         raise ValueError(
             f"target {ds.root} has {len(np.unique(ds.labels[ds.labels >= 0]))} class(es) with images; "
-            "a classifier needs at least 2 (for a one-class target, use --method clustering or domain-cls, "
-            "which need no target classifier)"
+            "a classifier needs at least 2. For a one-class target, train the encoder on a labelled dataset "
+            "of similar images, such as the pool (filterx train-encoder POOL encoder.pt), and score with "
+            "--method clustering or domain-cls, which use its features but not its classes"
         )
     if cfg.epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {cfg.epochs}")

@@ -95,6 +95,11 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
     if block not in ("head", "last-block"):
         raise ValueError(f"unknown influence parameters {block!r}; valid: head, last-block")
     cfg_params = check_params(cfg.method, cfg_params)  # before anything is embedded
+    if "weight_decay" in scorer.defaults and "weight_decay" not in cfg_params and cfg.encoder is not None:
+        # the Hessian is that of the objective the head was trained with: its recorded decay
+        trained = _encoder_weight_decay(Path(cfg.encoder))
+        if trained is not None:
+            cfg_params["weight_decay"] = trained
     params = resolved_params(cfg.method, **cfg_params)
     if cfg.candidates not in CANDIDATES:
         raise ValueError(f"unknown candidates {cfg.candidates!r}; valid: {', '.join(CANDIDATES)}")
@@ -258,6 +263,14 @@ def work_path(ds: Dataset, name: str) -> Path:
     """Where a resumable ``score`` keeps its work toward ``scores.zarr/<name>`` (hidden from list_scores)."""
     _check_name(name)
     return ds.scores_path / f"{WORK_PREFIX}{name}"
+
+
+def _encoder_weight_decay(encoder: Path) -> float | None:
+    """The L2 weight decay the encoder's head was trained with, when its file records it."""
+    from filterx.encoder import read_encoder_file
+
+    value = (read_encoder_file(encoder).get("config") or {}).get("weight_decay")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _decoded(emb: np.ndarray, ids: np.ndarray, ds: Dataset) -> np.ndarray:

@@ -69,6 +69,17 @@ def test_one_class_target_is_refused(image_folder, tmp_path):
     code, _, err = run("train-encoder", tmp_path / "ds", tmp_path / "enc.pt", "--epochs", 1, "-q")
     assert code == 2 and "1 class(es)" in err and "clustering or domain-cls" in err
     assert len(err.strip().splitlines()) == 1
+    # the advice works: an encoder trained on a labelled pool scores the pool against the one class
+    kw = ["--resolution", 64, "--backend", "pil", "--workers", 0, "--device", "cpu", "-q"]
+    assert run("train-encoder", tmp_path / "ds", tmp_path / "enc.pt", "--epochs", 1, *kw)[0] == 2
+    pool = tmp_path / "pool"
+    assert run("shard", image_folder, pool, "-q")[0] == 0
+    code, _, err = run("train-encoder", pool, tmp_path / "pool_enc.pt", "--epochs", 1, *kw)
+    assert code == 0, err
+    for method in ("clustering", "domain-cls"):
+        code, out, err = run("score", "--method", method, "--source", pool, "--target", tmp_path / "ds",
+                             "--encoder", tmp_path / "pool_enc.pt", *kw[2:])
+        assert code == 0 and f"scored 27 of 27 samples with {method}" in out, err
 
 
 def _examples(help_text: str) -> list[list[str]]:

@@ -119,3 +119,18 @@ def test_influence_last_block_from_pixels(dirs):
     assert attrs["result"]["residual"] < 1e-2 and attrs["result"]["num_params"] > 8_000_000
     with pytest.raises(ValueError, match="valid: head, last-block"):
         score(ScoreConfig("influence", src, tgt, enc, {"params": "everything"}, **KW))
+
+
+def test_influence_takes_the_weight_decay_the_head_was_trained_with(dirs, tmp_path):
+    import torch
+
+    src, tgt, enc = dirs
+    state = torch.load(enc, weights_only=False)
+    state["config"] = {**state["config"], "weight_decay": 2e-3}
+    other = tmp_path / "encoder-wd.pt"
+    torch.save(state, other)
+    score(ScoreConfig("influence", src, tgt, other, {"solver": "cg"}, name="influence-wd", **KW))
+    _, attrs = read_scores(Dataset.open(src), "influence-wd")
+    assert attrs["params"]["weight_decay"] == 2e-3 and attrs["result"]["weight_decay"] == 2e-3
+    score(ScoreConfig("influence", src, tgt, other, {"solver": "cg", "weight_decay": 0.0}, name="influence-wd0", **KW))
+    assert read_scores(Dataset.open(src), "influence-wd0")[1]["params"]["weight_decay"] == 0.0  # given wins

@@ -6,8 +6,8 @@ candidates. score(z) = ∇θ CE(z)ᵀ s_test; positive = removing z from (or not
 the training set would raise the validation loss, i.e. z is helpful; higher = keep first.
 
 The Hessian is that of the objective train-encoder trained the head with: mean cross-entropy
-plus its weight decay, ``weight_decay`` = 5e-4 by default (train-encoder's; an encoder trained
-with another decay needs ``-p weight_decay=...``). Its label smoothing (0.1) is left out of
+plus its weight decay, ``weight_decay``: ``filterx.score`` passes the decay recorded in the
+encoder file, 5e-4 (train-encoder's) where none is recorded. Its label smoothing (0.1) is left out of
 the gradients, on purpose: for a softmax head the Hessian of the smoothed loss is the same
 (diag(p) - ppᵀ in the logits does not depend on the target), so s_test is exact either way;
 the validation loss is the plain cross-entropy, the quantity the target is judged on; and a
