@@ -77,7 +77,12 @@ def test_quick_run_end_to_end(tmp_path, monkeypatch):
     assert sub["images"] == 106 and (sub["epochs"], sub["steps"]) == (2, 4)
     assert rows[("no pre-training", "-")]["steps"] == 0
     for r in result["runs"]:
-        assert 0.0 <= r["test_top1"] <= 1.0 and r["test_count"] == 30 and not r["cached"]
+        assert r["test_count"] == 30 and not r["cached"]
+        # a share of the 30 test images, the last epoch's; the val-chosen epoch's is one of the epochs'
+        assert r["test_top1"] * 30 == pytest.approx(round(r["test_top1"] * 30))
+        assert r["test_top1"] == r["test_top1_by_epoch"][-1]
+        assert r["test_top1_at_best_val"] in r["test_top1_by_epoch"]
+        assert ("pretrain_steps" in r) == (r["data"] is not None)  # only "no pre-training" skips it
     comp = next(s for s in result["subsets"] if s["arm"] == "clustering (avg)")
     assert sum(comp["per_class"].values()) == 106 and comp["classes"] == sum(v > 0 for v in comp["per_class"].values())
 
