@@ -27,10 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
+from clirun import one_line, run as run_cli
 from filterx.classes import preset_entries
-from filterx.cli import main
 from filterx.dataset import Dataset
 from filterx.encoder import EncoderConfig, read_encoder_file, train_encoder
 from filterx.score import ScoreConfig, read_scores, score, write_scores
@@ -82,15 +81,6 @@ def make_tree(root: Path, classes: dict[str, int], seed: int, size: int = 36) ->
     return root
 
 
-def run_cli(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    return result.exit_code, result.stdout, result.stderr
-
-
-def one_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("filterx"), err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,9 @@ import json
 import shutil
 
 import pytest
-from click.testing import CliRunner
+from clirun import run
 
 from filterx.cli import main
-
-
-def run(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    return result.exit_code, result.stdout, result.stderr
 
 
 def test_chain_shard_score_select(image_folder, sample_dirs, encoder_file, tmp_path):

@@ -3,23 +3,13 @@ import shutil
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from filterx.cli import main
+from clirun import one_line, run
 from filterx.select import budget_count, infer_format, rank_ids, select_ids
 
 
-def run(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    return result.exit_code, result.stdout, result.stderr
-
-
-def one_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("filterx"), err
-    return lines[0]
 
 
 def test_rank_order_ties_and_nan():
