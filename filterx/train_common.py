@@ -3,8 +3,9 @@ supervised step, evaluation, checkpoints, and the epoch loop with resumption (th
 sources are in :mod:`filterx.train_data`).
 
 Exact resumption: everything random in an epoch is a function of (seed, epoch, rank) only. The
-loader's shuffle and augmentation are seeded with (seed, epoch); torch/numpy/python RNGs are
-reseeded from (seed, epoch, rank) at the start of every epoch (dropout, new heads). So an epoch
+loader's shuffle is seeded with (seed, epoch), its augmentation with (seed, epoch, rank, batch);
+torch/numpy/python RNGs are reseeded from (seed, epoch, rank) at the start of every epoch
+(dropout, new heads). So an epoch
 run after a restart from the previous epoch's checkpoint (model, optimizer, scheduler) computes
 exactly what the uninterrupted run did, on the same machine and thread count.
 
