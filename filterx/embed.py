@@ -117,10 +117,9 @@ def _open_store(ds: Dataset, enc: Encoder, rank: int) -> rowstore.RowStore:
 
 
 def _barrier() -> None:
-    import torch.distributed as dist
+    from filterx import collectives
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    collectives.barrier()
 
 
 def embed(cfg: EmbedConfig) -> EmbedSummary:

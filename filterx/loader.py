@@ -159,8 +159,12 @@ def load_batches(
 ) -> Iterator[Batch]:
     """Batches over every sample of ``tars`` (one epoch), this rank's share under DDP.
 
-    With ``world_size > 1`` samples are dealt round-robin after the (seeded, same on every rank)
-    shuffle and padded by wrapping so that every rank gets the same number of batches.
+    Every rank reads :func:`samples_per_rank` samples, in the batches
+    :func:`rank_batch_sizes` lists, whatever the backend and the worker count. torchvision and
+    PIL: one (seeded, same on every rank) shuffle dealt round-robin to the ranks, padded by
+    wrapping; each rank's share cut into batches in order (see :func:`worker_positions`), so
+    with any number of workers step t of rank r reads the same images. DALI: rank r reads the
+    reader's shard r (a contiguous part of the tars), padded by repeating its last sample.
     ``ids`` restricts the epoch to those sample ids (torchvision and PIL backends; "auto" picks
     torchvision; DALI reads whole tars, so for DALI materialise a subset with
     ``filterx select --format wds``). ``on_error``: see the module docstring; a batch whose
@@ -208,15 +212,51 @@ def sample_refs(tars: Sequence[Path]) -> list[SampleRef]:
     return refs
 
 
+def samples_per_rank(n: int, world_size: int) -> int:
+    """Samples every rank reads in an epoch over ``n`` samples, padding included:
+    ceil(n / world_size), for every backend (the one count the loaders and the trainer's
+    steps per epoch share)."""
+    return -(-n // world_size)
+
+
+def rank_batch_sizes(n: int, batch_size: int, world_size: int) -> list[int]:
+    """Sizes of the batches every rank's loader yields in an epoch over ``n`` samples (before
+    bad samples are dropped): full batches, then the remainder; for every backend and worker
+    count."""
+    full, rest = divmod(samples_per_rank(n, world_size), batch_size)
+    return [batch_size] * full + ([rest] if rest else [])
+
+
+def dali_shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The real samples [lo, hi) of DALI's reader shard ``rank`` (positions in file order);
+    the reader pads the shard to :func:`samples_per_rank` by repeating its last sample."""
+    return (n * rank) // world_size, (n * (rank + 1)) // world_size
+
+
 def rank_share(n: int, cfg: LoaderConfig, rank: int, world_size: int) -> np.ndarray:
-    """Positions (into the sample list) this rank reads, in order: the shared permutation dealt
-    round-robin, wrapped so that every rank gets ceil(n / world_size)."""
+    """Positions (into the sample list) this rank reads, in order (torchvision / PIL): the
+    shared permutation dealt round-robin, wrapped so that every rank gets
+    :func:`samples_per_rank`."""
     order = np.arange(n)
     if cfg.shuffle:
         order = np.random.default_rng([cfg.seed, cfg.epoch]).permutation(n)
-    per_rank = math.ceil(n / world_size)
-    order = np.resize(order, per_rank * world_size) if world_size > 1 else order
+    order = np.resize(order, samples_per_rank(n, world_size) * world_size) if world_size > 1 else order
     return order[rank::world_size]
+
+
+def worker_positions(positions: np.ndarray, batch_size: int, worker: int, workers: int) -> list[np.ndarray]:
+    """The batches (blocks of ``positions``) loader worker ``worker`` of ``workers`` reads: blocks
+    ``worker``, ``worker + workers``, ... The DataLoader takes batches from its workers in
+    turn, so the rank yields blocks 0, 1, 2, ... in order: the same batches for any worker
+    count (0 workers: every block in the main process)."""
+    starts = range(worker * batch_size, len(positions), workers * batch_size)
+    return [positions[s : s + batch_size] for s in starts]
+
+
+def augment_seed(cfg: LoaderConfig, rank: int, *stream: int) -> np.random.SeedSequence:
+    """The seed of an augmentation stream: (seed, epoch, rank, stream...). The rank is in it so
+    that ranks do not draw the same crops and flips for their k-th images."""
+    return np.random.SeedSequence([cfg.seed, cfg.epoch, rank, *stream])
 
 
 # ---------------------------------------------------------------- torchvision / PIL
@@ -292,38 +332,46 @@ class _SampleStream(IterableDataset):
     ``error`` is "" for a good sample; for one that could not be read or decoded it says why,
     and the image is a placeholder (the main process hands it to the error handler)."""
 
-    def __init__(self, tars, refs, positions, cfg: LoaderConfig, backend: str, raw: bool):
+    def __init__(self, tars, refs, positions, cfg: LoaderConfig, backend: str, raw: bool, rank: int = 0):
         super().__init__()
         self.tars, self.refs, self.positions = tars, refs, positions
-        self.cfg, self.backend, self.raw = cfg, backend, raw
+        self.cfg, self.backend, self.raw, self.rank = cfg, backend, raw, rank
 
     def __iter__(self):
         from torch.utils.data import get_worker_info
 
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        rng = np.random.default_rng([self.cfg.seed, self.cfg.epoch, wid])
+        bs = self.cfg.batch_size
+        blocks = worker_positions(self.positions, bs, wid, nw)
         decode = _decode_pil if self.backend == "pil" else _decode_torchvision
         files: dict[int, object] = {}
         try:
-            for pos in self.positions[wid::nw]:
-                ref = self.refs[pos]
-                f = files.get(ref.tar) or files.setdefault(ref.tar, open(self.tars[ref.tar], "rb"))
-                label = -1
-                try:
-                    data = _read(f, ref.jpg, self.tars[ref.tar])
-                    label = int(_read(f, ref.cls, self.tars[ref.tar])) if ref.cls else -1
-                    if self.raw:
-                        yield ref.sample_id, torch.frombuffer(bytearray(data), dtype=torch.uint8), label, ""
-                        continue
-                    img = torch.as_tensor(decode(data, self.cfg, rng))
-                except Exception as e:  # noqa: BLE001 - any damage: the handler decides, in the main process
-                    yield ref.sample_id, self._placeholder(), label, _reason(e)
-                    continue
-                yield ref.sample_id, img, label, ""
+            for k, block in enumerate(blocks):
+                # one stream per batch (block index wid + k nw): the draws do not depend on the
+                # worker count
+                rng = np.random.default_rng(augment_seed(self.cfg, self.rank, wid + k * nw))
+                yield from self._block(block, files, decode, rng)
         finally:
             for f in files.values():
                 f.close()
+
+    def _block(self, block, files: dict, decode, rng):
+        for pos in block:
+            ref = self.refs[pos]
+            f = files.get(ref.tar) or files.setdefault(ref.tar, open(self.tars[ref.tar], "rb"))
+            label = -1
+            try:
+                data = _read(f, ref.jpg, self.tars[ref.tar])
+                label = int(_read(f, ref.cls, self.tars[ref.tar])) if ref.cls else -1
+                if self.raw:
+                    yield ref.sample_id, torch.frombuffer(bytearray(data), dtype=torch.uint8), label, ""
+                    continue
+                img = torch.as_tensor(decode(data, self.cfg, rng))
+            except Exception as e:  # noqa: BLE001 - any damage: the handler decides, in the main process
+                yield ref.sample_id, self._placeholder(), label, _reason(e)
+                continue
+            yield ref.sample_id, img, label, ""
 
     def _placeholder(self) -> torch.Tensor:
         if self.raw:
@@ -399,7 +447,7 @@ def _torch_batches(tars, cfg: LoaderConfig, backend: str, rank: int, world_size:
     on_gpu = cfg.device.startswith("cuda")
     # On CUDA torchvision decodes whole batches with nvJPEG: workers only read bytes.
     raw = on_gpu and backend == "torchvision"
-    stream = _SampleStream(tars, refs, positions, cfg, backend, raw)
+    stream = _SampleStream(tars, refs, positions, cfg, backend, raw, rank)
     loader = DataLoader(
         stream,
         batch_size=cfg.batch_size,
@@ -409,7 +457,7 @@ def _torch_batches(tars, cfg: LoaderConfig, backend: str, rank: int, world_size:
         persistent_workers=False,
         worker_init_fn=atomic.worker_init if cfg.workers else None,
     )
-    rng = np.random.default_rng([cfg.seed, cfg.epoch, 1 << 20])
+    rng = np.random.default_rng(augment_seed(cfg, rank, 1 << 20))  # nvJPEG path: augments here
     by_id: dict[int, SampleRef] = {}
 
     def refs_by_id() -> dict[int, SampleRef]:  # built on the first bad sample only
@@ -436,6 +484,7 @@ def _torch_batches(tars, cfg: LoaderConfig, backend: str, rank: int, world_size:
 
 
 def _dali_pipeline(tars, cfg: LoaderConfig, shard_id: int, num_shards: int):
+    """The DALI pipeline of rank ``shard_id`` (its reader shard, its augmentation seed)."""
     from nvidia.dali import fn, pipeline_def, types
 
     on_gpu = cfg.device.startswith("cuda")
@@ -443,7 +492,7 @@ def _dali_pipeline(tars, cfg: LoaderConfig, shard_id: int, num_shards: int):
     r = cfg.resolution
 
     @pipeline_def(batch_size=cfg.batch_size, num_threads=max(1, cfg.workers), device_id=device_id,
-                  seed=cfg.seed + 7919 * cfg.epoch, prefetch_queue_depth=2, exec_dynamic=True)
+                  seed=_dali_seed(cfg, shard_id), prefetch_queue_depth=2, exec_dynamic=True)
     def pipe():
         jpg, cls = fn.readers.webdataset(
             paths=[str(t) for t in tars],
@@ -479,6 +528,11 @@ def _dali_pipeline(tars, cfg: LoaderConfig, shard_id: int, num_shards: int):
     return p
 
 
+def _dali_seed(cfg: LoaderConfig, rank: int) -> int:
+    """DALI's pipeline seed (a non-negative int32) from :func:`augment_seed`."""
+    return int(augment_seed(cfg, rank).generate_state(1)[0] & 0x7FFFFFFF)
+
+
 def _key_from_source_info(info: np.ndarray) -> int:
     # source_info is "<tar path>:<offset>:<member name>"; the member name is KEY.jpg
     name = bytes(info).decode("utf-8").rsplit(":", 1)[-1]
@@ -488,10 +542,13 @@ def _key_from_source_info(info: np.ndarray) -> int:
 def _dali_batches(tars, cfg: LoaderConfig, rank: int, world_size: int,
                   on_error: ErrorHandler = reraise) -> Iterator[Batch]:
     p = _dali_pipeline(tars, cfg, rank, world_size)
-    total = p.epoch_size("reader")
-    # DALI's reader shard i holds samples [floor(i N / S), floor((i + 1) N / S)).
-    lo, hi = (total * rank) // world_size, (total * (rank + 1)) // world_size
-    remaining = hi - lo
+    # reader_meta names both sizes: epoch_size() is the padded one in some DALI versions and
+    # the real one in others
+    total = int(p.reader_meta("reader")["epoch_size"])
+    lo, hi = dali_shard_range(total, rank, world_size)
+    # pad_last_batch repeats the shard's last sample up to the padded shard size (DALI 2.4 does
+    # so also when the shard ends on a batch boundary: tests/test_loader.py checks the count)
+    remaining = samples_per_rank(total, world_size)
     delivered: list[torch.Tensor] = []
     while remaining > 0:
         try:

@@ -11,10 +11,14 @@ arch's; see :func:`default_lr`.)
 
 Distributed: run the same call under ``torchrun --nproc_per_node N`` (add ``--nnodes`` /
 ``--rdzv-endpoint`` for several machines; the output dir must then be on a shared file system
-for resumption). Each rank reads its share of every epoch (the loader's rank split: with the
-torchvision / pil backends one seeded shuffle dealt round-robin, so a global batch is the same
-images whatever the world size; DALI gives each rank a fixed part of the tars, shuffled within
-it), gradients are averaged by DDP, rank 0 logs and saves. On CUDA BatchNorm is synchronised across ranks
+for resumption). Each rank reads its share of every epoch, ceil(N / world size) images in
+the same number of steps on every rank (the loader's rank split: with the torchvision / pil
+backends one seeded shuffle dealt round-robin and cut into batches in order, so step t's
+global batch is the same images whatever the world size and ``workers``, for a fixed global
+batch; only the epoch's last step differs when the world size does not divide N, the ranks
+then padding it with images from the epoch's start. DALI gives each rank a fixed part of the
+tars, shuffled within it, so its global batches depend on the world size). Augmentation is
+drawn per rank. Gradients are averaged by DDP, rank 0 logs and saves. On CUDA BatchNorm is synchronised across ranks
 (``sync_bn``); torch has no CPU SyncBatchNorm, so on the CPU each rank normalises with its own
 batch and only networks without BatchNorm (``alexnet_lrn``) match a one-process run exactly.
 
@@ -34,7 +38,7 @@ import torch
 import torch.nn as nn
 
 from filterx import atomic
-from filterx.loader import LoaderConfig, load_batches, resolve_backend
+from filterx.loader import LoaderConfig, load_batches, resolve_backend, samples_per_rank
 from filterx.models import build_model, list_models
 from filterx.runtime import seed_everything
 from filterx.train_common import (
@@ -216,4 +220,4 @@ def _pretrain(cfg: PretrainConfig, rt: Runtime, out: Path, train: TrainingData, 
 
 def epoch_images(count: int, world_size: int) -> int:
     """Images an epoch feeds over all ranks (for the progress bar; padding included)."""
-    return -(-count // world_size) * world_size
+    return samples_per_rank(count, world_size) * world_size

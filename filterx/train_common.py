@@ -3,8 +3,9 @@ supervised step, evaluation, checkpoints, and the epoch loop with resumption (th
 sources are in :mod:`filterx.train_data`).
 
 Exact resumption: everything random in an epoch is a function of (seed, epoch, rank) only. The
-loader's shuffle and augmentation are seeded with (seed, epoch); torch/numpy/python RNGs are
-reseeded from (seed, epoch, rank) at the start of every epoch (dropout, new heads). So an epoch
+loader's shuffle is seeded with (seed, epoch), its augmentation with (seed, epoch, rank, batch);
+torch/numpy/python RNGs are reseeded from (seed, epoch, rank) at the start of every epoch
+(dropout, new heads). So an epoch
 run after a restart from the previous epoch's checkpoint (model, optimizer, scheduler) computes
 exactly what the uninterrupted run did, on the same machine and thread count.
 
@@ -34,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import filterx
-from filterx import atomic
+from filterx import atomic, collectives
 from filterx.faults import crash_point
 from filterx.loader import LoaderConfig, load_batches
 from filterx.progress import progress
@@ -95,22 +96,6 @@ def teardown_runtime(rt: Runtime) -> None:
 
     if rt.owns_group and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def barrier(rt: Runtime) -> None:
-    if rt.world_size > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def all_reduce_sum(values: torch.Tensor, rt: Runtime) -> torch.Tensor:
-    if rt.world_size > 1:
-        import torch.distributed as dist
-
-        values = values.clone()
-        dist.all_reduce(values)
-    return values
 
 
 def autocast(rt: Runtime):
@@ -263,10 +248,7 @@ def evaluate(model: nn.Module, data: TrainingData, *, resolution: int, backend: 
     model.train(was_training)
     parts = [np.concatenate(a) if a else np.zeros(0) for a in (ids, top1, top5, losses)]
     if rt.world_size > 1:
-        import torch.distributed as dist
-
-        gathered: list = [None] * rt.world_size
-        dist.all_gather_object(gathered, parts)
+        gathered = collectives.all_gather_object(parts)
         parts = [np.concatenate([g[i] for g in gathered]) for i in range(4)]
     ids_all, first = np.unique(parts[0].astype(np.int64), return_index=True)
     n = len(ids_all)
@@ -376,7 +358,7 @@ def fit(run: Run, rt: Runtime, start_epoch: int, quiet: bool) -> list[dict]:
         t0 = time.perf_counter()
         sums = run.train_epoch(epoch, bar)
         keys = sorted(sums)
-        total = all_reduce_sum(torch.stack([sums[k].detach().double().cpu() for k in keys]), rt)
+        total = collectives.all_reduce_sum(torch.stack([sums[k].detach().double() for k in keys]))
         seconds = time.perf_counter() - t0
         totals = dict(zip(keys, total.tolist()))
         row = {"epoch": epoch, "lr": lr, **run.summarize(totals), "images": int(totals["n"]),
@@ -392,7 +374,7 @@ def fit(run: Run, rt: Runtime, start_epoch: int, quiet: bool) -> list[dict]:
             shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
             log.info("%s epoch %d/%d %s", run.desc, epoch + 1, run.epochs, shown)
             bar.set_postfix({k: f"{row[k]:.3f}" for k in ("loss", "val_top1", "test_top1") if k in row})
-        barrier(rt)
+        collectives.barrier()
         crash_point("train.epoch")
     bar.close()
     return run.history
@@ -405,7 +387,7 @@ def finish(run: Run, rt: Runtime, extra: dict) -> Path:
         payload = {k: v for k, v in run.payload().items() if k not in ("optimizer", "scheduler")}
         save_checkpoint(path, {**payload, **extra, "epoch": len(run.history), "history": run.history,
                                "filterx_version": filterx.__version__})
-    barrier(rt)
+    collectives.barrier()
     return path
 
 

@@ -9,7 +9,6 @@ that can read them, and how many steps an epoch takes on every rank.
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -17,7 +16,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from filterx.dataset import Dataset, is_dataset
-from filterx.loader import Batch
+from filterx.loader import Batch, rank_batch_sizes
 
 
 @dataclass(frozen=True)
@@ -110,17 +109,12 @@ def held_out_split(data: TrainingData, fraction: float, seed: int,
     return data.subset(data.sample_ids[train_pos]), data.subset(data.sample_ids[val_pos])
 
 
-def batches_per_epoch(n: int, batch_size: int, workers: int, world_size: int, backend: str) -> int:
-    """Training steps one rank takes per epoch over ``n`` samples: the loader's batches, less
-    those of a single image (BatchNorm cannot train on them). The same on every rank."""
-    def usable(c: int) -> int:
-        return c // batch_size + (1 if c % batch_size >= 2 else 0)
-
-    per_rank = math.ceil(n / world_size)  # both loaders pad the ranks to the same count
-    if backend == "dali":
-        return usable(per_rank)
-    nw = max(1, workers)  # the loader deals a rank's samples round-robin over its workers
-    return sum(usable(len(range(w, per_rank, nw))) for w in range(nw))
+def batches_per_epoch(n: int, batch_size: int, workers: int = 0, world_size: int = 1, backend: str = "") -> int:
+    """Training steps every rank takes per epoch over ``n`` samples: the batches its loader
+    yields (:func:`filterx.loader.rank_batch_sizes`, the same on every rank for every backend
+    and worker count, so ``workers`` and ``backend`` do not change it), less those of a single
+    image (BatchNorm cannot train on them)."""
+    return sum(size >= 2 for size in rank_batch_sizes(n, batch_size, world_size))
 
 
 def usable_batches(batches: Iterable[Batch], steps: int) -> Iterator[Batch]:
