@@ -311,7 +311,8 @@ def score(method, source, target, encoder, name, candidates, seed, device, backe
     cfg = ScoreConfig(method, source, target, encoder, params, seed, name, candidates, device, backend,
                       batch_size, workers, quiet)
     summary = run(cfg)
-    finish(summary, as_json, in_dataset(summary.dataset, "score", summary.name))
+    if summary.rank == 0:  # under torchrun the other ranks only embedded their share
+        finish(summary, as_json, in_dataset(summary.dataset, "score", summary.name))
 
 
 @main.command(short_help="Stored scores -> a manifest of the samples to keep.")

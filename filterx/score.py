@@ -68,6 +68,7 @@ class ScoreSummary:
     total: int
     seconds: float
     attrs: dict
+    rank: int = 0  # under torchrun: ranks other than 0 only embed
 
     def line(self) -> str:
         # what the scorer reported; a solver's residual first, as users must see it
@@ -83,7 +84,7 @@ class ScoreSummary:
 
 def score(cfg: ScoreConfig) -> ScoreSummary:
     """Score the candidates with ``cfg.method`` and store the result (see module docstring)."""
-    from filterx.runtime import resolve_device
+    from filterx.runtime import dist_info, resolve_device
 
     t0 = time.perf_counter()
     scorer = get_scorer(cfg.method)
@@ -119,6 +120,13 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
     target = Dataset.open(cfg.target) if cfg.target is not None else None
 
     name = cfg.name or cfg.method
+    # Under torchrun every rank embeds its share of what is missing; rank 0 alone scores and
+    # writes (the last-block pass runs on rank 0 only: the other ranks have nothing to do).
+    rank = dist_info().rank
+    if rank != 0:
+        if block != "last-block":
+            _gather_inputs(cfg, needs, source, target, device)
+        return ScoreSummary(cfg.source, name, 0, source.num_samples, time.perf_counter() - t0, {}, rank)
     # Locked from the start: a second run writing the same scores is refused at once, not
     # after it has embedded (and the last-block work store is this run's until removed below).
     with atomic.run_lock((target if cfg.candidates == "target-train" else source).root, f"score-{name}"):

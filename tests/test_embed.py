@@ -73,20 +73,58 @@ def test_kill_and_resume_finishes_without_redoing(sample_dirs, encoder_file, emb
     np.testing.assert_array_equal(read_embeddings(ds, tag), read_embeddings(Dataset.open(embedded[0]), tag))
 
 
-def test_torchrun_two_gloo_ranks_split_the_shards(sample_dirs, encoder_file, embedded, tmp_path):
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _embed_args(src, encoder_file) -> list[str]:
+    return ["-m", "filterx", "embed", str(src), "--encoder", str(encoder_file), "--backend", "pil",
+            "--device", "cpu", "--batch-size", "16", "--workers", "0", "-q", "--json"]
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_torchrun_ranks_split_the_shards_and_give_the_same_embeddings(ranks, sample_dirs, encoder_file, embedded,
+                                                                      tmp_path):
+    """1 (the in-process reference), 2 and 3 gloo ranks: bit-identical embeddings."""
     import shutil
 
     src = tmp_path / "source"
     shutil.copytree(sample_dirs[0], src)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-           "-m", "filterx", "embed", str(src), "--encoder", str(encoder_file), "--backend", "pil",
-           "--device", "cpu", "--batch-size", "16", "--workers", "0", "-q", "--json"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
+           str(_free_port()), *_embed_args(src, encoder_file)]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     ds = Dataset.open(src)
     tag = load_encoder(encoder_file).tag
-    assert '"world_size": 2' in run.stdout
+    assert f'"world_size": {ranks}' in run.stdout
     np.testing.assert_array_equal(read_embeddings(ds, tag), read_embeddings(Dataset.open(embedded[0]), tag))
+
+
+def test_two_nodes_rendezvous_over_c10d_on_localhost(sample_dirs, encoder_file, embedded, tmp_path):
+    """The README's multi-node command, as 2 "nodes" x 1 process meeting at a c10d endpoint on
+    127.0.0.1 and sharing the dataset dir (a shared file system in a real cluster)."""
+    import shutil
+
+    src = tmp_path / "source"
+    shutil.copytree(sample_dirs[0], src)
+    endpoint = f"127.0.0.1:{_free_port()}"
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                               "--node_rank", str(rank), "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint,
+                               "--rdzv_id", "filterx-test", *_embed_args(src, encoder_file)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+             for rank in (0, 1)]
+    outs = [node.communicate(timeout=600) for node in nodes]
+    for node, (out, err) in zip(nodes, outs):
+        assert node.returncode == 0, err[-3000:]
+    assert '"world_size": 2' in outs[0][0] + outs[1][0]
+    tag = load_encoder(encoder_file).tag
+    np.testing.assert_array_equal(read_embeddings(Dataset.open(src), tag),
+                                  read_embeddings(Dataset.open(embedded[0]), tag))
 
 
 def test_incomplete_embeddings_are_refused(sample_dirs, encoder_file):

@@ -134,3 +134,33 @@ def test_influence_takes_the_weight_decay_the_head_was_trained_with(dirs, tmp_pa
     assert attrs["params"]["weight_decay"] == 2e-3 and attrs["result"]["weight_decay"] == 2e-3
     score(ScoreConfig("influence", src, tgt, other, {"solver": "cg", "weight_decay": 0.0}, name="influence-wd0", **KW))
     assert read_scores(Dataset.open(src), "influence-wd0")[1]["params"]["weight_decay"] == 0.0  # given wins
+
+
+def test_score_under_torchrun_embeds_on_every_rank_and_scores_once(sample_dirs, encoder_file, tmp_path):
+    """Two gloo ranks: the missing embeddings are split between them, rank 0 scores and writes
+    once (no second writer refused, no rank left waiting), with the one-process result."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    src, ref = tmp_path / "source", tmp_path / "reference"
+    for d in (src, ref):
+        shutil.copytree(sample_dirs[0], d)
+        shutil.rmtree(d / "embeddings", ignore_errors=True)
+    tgt = tmp_path / "target"
+    shutil.copytree(sample_dirs[1], tgt)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "filterx", "score", "--method", "domain-cls", "--source", str(src), "--target", str(tgt),
+           "--encoder", str(encoder_file), "--backend", "pil", "--device", "cpu", "--batch-size", "16",
+           "--workers", "0", "-q", "--json"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count('"name": "domain-cls"') == 1  # one summary: rank 0's
+    score(ScoreConfig("domain-cls", ref, tgt, encoder_file, **KW))
+    np.testing.assert_array_equal(read_scores(Dataset.open(src), "domain-cls")[0],
+                                  read_scores(Dataset.open(ref), "domain-cls")[0])
