@@ -342,7 +342,7 @@ def select(source, method, combine, output, fraction, count, threshold, per_clas
     sample id and unscored (NaN) samples are never kept, so the same scores give the same
     manifest; a budget that keeps nothing (a threshold above every score) writes an empty
     manifest and warns why. --per-class-cap leaves unlabelled samples (label -1) uncapped.
-    --method A,B --combine rank-mean|rank-min selects from a fusion of several stored scores:
+    --method A,B with --combine (rank-mean or rank-min) selects from a fusion of several scores:
     each turned into ranks (ties share their average rank; a sample some score leaves NaN is
     never kept), then their mean or best rank; the header records the methods and the rule.
     jsonl: a header line, then one line per sample (id, key, shard, label, score); npy:
