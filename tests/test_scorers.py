@@ -197,6 +197,19 @@ def test_knn_search_streams_blocks_exactly():
         knn_search(xq, xb, 91)
 
 
+def test_mean_knn_distance_streams_the_pool_in_blocks():
+    from filterx.scorers.pool import mean_knn_distance
+
+    S, T, _ = blobs(seed=6, n_source=500)
+    S[[0, 40, 41, 499]] = np.nan  # unembedded rows at block edges and inside a block
+    ok = np.isfinite(S).all(1)
+    small = mean_knn_distance(S, T, 6, block=41)
+    np.testing.assert_array_equal(small, mean_knn_distance(S, T, 6, block=10**6))
+    ref = np.sort(_distances(_unit(S[ok]), _unit(T)), axis=1)[:, :6].mean(1)
+    np.testing.assert_allclose(small[ok], ref, rtol=1e-4, atol=2e-4)
+    assert np.isnan(small[~ok]).all() and small.dtype == np.float32
+
+
 def test_knn_target_caps_k_and_leaves_unembedded_rows_unscored():
     S, T, _ = blobs(n_target=4)
     S[5] = np.nan

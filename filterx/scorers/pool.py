@@ -34,25 +34,29 @@ log = logging.getLogger(__name__)
 BLOCK = 65536  # pool rows per search: bounds the (block, k) result buffers
 
 
+def flat_index(xb: np.ndarray, *, gpu: bool | None = None):
+    """An exact FAISS L2 index holding the rows of ``xb`` (M, D); ``gpu=None`` uses FAISS's GPU
+    index when faiss was built with one and a device is visible."""
+    import faiss
+
+    xb = np.ascontiguousarray(xb, dtype=np.float32)
+    index = faiss.IndexFlatL2(xb.shape[1])
+    if _faiss_has_gpu() if gpu is None else gpu:
+        index = faiss.index_cpu_to_all_gpus(index)
+    index.add(xb)
+    return index
+
+
 def knn_search(xq: np.ndarray, xb: np.ndarray, k: int, *, block: int = BLOCK, gpu: bool | None = None):
     """Exact k nearest rows of ``xb`` (M, D) for every row of ``xq`` (N, D), squared L2.
 
     Returns ``(d2, idx)``: (N, k) float32 squared distances (clamped at 0) ascending, and (N, k)
     int64 row indexes into ``xb``. ``xq`` is searched ``block`` rows at a time (it may be a
-    memory-mapped or otherwise lazily read array); the index holds ``xb`` only. ``gpu=None``
-    uses FAISS's GPU index when faiss was built with one and a device is visible.
+    memory-mapped or otherwise lazily read array); the index holds ``xb`` only.
     """
-    import faiss
-
-    xb = np.ascontiguousarray(xb, dtype=np.float32)
     if not 1 <= k <= len(xb):
         raise ValueError(f"k must be in [1, {len(xb)}] (the rows searched), got {k}")
-    index = faiss.IndexFlatL2(xb.shape[1])
-    if gpu is None:
-        gpu = _faiss_has_gpu()
-    if gpu:
-        index = faiss.index_cpu_to_all_gpus(index)
-    index.add(xb)
+    index = flat_index(xb, gpu=gpu)
     d2 = np.empty((len(xq), k), dtype=np.float32)
     idx = np.empty((len(xq), k), dtype=np.int64)
     for i in range(0, len(xq), block):
@@ -60,6 +64,28 @@ def knn_search(xq: np.ndarray, xb: np.ndarray, k: int, *, block: int = BLOCK, gp
         d2[i : i + len(q)], idx[i : i + len(q)] = index.search(q, k)
     np.maximum(d2, 0, out=d2)  # ||x||^2 + ||y||^2 - 2 x.y rounds slightly below 0 for near-duplicates
     return d2, idx
+
+
+def mean_knn_distance(source: np.ndarray, target: np.ndarray, k: int, *, normalize: bool = True,
+                      block: int = BLOCK, gpu: bool | None = None) -> np.ndarray:
+    """(N,) float32 mean Euclidean distance of each row of ``source`` to its ``k`` nearest rows
+    of ``target`` (M, D); NaN for a row that is not finite.
+
+    The pool is read, normalised and searched ``block`` rows at a time, so beyond its inputs
+    this holds the target index and one block: O(M * D + block * (D + k)) floats at any N.
+    """
+    if not 1 <= k <= len(target):
+        raise ValueError(f"k must be in [1, {len(target)}] (the target rows), got {k}")
+    index = flat_index(l2_normalize(target) if normalize else target, gpu=gpu)
+    out = np.full(len(source), np.nan, dtype=np.float32)
+    for i in range(0, len(source), block):
+        q = np.asarray(source[i : i + block], dtype=np.float32)
+        ok = _finite_rows(q)
+        q = np.ascontiguousarray(l2_normalize(q[ok]) if normalize else q[ok])
+        if len(q):
+            d2, _ = index.search(q, k)
+            out[i : i + len(ok)][ok] = np.sqrt(np.maximum(d2, 0)).mean(axis=1)  # a view: writes through
+    return out
 
 
 def _finite_rows(x: np.ndarray) -> np.ndarray:
@@ -79,17 +105,12 @@ def knn_target_scores(inputs: ScoreInputs, *, seed: int, k: int = 10, normalize:
     """Minus the mean Euclidean distance of each pool image to its k nearest target embeddings."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    source, target = inputs.source_emb, _check_target(inputs.target_emb, "knn-target")
-    if normalize:
-        source, target = l2_normalize(source), l2_normalize(target)
+    target = _check_target(inputs.target_emb, "knn-target")
     k_used = min(k, len(target))
     if k_used < k:
         log.warning("k=%d is more than the %d target images; using k=%d", k, len(target), k_used)
-    ok = _finite_rows(source)
-    scores = np.full(len(source), np.nan, dtype=np.float32)
-    d2, _ = knn_search(source[ok], target, k_used)
-    scores[ok] = -np.sqrt(d2).mean(axis=1)
-    return ScoreResult(scores, attrs={"k_used": k_used, "unscored": int((~ok).sum())})
+    scores = -mean_knn_distance(inputs.source_emb, target, k_used, normalize=normalize)
+    return ScoreResult(scores, attrs={"k_used": k_used, "unscored": int(np.isnan(scores).sum())})
 
 
 def default_pool_clusters(num_pool: int) -> int:
