@@ -284,3 +284,26 @@ def test_select_combine_errors_are_one_line(two_scores, tmp_path, args, msg):
     line = one_line(err)
     assert code == 2 and msg in line, line
     assert not out.exists()
+
+
+def test_pool_clusters_then_threshold_one_keeps_the_chosen_clusters(sample_dirs, encoder_file, tmp_path):
+    """score --method pool-clusters, then select --threshold 1: DataComp's "keep exactly the
+    chosen clusters", the count the scores' attrs recorded."""
+    from filterx.dataset import Dataset
+    from filterx.score import read_scores
+
+    shutil.copytree(sample_dirs[0], tmp_path / "src")
+    code, _, err = run("score", "--method", "pool-clusters", "--source", tmp_path / "src", "--target", sample_dirs[1],
+                       "--encoder", encoder_file, "--k", 96, "--backend", "pil", "--device", "cpu", "--workers", 0, "-q")
+    assert code == 0, err
+    scores, attrs = read_scores(Dataset.open(tmp_path / "src"), "pool-clusters")
+    result = attrs["result"]
+    assert attrs["params"]["k"] == 96 and result["k_used"] == 96 and 1 <= result["clusters_kept"] < 96
+    assert 0 < result["kept_share"] < 1  # so the threshold has something to tell apart
+    code, out, err = run("select", "--source", tmp_path / "src", "--method", "pool-clusters", "--threshold", 1,
+                         "-o", tmp_path / "kept.npy", "-q", "--json")
+    assert code == 0, err
+    kept = np.load(tmp_path / "kept.npy")
+    assert len(kept) == result["kept_samples"] == json.loads(out)["selected"]
+    assert kept.tolist() == np.flatnonzero(scores >= 1).tolist()
+    assert result["kept_share"] == pytest.approx(len(kept) / len(scores))
