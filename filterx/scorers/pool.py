@@ -157,8 +157,7 @@ def pool_cluster_scores(inputs: ScoreInputs, *, seed: int, k: int | None = None,
     cluster, _ = nearest_cluster(pool, centroids)
     chosen, _ = nearest_cluster(target, centroids)
     votes = np.bincount(chosen, minlength=k_used)
-    d2, _ = knn_search(pool, target, 1)
-    near = np.sqrt(d2[:, 0].astype(np.float64))
+    near = mean_knn_distance(pool, target, 1, normalize=False).astype(np.float64)  # already normalised
     scores = np.full(len(source), np.nan, dtype=np.float32)
     scores[ok] = votes[cluster] + 0.5 / (1.0 + near)
     kept = votes[cluster] > 0
