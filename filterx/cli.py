@@ -317,8 +317,11 @@ def score(method, source, target, encoder, name, candidates, seed, device, backe
 
 @main.command(short_help="Stored scores -> a manifest of the samples to keep.")
 @click.option("--source", required=True, type=EXISTING_DIR, help="Dataset dir whose scores to select from.")
-@click.option("--method", required=True, metavar="NAME",
-              help="Name of the stored scores: the method, or the --name given to score.")
+@click.option("--method", required=True, metavar="NAME[,NAME...]",
+              help="Name of the stored scores: the method, or the --name given to score; "
+                   "several, comma-separated, with --combine.")
+@click.option("--combine", type=click.Choice(["rank-mean", "rank-min"]),
+              help="Fuse several --method scores by rank: the mean of their normalised ranks, or the best one.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
               help="Manifest file (.jsonl, .npy, .txt), or a directory for --format wds.")
 @click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), help="Keep this share of the scored samples.")
@@ -332,14 +335,17 @@ def score(method, source, target, encoder, name, candidates, seed, device, backe
               help="txt format: write sample keys or original paths.")
 @click.option("--encoder", type=EXISTING_FILE, help="Refuse scores made with another encoder than this.")
 @common
-def select(source, method, output, fraction, count, threshold, per_class_cap, fmt, txt_field, encoder, quiet, verbose,
-           as_json):
+def select(source, method, combine, output, fraction, count, threshold, per_class_cap, fmt, txt_field, encoder, quiet,
+           verbose, as_json):
     """Turn stored scores into a manifest of the samples to keep (best first).
 
     Give exactly one budget: --fraction, --count or --threshold. Ties go to the lower
     sample id and unscored (NaN) samples are never kept, so the same scores give the same
     manifest; a budget that keeps nothing (a threshold above every score) writes an empty
     manifest and warns why. --per-class-cap leaves unlabelled samples (label -1) uncapped.
+    --method A,B with --combine (rank-mean or rank-min) selects from a fusion of several scores:
+    each turned into ranks (ties share their average rank; a sample some score leaves NaN is
+    never kept), then their mean or best rank; the header records the methods and the rule.
     jsonl: a header line, then one line per sample (id, key, shard, label, score); npy:
     sorted ids (header in OUTPUT.json); txt: keys or paths (header in OUTPUT.json); wds: a
     directory of tars holding the selected images.
@@ -353,6 +359,8 @@ def select(source, method, output, fraction, count, threshold, per_class_cap, fm
           --fraction 0.06 -o subset.jsonl
       filterx select --source ws/source --method clustering \\
           --count 50000 --format wds -o ws/subset
+      filterx select --source ws/source --method knn-target,domain-cls \\
+          --combine rank-mean --fraction 0.06 -o subset.jsonl
     """
     from filterx.select import SelectConfig, select as run
 
@@ -362,7 +370,8 @@ def select(source, method, output, fraction, count, threshold, per_class_cap, fm
         from filterx.embed import load_encoder_tag
 
         tag = load_encoder_tag(encoder)
-    cfg = SelectConfig(source, method, output, fraction, count, threshold, per_class_cap, fmt, txt_field, tag, quiet)
+    cfg = SelectConfig(source, method, output, fraction, count, threshold, per_class_cap, fmt, txt_field, tag, quiet,
+                       combine)
     summary = run(cfg)
     finish(summary, as_json, inside(output, "select") if summary.fmt == "wds" else beside(output))
 

@@ -8,6 +8,14 @@ until the budget is met or the ranking is exhausted; unlabelled samples (label -
 no class and are not capped (capping them as one class would shrink the selection of an
 unlabelled pool to the cap).
 
+Rank fusion (``combine``): several stored score arrays, each turned into normalised ranks over
+the samples every one of them scores (0 = best, 1 = worst; tied scores share their average
+rank, so a method that ties many samples, such as a class mask, adds no id order of its own),
+combined per sample by their mean (``rank-mean``) or their best (``rank-min``); the fused score
+is 1 minus that, so higher still means keep first, and select ranks it as any other score (ties
+by the lower id). A sample some method left unscored (NaN) is NaN in the fused score: never
+selected.
+
 A NaN threshold is refused (no score is >= NaN). A budget that selects nothing (a threshold
 above every score, a fraction that rounds to no sample, a pool with no scored sample) still
 writes its empty manifest, with a warning saying why (logged, and in the summary).
@@ -36,6 +44,57 @@ def rank_ids(scores: np.ndarray) -> np.ndarray:
     ids = np.flatnonzero(~np.isnan(scores))
     order = np.lexsort((ids, -scores[ids]))
     return ids[order]
+
+
+COMBINE = ("rank-mean", "rank-min")
+
+
+def normalised_ranks(scores: np.ndarray, scored: np.ndarray) -> np.ndarray:
+    """(N,) float64 rank of each ``scored`` sample among the scored ones, higher score first,
+    scaled to [0, 1] (0 = best; a single scored sample is 0); ties take their average rank;
+    NaN where not ``scored``."""
+    from scipy.stats import rankdata
+
+    out = np.full(len(scores), np.nan)
+    n = int(scored.sum())
+    if n:
+        r = rankdata(-np.asarray(scores, dtype=np.float64)[scored], method="average") - 1
+        out[scored] = r / max(n - 1, 1)
+    return out
+
+
+def fuse_ranks(arrays: list[np.ndarray], combine: str) -> np.ndarray:
+    """(N,) float64 fused score of several (N,) score arrays, higher = keep first, in [0, 1].
+
+    Ranks are taken over the samples every array scores; the rest are NaN. ``rank-mean``:
+    1 - the mean normalised rank; ``rank-min``: 1 - the best normalised rank.
+    """
+    if combine not in COMBINE:
+        raise ValueError(f"unknown --combine {combine!r}; valid: {', '.join(COMBINE)}")
+    if len(arrays) < 2:
+        raise ValueError(f"--combine {combine} needs several score arrays, got {len(arrays)}")
+    arrays = [np.asarray(a, dtype=np.float64) for a in arrays]
+    scored = np.logical_and.reduce([~np.isnan(a) for a in arrays])
+    ranks = np.stack([normalised_ranks(a, scored) for a in arrays])
+    combined = ranks.mean(axis=0) if combine == "rank-mean" else ranks.min(axis=0)
+    return 1.0 - combined
+
+
+def split_methods(method: str, combine: str | None) -> list[str]:
+    """The score names of ``--method`` (comma-separated for fusion), checked against ``combine``."""
+    names = [m.strip() for m in method.split(",")]
+    if any(not m for m in names):
+        raise ValueError(f"--method {method!r} has an empty name; give NAME or NAME,NAME,...")
+    if len(set(names)) < len(names):
+        raise ValueError(f"--method {method!r} names a score twice; name each once")
+    if combine is None and len(names) > 1:
+        raise ValueError(f"--method {method!r} names {len(names)} scores; fuse them with "
+                         f"--combine ({', '.join(COMBINE)}) or name one")
+    if combine is not None and len(names) < 2:
+        raise ValueError(f"--combine {combine} needs several scores (--method A,B[,C]), got only {method!r}")
+    if combine is not None and combine not in COMBINE:
+        raise ValueError(f"unknown --combine {combine!r}; valid: {', '.join(COMBINE)}")
+    return names
 
 
 def budget_count(num_scored: int, *, fraction: float | None = None, count: int | None = None) -> int:
@@ -102,7 +161,7 @@ def why_nothing_selected(scores: np.ndarray, *, fraction: float | None = None, c
 @dataclass(frozen=True)
 class SelectConfig:
     source: Path
-    method: str  # name of the stored score array
+    method: str  # name of the stored score array; with ``combine``, several names "a,b,..."
     output: Path
     fraction: float | None = None
     count: int | None = None
@@ -112,6 +171,7 @@ class SelectConfig:
     txt_field: str = "key"
     encoder_tag: str | None = None  # refuse scores made with another encoder
     quiet: bool = False
+    combine: str | None = None  # rank fusion of several methods: one of COMBINE
 
 
 @dataclass(frozen=True)
@@ -156,12 +216,20 @@ def select(cfg: SelectConfig) -> SelectSummary:
     if fmt != "wds" and out.is_dir():
         raise ValueError(f"-o {out} is a directory, and a {fmt} manifest is a file: name a file "
                          f"(e.g. {out / ('subset.' + fmt)}), or pass --format wds to write a directory")
+    names = split_methods(cfg.method, cfg.combine)
     ds = Dataset.open(cfg.source)
-    scores, attrs = read_scores(ds, cfg.method)
-    used = (attrs.get("encoder") or {}).get("tag")
-    if cfg.encoder_tag and used and used != cfg.encoder_tag:
-        raise ValueError(f"scores {cfg.method!r} in {ds.root} were made with encoder {used}, "
-                         f"not the requested {cfg.encoder_tag}; re-run filterx score with that encoder")
+    stored = [read_scores(ds, name) for name in names]
+    for name, (_, attrs) in zip(names, stored):
+        used = (attrs.get("encoder") or {}).get("tag")
+        if cfg.encoder_tag and used and used != cfg.encoder_tag:
+            raise ValueError(f"scores {name!r} in {ds.root} were made with encoder {used}, "
+                             f"not the requested {cfg.encoder_tag}; re-run filterx score with that encoder")
+    recorded = [{k: attrs.get(k) for k in ("method", "params", "seed", "encoder", "candidates")} for _, attrs in stored]
+    if cfg.combine is None:
+        scores, extra = stored[0][0], {"scores": recorded[0]}
+    else:
+        scores = fuse_ranks([s for s, _ in stored], cfg.combine)
+        extra = {"methods": names, "combine": cfg.combine, "scores": dict(zip(names, recorded))}
     ranked = select_ids(scores, fraction=cfg.fraction, count=cfg.count, threshold=cfg.threshold,
                         labels=ds.labels, per_class_cap=cfg.per_class_cap)
     scored = int((~np.isnan(scores)).sum())
@@ -177,10 +245,8 @@ def select(cfg: SelectConfig) -> SelectSummary:
     for w in warnings:
         log.warning("%s", w)
     budget = {k: v for k, v in (("fraction", cfg.fraction), ("count", cfg.count), ("threshold", cfg.threshold)) if v is not None}
-    header = manifest.make_header(ds, cfg.method, budget, len(ranked), {
-        "per_class_cap": cfg.per_class_cap,
-        "scores": {k: attrs.get(k) for k in ("method", "params", "seed", "encoder", "candidates")},
-    })
+    header = manifest.make_header(ds, ",".join(names), budget, len(ranked),
+                                  {"per_class_cap": cfg.per_class_cap, **extra})
     with _output_lock(out):
         manifest.write_manifest(out, fmt, ds, ranked, scores[ranked], header, txt_field=cfg.txt_field,
                                 quiet=cfg.quiet)

@@ -153,3 +153,113 @@ def test_every_scorer_keeps_the_contract(name, tmp_path, monkeypatch):
 
     json.dumps(dict(a.attrs))  # attrs are stored as zarr attrs: JSON only
     assert list(tmp_path.iterdir()) == []  # no file I/O: the stage writes, not the scorer
+
+
+# ---------------------------------------------------------------- pool-level: knn-target, pool-clusters
+
+
+def _unit(x):
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _distances(a, b):
+    """(len(a), len(b)) Euclidean distances, in float64."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.sqrt(np.maximum(((a[:, None, :] - b[None]) ** 2).sum(-1), 0))
+
+
+@pytest.mark.parametrize("k, normalize", [(1, True), (10, True), (7, False)])
+def test_knn_target_matches_brute_force(k, normalize):
+    S, T, which = blobs(seed=3)
+    res = run_scorer("knn-target", ScoreInputs(num_source=len(S), source_emb=S, target_emb=T), k=k,
+                     normalize=normalize)
+    d = _distances(*((_unit(S), _unit(T)) if normalize else (S, T)))
+    ref = -np.sort(d, axis=1)[:, :k].mean(1)
+    np.testing.assert_allclose(res.scores, ref, rtol=1e-4, atol=2e-4)
+    assert res.scores.dtype == np.float32 and res.attrs["k_used"] == k
+    assert auc(res.scores, which == 0) > 0.95
+
+
+def test_knn_search_streams_blocks_exactly():
+    from filterx.scorers.pool import knn_search
+
+    rng = np.random.default_rng(0)
+    xq, xb = rng.normal(size=(1000, 12)).astype(np.float32), rng.normal(size=(90, 12)).astype(np.float32)
+    d2, idx = knn_search(xq, xb, 5, block=37)  # blocks that do not divide the rows
+    whole, whole_idx = knn_search(xq, xb, 5, block=10**6)
+    ref = _distances(xq, xb) ** 2
+    np.testing.assert_array_equal(idx, np.argsort(ref, axis=1, kind="stable")[:, :5])
+    np.testing.assert_allclose(d2, np.sort(ref, axis=1)[:, :5], rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(d2, whole)
+    np.testing.assert_array_equal(idx, whole_idx)
+    with pytest.raises(ValueError, match=r"k must be in \[1, 90\]"):
+        knn_search(xq, xb, 91)
+
+
+def test_mean_knn_distance_streams_the_pool_in_blocks():
+    from filterx.scorers.pool import mean_knn_distance
+
+    S, T, _ = blobs(seed=6, n_source=500)
+    S[[0, 40, 41, 499]] = np.nan  # unembedded rows at block edges and inside a block
+    ok = np.isfinite(S).all(1)
+    small = mean_knn_distance(S, T, 6, block=41)
+    np.testing.assert_array_equal(small, mean_knn_distance(S, T, 6, block=10**6))
+    ref = np.sort(_distances(_unit(S[ok]), _unit(T)), axis=1)[:, :6].mean(1)
+    np.testing.assert_allclose(small[ok], ref, rtol=1e-4, atol=2e-4)
+    assert np.isnan(small[~ok]).all() and small.dtype == np.float32
+
+
+def test_knn_target_caps_k_and_leaves_unembedded_rows_unscored():
+    S, T, _ = blobs(n_target=4)
+    S[5] = np.nan
+    res = run_scorer("knn-target", ScoreInputs(num_source=len(S), source_emb=S, target_emb=T))
+    assert res.attrs["k_used"] == 4 and res.attrs["unscored"] == 1
+    assert np.isnan(res.scores[5]) and np.isfinite(np.delete(res.scores, 5)).all()
+
+
+def _pool_clusters_brute_force(S, T, k, niter=20, seed=0):
+    """DataComp's rule, re-done: faiss k-means over the pool, then numpy nearest centroids."""
+    import faiss
+
+    S, T = _unit(S).astype(np.float32), _unit(T).astype(np.float32)
+    km = faiss.Kmeans(S.shape[1], k, niter=niter, seed=seed, max_points_per_centroid=100_000)
+    km.train(S)
+    cluster = _distances(S, km.centroids).argmin(1)
+    chosen = _distances(T, km.centroids).argmin(1)
+    votes = np.bincount(chosen, minlength=k)
+    near = _distances(S, T).min(1)
+    return cluster, votes, near
+
+
+def test_pool_clusters_keeps_the_clusters_nearest_to_the_target():
+    from filterx.select import select_ids
+
+    S, T, which = blobs(seed=4, n_source=1200, n_target=60)
+    res = run_scorer("pool-clusters", ScoreInputs(num_source=len(S), source_emb=S, target_emb=T), seed=0, k=24)
+    cluster, votes, near = _pool_clusters_brute_force(S, T, 24)
+    kept = votes[cluster] > 0
+    assert res.attrs["k_used"] == 24 and res.attrs["clusters_kept"] == int((votes > 0).sum())
+    assert res.attrs["kept_samples"] == int(kept.sum()) and res.attrs["kept_share"] == pytest.approx(kept.mean())
+    assert 0 < kept.sum() < (which == 0).sum() + 1 and (which[kept] == 0).all()  # only target-like blob
+    # --threshold 1 keeps exactly the samples of the chosen clusters (DataComp)
+    assert set(select_ids(res.scores, threshold=1.0).tolist()) == set(np.flatnonzero(kept).tolist())
+    assert (res.scores[~kept] <= 0.5).all() and (res.scores[~kept] > 0).all()
+    # the score: votes of the sample's cluster, then nearer to the target first
+    np.testing.assert_allclose(res.scores, votes[cluster] + 0.5 / (1 + near), rtol=1e-5, atol=1e-5)
+    ranked = select_ids(res.scores, count=len(S))
+    assert (np.diff(votes[cluster][ranked]) <= 0).all()  # clusters with more votes first
+    assert auc(res.scores, which == 0) > 0.95
+
+
+def test_pool_clusters_default_k_and_unembedded_rows():
+    from filterx.scorers.pool import default_pool_clusters
+
+    assert [default_pool_clusters(n) for n in (10, 600, 1_280_000, 10**9)] == [1, 12, 25_600, 100_000]
+    S, T, _ = blobs(seed=5)
+    S[[3, 7]] = np.nan
+    res = run_scorer("pool-clusters", ScoreInputs(num_source=len(S), source_emb=S, target_emb=T))
+    assert res.attrs["k_used"] == default_pool_clusters(len(S) - 2) and res.attrs["unscored"] == 2
+    assert np.isnan(res.scores[[3, 7]]).all() and np.isfinite(np.delete(res.scores, [3, 7])).all()
+    with pytest.raises(ValueError, match="kmeans 'fast'"):
+        run_scorer("pool-clusters", ScoreInputs(num_source=len(S), source_emb=S, target_emb=T), kmeans="fast")

@@ -190,3 +190,110 @@ def test_output_naming_an_existing_directory_for_a_file_format_is_one_line(score
     # nothing written, nothing left behind: no temporaries, no header sidecar, no saved options
     assert sorted(p.name for p in (tmp_path / "outs").iterdir()) == [name]
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+
+
+# ---------------------------------------------------------------- rank fusion: --method a,b --combine
+
+
+def test_fuse_ranks_by_hand():
+    from filterx.select import fuse_ranks, normalised_ranks
+
+    a = np.array([0.9, 0.1, 0.5, np.nan, 0.5], dtype=np.float32)
+    b = np.array([1.0, 3.0, 2.0, 5.0, 0.0], dtype=np.float32)
+    # over the samples both score (0, 1, 2, 4): a ranks them 0, 3, 1.5, 1.5 (the tie shares its
+    # average rank), b ranks them 2, 0, 1, 3; scaled by 1 / (4 - 1)
+    scored = ~np.isnan(a)
+    np.testing.assert_allclose(normalised_ranks(a, scored), [0, 1, 0.5, np.nan, 0.5])
+    np.testing.assert_allclose(normalised_ranks(b, scored), [2 / 3, 0, 1 / 3, np.nan, 1])
+    mean = fuse_ranks([a, b], "rank-mean")
+    np.testing.assert_allclose(mean, [1 - 1 / 3, 0.5, 1 - 5 / 12, np.nan, 0.25])
+    assert select_ids(mean, count=4).tolist() == [0, 2, 1, 4]
+    best = fuse_ranks([a, b], "rank-min")
+    np.testing.assert_allclose(best, [1, 1, 2 / 3, np.nan, 0.5])
+    assert select_ids(best, count=4).tolist() == [0, 1, 2, 4]  # the tie at 1 goes to the lower id
+    assert select_ids(best, fraction=1.0).tolist() == [0, 1, 2, 4]  # NaN in one score: never selected
+    np.testing.assert_allclose(fuse_ranks([a, a, a], "rank-mean"), normalised_ranks(-a, scored))
+
+
+def test_fuse_ranks_is_invariant_to_monotone_rescaling():
+    from filterx.select import fuse_ranks
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=50), rng.normal(size=50)
+    for rule in ("rank-mean", "rank-min"):
+        np.testing.assert_array_equal(fuse_ranks([a, b], rule), fuse_ranks([np.exp(a), 3 * b - 7], rule))
+
+
+@pytest.fixture()
+def two_scores(scored):
+    """``scored`` plus scores "t": the reverse order of "s" on even ids, NaN on id 3."""
+    from filterx.dataset import Dataset
+    from filterx.score import write_scores
+
+    ds = Dataset.open(scored)
+    t = np.where(np.arange(ds.num_samples) % 2 == 0, -np.arange(ds.num_samples), np.arange(ds.num_samples))
+    t = t.astype(np.float32)
+    t[3] = np.nan
+    write_scores(ds, "t", t, {"method": "test-t", "seed": 1})
+    return scored
+
+
+@pytest.mark.parametrize("rule", ["rank-mean", "rank-min"])
+def test_select_combine_writes_the_fused_selection(two_scores, tmp_path, rule):
+    from filterx.dataset import Dataset
+    from filterx.score import read_scores
+    from filterx.select import fuse_ranks
+
+    outs = [tmp_path / "a" / "m.jsonl", tmp_path / "b" / "m.jsonl"]
+    for out in outs:
+        code, _, err = run("select", "--source", two_scores, "--method", "s,t", "--combine", rule, "--count", 7,
+                           "-o", out, "-q")
+        assert code == 0, err
+    assert outs[0].read_bytes() == outs[1].read_bytes()  # the same inputs: the same bytes
+    lines = [json.loads(x) for x in outs[0].read_text().splitlines()]
+    header, rows = lines[0], lines[1:]
+    assert header["method"] == "s,t" and header["methods"] == ["s", "t"] and header["combine"] == rule
+    assert header["scores"]["t"]["method"] == "test-t" and header["scores"]["s"]["method"] == "test"
+    ds = Dataset.open(two_scores)
+    fused = fuse_ranks([read_scores(ds, "s")[0], read_scores(ds, "t")[0]], rule)
+    want = select_ids(fused, count=7)
+    assert [r["id"] for r in rows] == want.tolist() and header["count"] == 7 and 3 not in want
+    np.testing.assert_allclose([r["score"] for r in rows], fused[want])
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--method", "s,nope", "--combine", "rank-mean"], "has no scores named 'nope' (stored: "),
+    (["--method", "s", "--combine", "rank-min"], "--combine rank-min needs several scores (--method A,B[,C])"),
+    (["--method", "s,t"], "--method 's,t' names 2 scores; fuse them with --combine (rank-mean, rank-min)"),
+    (["--method", "s,s", "--combine", "rank-mean"], "names a score twice"),
+    (["--method", "s,t", "--combine", "rank-max"], "'rank-max' is not one of 'rank-mean', 'rank-min'"),
+])
+def test_select_combine_errors_are_one_line(two_scores, tmp_path, args, msg):
+    out = tmp_path / "m.jsonl"
+    code, _, err = run("select", "--source", two_scores, *args, "--count", 3, "-o", out)
+    line = one_line(err)
+    assert code == 2 and msg in line, line
+    assert not out.exists()
+
+
+def test_pool_clusters_then_threshold_one_keeps_the_chosen_clusters(sample_dirs, encoder_file, tmp_path):
+    """score --method pool-clusters, then select --threshold 1: DataComp's "keep exactly the
+    chosen clusters", the count the scores' attrs recorded."""
+    from filterx.dataset import Dataset
+    from filterx.score import read_scores
+
+    shutil.copytree(sample_dirs[0], tmp_path / "src")
+    code, _, err = run("score", "--method", "pool-clusters", "--source", tmp_path / "src", "--target", sample_dirs[1],
+                       "--encoder", encoder_file, "--k", 96, "--backend", "pil", "--device", "cpu", "--workers", 0, "-q")
+    assert code == 0, err
+    scores, attrs = read_scores(Dataset.open(tmp_path / "src"), "pool-clusters")
+    result = attrs["result"]
+    assert attrs["params"]["k"] == 96 and result["k_used"] == 96 and 1 <= result["clusters_kept"] < 96
+    assert 0 < result["kept_share"] < 1  # so the threshold has something to tell apart
+    code, out, err = run("select", "--source", tmp_path / "src", "--method", "pool-clusters", "--threshold", 1,
+                         "-o", tmp_path / "kept.npy", "-q", "--json")
+    assert code == 0, err
+    kept = np.load(tmp_path / "kept.npy")
+    assert len(kept) == result["kept_samples"] == json.loads(out)["selected"]
+    assert kept.tolist() == np.flatnonzero(scores >= 1).tolist()
+    assert result["kept_share"] == pytest.approx(len(kept) / len(scores))

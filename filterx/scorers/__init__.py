@@ -31,6 +31,7 @@ _SCORER_MODULES = (
     "filterx.scorers.entropy",
     "filterx.scorers.influence",
     "filterx.scorers.classlevel",
+    "filterx.scorers.pool",
 )
 
 # Names a scorer may list in ``needs``: the ScoreInputs fields it requires to be set.

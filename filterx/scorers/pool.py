@@ -1,0 +1,168 @@
+"""Pool-level scorers, as DataComp and k-NN retrieval select: ``knn-target`` and ``pool-clusters``.
+
+knn-target: a pool image scores minus its mean Euclidean distance to its ``k`` nearest target
+embeddings (exact: a FAISS flat index over the target, the pool searched in row blocks, so
+memory stays O(block * k + M * D) at any pool size N).
+
+pool-clusters (DataComp's image-based filter): k-means over the *pool's* embeddings with many
+clusters; each target embedding picks its nearest pool centroid; the clusters picked by at least
+one target embedding are kept. Score of a pool image in cluster c at distance d from its nearest
+target embedding::
+
+    votes[c] + 0.5 / (1 + d)        votes[c] = number of target embeddings that picked c
+
+so kept-cluster samples score >= 1 and all others lie in (0, 0.5]: ``select --threshold 1``
+keeps exactly the chosen clusters (DataComp), and a fraction or count budget takes the clusters
+most target embeddings chose first, nearer-to-the-target samples first within one vote count.
+The fractional part never reaches the next integer (it is at most 0.5), so the vote order is
+exact; within one vote count float32 resolution (~votes * 6e-8) may tie very close distances,
+and select breaks those by the lower id.
+
+Both L2-normalise first by default (``normalize=True``), as ``clustering`` does.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from filterx.scorers import ScoreInputs, ScoreResult, register_scorer
+from filterx.scorers.clustering import KMEANS, _faiss_has_gpu, faiss_kmeans, l2_normalize
+
+log = logging.getLogger(__name__)
+BLOCK = 65536  # pool rows per search: bounds the (block, k) result buffers
+
+
+def flat_index(xb: np.ndarray, *, gpu: bool | None = None):
+    """An exact FAISS L2 index holding the rows of ``xb`` (M, D); ``gpu=None`` uses FAISS's GPU
+    index when faiss was built with one and a device is visible."""
+    import faiss
+
+    xb = np.ascontiguousarray(xb, dtype=np.float32)
+    index = faiss.IndexFlatL2(xb.shape[1])
+    if _faiss_has_gpu() if gpu is None else gpu:
+        index = faiss.index_cpu_to_all_gpus(index)
+    index.add(xb)
+    return index
+
+
+def knn_search(xq: np.ndarray, xb: np.ndarray, k: int, *, block: int = BLOCK, gpu: bool | None = None):
+    """Exact k nearest rows of ``xb`` (M, D) for every row of ``xq`` (N, D), squared L2.
+
+    Returns ``(d2, idx)``: (N, k) float32 squared distances (clamped at 0) ascending, and (N, k)
+    int64 row indexes into ``xb``. ``xq`` is searched ``block`` rows at a time (it may be a
+    memory-mapped or otherwise lazily read array); the index holds ``xb`` only.
+    """
+    if not 1 <= k <= len(xb):
+        raise ValueError(f"k must be in [1, {len(xb)}] (the rows searched), got {k}")
+    index = flat_index(xb, gpu=gpu)
+    d2 = np.empty((len(xq), k), dtype=np.float32)
+    idx = np.empty((len(xq), k), dtype=np.int64)
+    for i in range(0, len(xq), block):
+        q = np.ascontiguousarray(xq[i : i + block], dtype=np.float32)
+        d2[i : i + len(q)], idx[i : i + len(q)] = index.search(q, k)
+    np.maximum(d2, 0, out=d2)  # ||x||^2 + ||y||^2 - 2 x.y rounds slightly below 0 for near-duplicates
+    return d2, idx
+
+
+def mean_knn_distance(source: np.ndarray, target: np.ndarray, k: int, *, normalize: bool = True,
+                      block: int = BLOCK, gpu: bool | None = None) -> np.ndarray:
+    """(N,) float32 mean Euclidean distance of each row of ``source`` to its ``k`` nearest rows
+    of ``target`` (M, D); NaN for a row that is not finite.
+
+    The pool is read, normalised and searched ``block`` rows at a time, so beyond its inputs
+    this holds the target index and one block: O(M * D + block * (D + k)) floats at any N.
+    """
+    if not 1 <= k <= len(target):
+        raise ValueError(f"k must be in [1, {len(target)}] (the target rows), got {k}")
+    index = flat_index(l2_normalize(target) if normalize else target, gpu=gpu)
+    out = np.full(len(source), np.nan, dtype=np.float32)
+    for i in range(0, len(source), block):
+        q = np.asarray(source[i : i + block], dtype=np.float32)
+        ok = _finite_rows(q)
+        q = np.ascontiguousarray(l2_normalize(q[ok]) if normalize else q[ok])
+        if len(q):
+            d2, _ = index.search(q, k)
+            out[i : i + len(ok)][ok] = np.sqrt(np.maximum(d2, 0)).mean(axis=1)  # a view: writes through
+    return out
+
+
+def _finite_rows(x: np.ndarray) -> np.ndarray:
+    """(N,) bool: rows without NaN or inf (an image that could not be embedded)."""
+    return np.isfinite(x).all(axis=1)
+
+
+def _check_target(target: np.ndarray, name: str) -> np.ndarray:
+    target = target[_finite_rows(target)]
+    if len(target) == 0:
+        raise ValueError(f"method {name!r} needs at least one target embedding, got none (finite)")
+    return target
+
+
+@register_scorer("knn-target", needs=("source_emb", "target_emb"))
+def knn_target_scores(inputs: ScoreInputs, *, seed: int, k: int = 10, normalize: bool = True) -> ScoreResult:
+    """Minus the mean Euclidean distance of each pool image to its k nearest target embeddings."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    target = _check_target(inputs.target_emb, "knn-target")
+    k_used = min(k, len(target))
+    if k_used < k:
+        log.warning("k=%d is more than the %d target images; using k=%d", k, len(target), k_used)
+    scores = -mean_knn_distance(inputs.source_emb, target, k_used, normalize=normalize)
+    return ScoreResult(scores, attrs={"k_used": k_used, "unscored": int(np.isnan(scores).sum())})
+
+
+def default_pool_clusters(num_pool: int) -> int:
+    """The default number of pool clusters: one per 50 pool images, at most 100,000 (DataComp
+    clusters 12.8M-128M pools into 100k), at least 1."""
+    return max(1, min(num_pool // 50, 100_000))
+
+
+def nearest_cluster(x: np.ndarray, centroids: np.ndarray, *, block: int = BLOCK):
+    """((N,) int64 nearest centroid of each row of ``x``, (N,) float32 squared distance)."""
+    d2, idx = knn_search(x, centroids, 1, block=block)
+    return idx[:, 0], d2[:, 0]
+
+
+@register_scorer("pool-clusters", needs=("source_emb", "target_emb"))
+def pool_cluster_scores(inputs: ScoreInputs, *, seed: int, k: int | None = None, niter: int = 20,
+                        normalize: bool = True, kmeans: str = "auto") -> ScoreResult:
+    """Pool k-means clusters nearest to some target embedding first (DataComp's image-based filter)."""
+    if kmeans not in KMEANS:
+        raise ValueError(f"unknown kmeans {kmeans!r}; valid: {', '.join(KMEANS)}")
+    if k is not None and k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if niter < 1:
+        raise ValueError(f"niter must be >= 1, got {niter}")
+    source, target = inputs.source_emb, _check_target(inputs.target_emb, "pool-clusters")
+    if normalize:
+        source, target = l2_normalize(source), l2_normalize(target)
+    ok = _finite_rows(source)
+    pool = source[ok]
+    if len(pool) == 0:
+        raise ValueError("method 'pool-clusters' needs at least one finite pool embedding, got none")
+    k_used = min(default_pool_clusters(len(pool)) if k is None else k, len(pool))
+    if k is not None and k_used < k:
+        log.warning("k=%d is more than the %d pool images; using k=%d", k, len(pool), k_used)
+    if kmeans == "auto":
+        kmeans = "torch" if inputs.device.startswith("cuda") and not _faiss_has_gpu() else "faiss"
+    if kmeans == "faiss":
+        centroids, objective = faiss_kmeans(pool, k_used, niter=niter, seed=seed)
+    else:
+        from filterx.kmeans import torch_kmeans
+
+        km = torch_kmeans(pool, k_used, niter=niter, seed=seed, device=inputs.device)
+        centroids, objective = km.centroids, km.objective
+    cluster, _ = nearest_cluster(pool, centroids)
+    chosen, _ = nearest_cluster(target, centroids)
+    votes = np.bincount(chosen, minlength=k_used)
+    near = mean_knn_distance(pool, target, 1, normalize=False).astype(np.float64)  # already normalised
+    scores = np.full(len(source), np.nan, dtype=np.float32)
+    scores[ok] = votes[cluster] + 0.5 / (1.0 + near)
+    kept = votes[cluster] > 0
+    return ScoreResult(scores, attrs={
+        "k_used": k_used, "kmeans": kmeans, "kmeans_objective": objective,
+        "clusters_kept": int((votes > 0).sum()), "kept_samples": int(kept.sum()),
+        "kept_share": float(kept.mean()), "keep_threshold": 1.0, "unscored": int((~ok).sum()),
+    })
