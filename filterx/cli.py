@@ -242,8 +242,9 @@ _SCORER_OPTIONS = ("k", "distance", "order", "model", "classes", "match", "count
 @click.option("--name", metavar="NAME", help="Store the scores under this name; default: the method's.")
 @click.option("--candidates", default="source", show_default=True, type=click.Choice(["source", "target-train"]),
               help="Score the pool, or the target's own training split (influence data dropout).")
-@click.option("--k", type=click.IntRange(1), cls=DefaultOption, show_default="200",
-              help="clustering: number of k-means clusters.")
+@click.option("--k", type=click.IntRange(1), cls=DefaultOption, show_default="per method",
+              help="clustering: k-means clusters over the target (200); pool-clusters: over the pool "
+                   "(one per 50 images); knn-target: nearest target embeddings (10).")
 @click.option("--distance", type=click.Choice(["min", "avg"]), cls=DefaultOption, show_default="min",
               help="clustering: distance to the nearest centroid, or mean distance to all.")
 @click.option("--order", type=click.Choice(["high", "low"]), cls=DefaultOption, show_default="high",

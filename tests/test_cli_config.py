@@ -65,7 +65,7 @@ def test_select_saves_its_options_and_they_reproduce_the_manifest(scored_src, tm
     values = saved(config)
     assert values == {"source": str(scored_src), "method": "r3", "output": str(manifest), "fraction": 0.5,
                       "count": None, "threshold": None, "per-class-cap": 4, "format": None, "txt-field": "key",
-                      "encoder": None}
+                      "encoder": None, "combine": None}
     assert f"# the same as: filterx select --source {scored_src} --method r3 --output {manifest} " \
            f"--fraction 0.5 --per-class-cap 4\n" in config.read_text()
     first, first_config = manifest.read_bytes(), config.read_bytes()
