@@ -134,7 +134,7 @@ def test_shard_saves_its_options_and_they_reproduce_the_dataset(image_folder, tm
     assert summary["config"] == str(out / "filterx-shard.yaml") and summary["num_samples"] == 27
     values = saved(out / "filterx-shard.yaml")
     assert values == {"src": str(image_folder), "out": str(out), "shard-size": 10, "resize-short": None,
-                      "workers": 1}
+                      "num-classes": None, "workers": 1}
     tars = {p.name: p.read_bytes() for p in (out / "shards").iterdir()}
     shutil.move(out / "filterx-shard.yaml", tmp_path / "shard.yaml")
     shutil.rmtree(out)
@@ -247,9 +247,13 @@ def test_scorer_defaults_shown_in_help_are_the_registry_s():
                 **get_scorer("entropy").defaults, **get_scorer("class-mask").defaults,
                 **get_scorer("influence").defaults}
     for name, text in shown.items():
-        if name in ("params_", "val_classes"):
+        if name in ("params_", "val_classes", "k"):
             continue
         assert str(registry[name]) == text, name
+    # --k serves three methods, each with its own default, named in its help
+    k_help = next(p.help for p in main.commands["score"].params if p.name == "k")
+    assert shown["k"] == "per method" and f"({get_scorer('clustering').defaults['k']})" in k_help
+    assert f"({get_scorer('knn-target').defaults['k']})" in k_help
 
 
 def test_json_summary_is_the_only_thing_on_stdout_of_a_real_process(scored_src, tmp_path):
