@@ -76,7 +76,7 @@ def test_shard_onto_a_full_disk_is_one_line_and_leaves_no_temporary(small_fs, tm
     src = _big_folder(tmp_path / "imgs")
     proc = cli("shard", src, small_fs / "ds", "--shard-size", 4, "--workers", 1, "-q")
     line = one_line(proc, "shard")
-    assert "No space left on device" in line and "re-run" in line
+    assert "no space left on" in line.lower() and "re-run" in line
     assert temporaries(small_fs) == []
 
 
