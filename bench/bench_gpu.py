@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.abc
 import json
 import os
 import re
@@ -56,14 +55,15 @@ DRY = {"resolutions": (64, 32), "images": 24, "batch": 8, "min_time": 0.0, "warm
        "train_batch": 4, "train_steps": 2, "train_warmup": 1, "train_res": 32}
 
 
-class _BlockImports(importlib.abc.MetaPathFinder):
-    """Makes ``import faiss`` (and the rest of ``BLOCKED``) fail as on the GPU machine."""
+def block_missing_modules(names: tuple[str, ...] = BLOCKED) -> None:
+    """Make ``import faiss`` (and the rest of ``names``) fail as on the GPU machine.
 
-    def find_spec(self, name, path=None, target=None):
-        if any(name == b or name.startswith(b + ".") for b in BLOCKED):
-            raise ModuleNotFoundError(f"No module named {name!r} (blocked: the GPU machine "
-                                      f"has none of {', '.join(BLOCKED)})", name=name)
-        return None
+    A ``None`` in ``sys.modules`` is what Python itself treats as "not importable": ``import``
+    raises ModuleNotFoundError and ``importlib.util.find_spec`` answers None, as for a module
+    that is not installed (torch probes some modules that way at import time).
+    """
+    for name in names:
+        sys.modules[name] = None
 
 
 # ---------------------------------------------------------------- shared helpers (in children)
@@ -218,10 +218,12 @@ def part_kmeans(device: str, sizes: dict, data_dir: str) -> dict:
     from filterx.kmeans import torch_kmeans
 
     n, d, k, it = sizes["kmeans_n"], sizes["kmeans_d"], sizes["kmeans_k"], sizes["kmeans_iter"]
-    g = torch.Generator().manual_seed(0)
+    # made on the device: 1.28M x 512 normals on one CPU thread would take longer than k-means
+    g = torch.Generator(device=device).manual_seed(0)
     # clustered data (k blobs), so the objective has somewhere to go
-    centers = torch.randn(k, d, generator=g) * 3
-    x = (centers[torch.randint(0, k, (n,), generator=g)] + torch.randn(n, d, generator=g)).to(device)
+    centers = torch.randn(k, d, generator=g, device=device) * 3
+    x = centers[torch.randint(0, k, (n,), generator=g, device=device)]
+    x += torch.randn(n, d, generator=g, device=device)
     # every row takes part (max_points_per_centroid above n/k) and tol < 0: all iterations run
     kw = dict(niter=it, seed=0, device=device, max_points_per_centroid=n // k + 1, tol=-1.0)
     torch_kmeans(x[: max(k * 4, 1000)], k, **{**kw, "niter": 2})  # warm-up: kernels, allocator
@@ -251,11 +253,12 @@ def part_kernels(device: str, sizes: dict, data_dir: str) -> dict:
 
     n, d, k, c = sizes["kernel_n"], sizes["kernel_d"], sizes["kernel_k"], sizes["kernel_c"]
     reps = 5 if device.startswith("cuda") else 1
-    g = torch.Generator().manual_seed(0)
-    x, cent = torch.randn(n, d, generator=g).to(device), torch.randn(k, d, generator=g).to(device)
-    r = torch.softmax(torch.randn(n, c, generator=g), 1)
-    r[torch.arange(n), torch.randint(0, c, (n,), generator=g)] -= 1.0
-    r, s_test = r.to(device), torch.randn(c, d + 1, generator=g).to(device)
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(n, d, generator=g, device=device)
+    cent = torch.randn(k, d, generator=g, device=device)
+    r = torch.softmax(torch.randn(n, c, generator=g, device=device), 1)
+    r[torch.arange(n, device=device), torch.randint(0, c, (n,), generator=g, device=device)] -= 1.0
+    s_test = torch.randn(c, d + 1, generator=g, device=device)
 
     def best(fn):
         out = fn()
@@ -336,9 +339,9 @@ def part_pretrain(device: str, sizes: dict, data_dir: str) -> dict:
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     b, res = sizes["train_batch"], sizes.get("train_res", 224)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(b, 3, res, res, generator=g).to(device)  # synthetic images, already in memory
-    y = torch.randint(0, 1000, (b,), generator=g).to(device)
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(b, 3, res, res, generator=g, device=device)  # synthetic images, in GPU memory
+    y = torch.randint(0, 1000, (b,), generator=g, device=device)
     losses = []
     r = _timed_loop(lambda: losses.append(step_fn(x, y)[0]), device, b, sizes["train_warmup"],
                     0.0, min_steps=sizes["train_steps"])
@@ -384,7 +387,7 @@ def part_pretrain(device: str, sizes: dict, data_dir: str) -> dict:
 
 
 def _child_main(part: str) -> None:
-    sys.meta_path.insert(0, _BlockImports())
+    block_missing_modules()
     kwargs = json.loads(sys.stdin.read())
     result = globals()[f"part_{part}"](**kwargs)
     sys.stdout.write(_MARK + json.dumps(result) + "\n")
