@@ -107,7 +107,9 @@ def _jpeg_bytes(n: int, data_dir: str) -> tuple[list[bytes], str]:
         paths = make_realistic_jpegs(Path(data_dir) / "gpu-check-jpegs", n, seed=0)
         return [p.read_bytes() for p in paths], "scikit-image photos (bench/images.py)"
     except ImportError:
-        pass
+        why = "scikit-image not installed"
+    except Exception as exc:  # e.g. a photo skimage would have to download: no network there
+        why = f"bench/images.py failed: {type(exc).__name__}: {exc}"[:200]
     import io
 
     from PIL import Image, ImageFilter
@@ -130,7 +132,7 @@ def _jpeg_bytes(n: int, data_dir: str) -> tuple[list[bytes], str]:
         buf = io.BytesIO()
         Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=94)
         out.append(buf.getvalue())
-    return out, "procedural numpy+PIL images (scikit-image not installed)"
+    return out, f"procedural numpy+PIL images ({why})"
 
 
 def _decode_batches(blobs, batch: int, res: int, device: str, normalise: bool):
