@@ -177,3 +177,46 @@ def test_decode_suite_end_to_end_writes_ratios(tmp_path, capsys):
         assert 10 < r["peak_rss_mb"] < 4000
     # the same images through the same transform: draft decoding changes pixels only slightly
     assert rows["pil-draft"]["out_mean"] == pytest.approx(rows["pil-full"]["out_mean"], abs=0.03)
+
+
+# ---------------------------------------------------------------- the GPU check's CPU dry run
+
+
+def test_gpu_check_blocks_what_the_gpu_machine_lacks():
+    import subprocess
+
+    code = ("from bench.bench_gpu import block_missing_modules, BLOCKED; block_missing_modules()\n"
+            "for name in BLOCKED:\n"
+            "    try:\n        __import__(name)\n    except ModuleNotFoundError:\n        continue\n"
+            "    raise SystemExit('imported ' + name)\n"
+            "import filterx.kmeans, filterx.collectives, filterx.models, filterx.kernels")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=suite.REPO_ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_gpu_check_cpu_dry_run_runs_every_part(tmp_path):
+    from bench import bench_gpu
+
+    doc, path = bench_gpu.run_check(cpu_dry_run=True, out=tmp_path / "out", data=tmp_path / "data")
+    assert path.name.startswith("gpu-dry-run-") and path.with_suffix(".md").is_file()
+    saved = json.loads(path.read_text())
+    assert saved["dry_run"] is True and saved["device"] == "cpu"
+    parts = saved["parts"]
+    assert list(parts) == [p for p, _ in bench_gpu.PARTS]
+    for name, part in parts.items():
+        assert part["status"] == "ok", (name, part.get("error"), part.get("stderr_tail"))
+        assert part["rows"], name
+    rows = {r["measure"]: r for p in parts.values() for r in p["rows"]}
+    assert {"decode+resize 64", "decode+resize 32", "embed resnet18 64", "embed resnet50 32"} <= set(rows)
+    assert all(r["img_s"] > 0 for m, r in rows.items() if m.startswith(("decode", "embed", "pretrain")))
+    assert rows["embed resnet50 64"]["feature_dim"] == 2048 and rows["embed resnet50 64"]["finite"]
+    kmeans = next(r for m, r in rows.items() if m.startswith("torch_kmeans"))
+    assert kmeans["iterations"] == bench_gpu.DRY["kmeans_iter"]
+    assert kmeans["objective"] < kmeans["objective_seeded"]
+    kern = [r for m, r in rows.items() if m.startswith(("nearest_centroid", "head_influence"))]
+    assert len(kern) == 2 and all(r["agree"] and r["max_rel_diff"] < 1e-3 for r in kern)
+    coll = rows["collectives under gloo world 1"]
+    assert coll["reduced"] == [1.0, 2.0, 3.0, 4.0] and coll["agree"]
+    md = path.with_suffix(".md").read_text()
+    assert "DRY RUN" in md and all(f"## {p}: ok" in md for p in parts)
