@@ -199,7 +199,7 @@ def train_encoder(target, out, arch, resolution, epochs, lr, weight_decay, val_f
         given = [f"--{n.replace('_', '-')}" for n in ("arch", "resolution", "epochs", "lr")
                  if ctx.get_parameter_source(n) is click.core.ParameterSource.COMMANDLINE]
         if given:
-            raise click.UsageError(f"{', '.join(given)} do not apply to a probe (the backbone's own preprocessing "
+            raise click.UsageError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to a probe (the backbone's own preprocessing "
                                    "sets the resolution; the probe is solved to convergence)")
         from filterx.probe import ProbeConfig, train_probe
 
