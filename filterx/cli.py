@@ -186,7 +186,7 @@ def train_encoder(target, out, arch, resolution, epochs, lr, weight_decay, val_f
     Examples:
       filterx train-encoder ws/target ws/encoder.pt --resolution 112
       filterx train-encoder ws/target ws/probe.pt --probe-only \\
-          --backbone torchvision:resnet50:IMAGENET1K_V2@~/weights/resnet50-11ad3fa6.pth
+          --backbone torchvision:resnet50:IMAGENET1K_V2
     """
     setup(quiet, verbose)
     if probe_only or backbone is not None:
