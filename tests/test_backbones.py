@@ -345,3 +345,19 @@ def test_probe_options_are_checked(sample_dirs, tmp_path):
     code, _, err = cli("train-encoder", sample_dirs[1], tmp_path / "p.pt", "--backbone", "torchvision:resnet18:none",
                        "--probe-only", "--resolution", "224")
     assert code == 2 and "--resolution does not apply" in err
+
+
+def test_probe_serves_influence_and_a_bare_spec_serves_clustering(probe_run):
+    from filterx.score import read_scores
+
+    src, tgt, spec, out, _ = probe_run
+    code, _, err = cli("score", "--method", "influence", "--source", src, "--target", tgt, "--encoder", out, *RUN)
+    assert code == 0, err
+    scores, attrs = read_scores(Dataset.open(src), "influence")
+    assert np.isfinite(scores).all() and scores.std() > 0
+    assert attrs["params"]["weight_decay"] == 5e-4 and attrs["result"]["residual"] < 1e-5
+    code, _, err = cli("score", "--method", "clustering", "--source", src, "--target", tgt, "--encoder", spec,
+                       "--k", 3, *RUN)
+    assert code == 0, err
+    scores, attrs = read_scores(Dataset.open(src), "clustering")
+    assert np.isfinite(scores).all() and attrs["encoder"]["tag"] == read_encoder_file(out)["tag"]
