@@ -129,6 +129,9 @@ def _tv_weights(spec: BackboneSpec):
         enum = None
     if spec.weights in (None, RANDOM_INIT):
         default = enum.DEFAULT if enum is not None else None
+        if spec.weights is None and spec.file is None and default is None:
+            raise ValueError(f"torchvision {spec.model} has no published weights; use torchvision:{spec.model}:none "
+                             f"(random init) or torchvision:{spec.model}@FILE")
         return (default if spec.weights is None and spec.file is None else None), default
     members = [w.name for w in enum] if enum is not None else []
     if spec.weights != "DEFAULT" and spec.weights not in members:
