@@ -147,7 +147,8 @@ def _tv_describe(spec: BackboneSpec) -> tuple[Preprocess, str | None]:
         t = chosen.transforms()
         interp = getattr(t.interpolation, "value", str(t.interpolation))
         pre = Preprocess(int(t.crop_size[0]), int(t.resize_size[0]), tuple(t.mean), tuple(t.std), interp,
-                         f"torchvision {type(chosen).__name__}.{chosen.name}.transforms()", _interp_notes(interp, "torchvision"))
+                         f"torchvision {type(chosen).__name__}.{chosen.name}.transforms()",
+                         _interp_notes(interp, "torchvision"))
     else:  # a model with no published weights: ImageNet's usual 224 of 256
         from filterx.loader import IMAGENET_MEAN, IMAGENET_STD
 
@@ -282,7 +283,8 @@ def _oc_describe(spec: BackboneSpec) -> tuple[Preprocess, str | None]:
     h, w = (size, size) if isinstance(size, int) else tuple(size)[-2:]
     notes = list(_interp_notes(pp["interpolation"], "open_clip"))
     if pp["resize_mode"] != "shortest":
-        notes.append(f"open_clip's resize_mode {pp['resize_mode']!r} is approximated by short-side resize + center crop")
+        notes.append(f"open_clip's resize_mode {pp['resize_mode']!r} is approximated by short-side resize + "
+                     "center crop")
     if h != w:
         notes.append(f"open_clip's input is {h}x{w}; filterx crops squares of {h}")
     # open_clip 'shortest': short side to the image size, then a center crop of that size

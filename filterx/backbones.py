@@ -121,12 +121,17 @@ class Backbone:
     head_name: str | None = None  # torchvision: where the classification head was
 
     def info(self) -> dict:
-        return {
-            "tag": self.tag, "arch": self.spec.arch, "resolution": self.preprocess.resolution,
-            "crop_fraction": self.preprocess.crop_fraction, "mean": list(self.preprocess.mean),
-            "std": list(self.preprocess.std), "feature_dim": self.feature_dim,
-            "backbone": backbone_record(self.spec), "preprocess": asdict(self.preprocess),
-        }
+        return describe_info(self.spec, self.feature_dim)
+
+
+def describe_info(spec: BackboneSpec, feature_dim: int | None = None) -> dict:
+    """The encoder metadata of ``spec`` (what an encoder file records: tag, arch, resolution,
+    crop_fraction, mean, std, feature_dim where known, backbone, preprocess)."""
+    pre, tag = describe(spec)
+    info = {"tag": tag, "arch": spec.arch, "resolution": pre.resolution, "crop_fraction": pre.crop_fraction,
+            "mean": list(pre.mean), "std": list(pre.std), "backbone": backbone_record(spec),
+            "preprocess": {**asdict(pre), "notes": list(pre.notes)}}
+    return info if feature_dim is None else {**info, "feature_dim": int(feature_dim)}
 
 
 def backbone_record(spec: BackboneSpec) -> dict:

@@ -366,10 +366,7 @@ def read_encoder_file(path: str | Path) -> dict:
 
     if backbones.looks_like_spec(path):
         spec = backbones.parse_spec(path)
-        pre, tag = backbones.describe(spec)
-        return {"tag": tag, "arch": spec.arch, "resolution": pre.resolution, "crop_fraction": pre.crop_fraction,
-                "mean": list(pre.mean), "std": list(pre.std), "backbone": backbones.backbone_record(spec),
-                "state_dict": backbones.NoHead(spec.text)}
+        return {**backbones.describe_info(spec), "state_dict": backbones.NoHead(spec.text)}
     info = load_marked_dict(path, "filterx_encoder", ENCODER_FORMAT, "encoder", "filterx train-encoder",
                             f"; make one with: filterx train-encoder TARGET {Path(path).expanduser()}")
     if "backbone" in info:

@@ -143,7 +143,7 @@ def train_probe(cfg: ProbeConfig) -> ProbeSummary:
             log.warning("the probe stopped after %d iterations at gradient norm %.1e (asked %.0e)",
                         stats["iterations"], stats["grad_norm"], cfg.tol)
         val_acc, train_acc = _accuracy(emb[va], ds.labels[va], w, b), _accuracy(emb[tr], ds.labels[tr], w, b)
-        info = _described_info(spec, tag, emb.shape[1])
+        info = backbones.describe_info(spec, emb.shape[1])
         payload = {
             "filterx_encoder": ENCODER_FORMAT,
             "filterx_version": filterx.__version__,
@@ -166,9 +166,3 @@ def train_probe(cfg: ProbeConfig) -> ProbeSummary:
     return ProbeSummary(out, tag, len(tr), len(va), val_acc, train_acc, int(emb.shape[1]), cfg.weight_decay,
                         stats["grad_norm"], stats["iterations"], time.perf_counter() - t0)
 
-
-def _described_info(spec: backbones.BackboneSpec, tag: str, dim: int) -> dict:
-    pre, _ = backbones.describe(spec)
-    return {"tag": tag, "arch": spec.arch, "resolution": pre.resolution, "crop_fraction": pre.crop_fraction,
-            "mean": list(pre.mean), "std": list(pre.std), "feature_dim": dim,
-            "backbone": backbones.backbone_record(spec), "preprocess": pre.__dict__ | {"notes": list(pre.notes)}}
