@@ -361,3 +361,37 @@ def test_probe_serves_influence_and_a_bare_spec_serves_clustering(probe_run):
     assert code == 0, err
     scores, attrs = read_scores(Dataset.open(src), "clustering")
     assert np.isfinite(scores).all() and attrs["encoder"]["tag"] == read_encoder_file(out)["tag"]
+
+
+def test_a_probe_refuses_a_changed_weights_file(sample_dirs, tmp_path):
+    timm = pytest.importorskip("timm")
+
+    tgt = tmp_path / "target"
+    shutil.copytree(sample_dirs[1], tgt)
+    torch.manual_seed(4)
+    f = tmp_path / "test_vit.pt"
+    torch.save(timm.create_model("test_vit", pretrained=False).state_dict(), f)
+    out = tmp_path / "probe.pt"
+    code, _, err = cli("train-encoder", tgt, out, "--backbone", f"timm:test_vit@{f}", "--probe-only", *RUN)
+    assert code == 0, err
+    assert read_encoder_file(out)["backbone"]["file_sha256"] == backbones.file_sha256(f)
+    state = torch.load(f, weights_only=True)
+    state["head.weight"] += 1.0  # even a change to the unused head is a changed file
+    torch.save(state, f)
+    code, _, err = cli("embed", tgt, "--encoder", out, *RUN)
+    assert code == 2 and "has changed since the probe was trained" in err, err
+
+
+def test_a_probe_needs_a_held_out_split(tmp_path):
+    from PIL import Image
+
+    from filterx.shard import ShardConfig, shard
+
+    for c in ("a", "b"):  # one image per class: nothing can be held out
+        (tmp_path / "folder" / c).mkdir(parents=True)
+        Image.fromarray(np.full((32, 32, 3), 40 if c == "a" else 200, np.uint8)).save(tmp_path / "folder" / c / "x.jpg")
+    shard(ShardConfig(tmp_path / "folder", tmp_path / "ds", shard_size=5, workers=1, quiet=True))
+    code, _, err = cli("train-encoder", tmp_path / "ds", tmp_path / "p.pt", "--backbone", "torchvision:resnet18:none",
+                       "--probe-only", *RUN)
+    assert code == 2 and "held-out" in err and not (tmp_path / "p.pt").exists(), err
+    assert not (tmp_path / "ds" / "embeddings").exists()  # refused before anything was embedded
