@@ -236,6 +236,7 @@ def embed(dataset, encoder, device, backend, batch_size, workers, quiet, verbose
     \b
     Examples:
       filterx embed ws/source --encoder ws/encoder.pt
+      filterx embed ws/source --encoder torchvision:resnet50:IMAGENET1K_V2
       torchrun --nproc_per_node 8 -m filterx embed ws/source \\
           --encoder ws/encoder.pt
     """
