@@ -19,8 +19,8 @@ from pathlib import Path
 import click
 
 from filterx.cli_common import (
-    BACKEND_HELP, DEVICE_HELP, EXISTING_DIR, EXISTING_FILE, TRAINING_DEFAULTS, DefaultOption, ListedOption,
-    RegistryChoice, beside, common, finish, finish_rank0, in_dataset, inside, model_names, plain_json,
+    BACKBONE, BACKEND_HELP, DEVICE_HELP, ENCODER, EXISTING_DIR, EXISTING_FILE, TRAINING_DEFAULTS, DefaultOption,
+    ListedOption, RegistryChoice, beside, common, finish, finish_rank0, in_dataset, inside, model_names, plain_json,
     runtime_options, scorer_names, setup,
 )
 
@@ -149,7 +149,7 @@ def shard(src, out, shard_size, resize_short, workers, num_classes, quiet, verbo
     finish(summary, as_json, inside(out, "shard"))
 
 
-@main.command("train-encoder", short_help="Train the target encoder (a ResNet) -> OUT file.")
+@main.command("train-encoder", short_help="Train the target encoder (a ResNet, or a probe on a backbone) -> OUT.")
 @click.argument("target", type=EXISTING_DIR)
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--arch", default="resnet18", show_default=True, type=click.Choice(["resnet18", "resnet34", "resnet50"]),
@@ -159,36 +159,67 @@ def shard(src, out, shard_size, resize_short, workers, num_classes, quiet, verbo
 @click.option("--epochs", default=30, show_default=True, type=click.IntRange(1), help="Training epochs.")
 @click.option("--lr", default=0.1, show_default=True, type=float,
               help="Peak (one-cycle) learning rate for a batch of 256; scaled with --batch-size.")
+@click.option("--weight-decay", default=5e-4, show_default=True, type=click.FloatRange(0),
+              help="L2 weight decay (of the ResNet, or of the probe's mean cross-entropy objective).")
 @click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True),
               help="Share of each class held out to measure accuracy.")
+@click.option("--backbone", type=BACKBONE, default=None,
+              help="A pretrained backbone spec (torchvision:MODEL[:WEIGHTS][@FILE], timm:..., open_clip:...); "
+                   "with --probe-only: a linear probe on its frozen features instead of a ResNet.")
+@click.option("--probe-only", is_flag=True, help="Train only a linear probe on --backbone's frozen features.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the split, initialisation and augmentation.")
 @runtime_options(batch_size=64)
 @common
-def train_encoder(target, out, arch, resolution, epochs, lr, val_fraction, seed, device, backend, batch_size,
-                  workers, quiet, verbose, as_json):
-    """Train a ResNet on the TARGET dataset dir only; save it to the file OUT.
+def train_encoder(target, out, arch, resolution, epochs, lr, weight_decay, val_fraction, backbone, probe_only, seed,
+                  device, backend, batch_size, workers, quiet, verbose, as_json):
+    """Train a ResNet on the TARGET dataset dir only (or, with --backbone SPEC --probe-only, a
+    linear probe on a frozen pretrained backbone); save it to the file OUT.
 
-    OUT (e.g. ws/encoder.pt) holds the weights, architecture, resolution, class names,
-    normalisation and the train/held-out split, so later commands need nothing else.
+    OUT (e.g. ws/encoder.pt) holds the weights (for a probe: the backbone spec and the probe),
+    architecture, resolution, class names, normalisation and the train/held-out split, so
+    later commands need nothing else: embed and score take --encoder OUT.
 
     \b
     Saves its options to: OUT.filterx.yaml
 
     \b
-    Example:
+    Examples:
       filterx train-encoder ws/target ws/encoder.pt --resolution 112
+      filterx train-encoder ws/target ws/probe.pt --probe-only \\
+          --backbone torchvision:resnet50:IMAGENET1K_V2
     """
+    setup(quiet, verbose)
+    if probe_only or backbone is not None:
+        ctx = click.get_current_context()
+        if backbone is None:
+            raise click.UsageError("--probe-only needs --backbone SPEC (the frozen backbone to probe)")
+        if not probe_only:
+            raise click.UsageError("--backbone trains only a linear probe on the frozen backbone for now; "
+                                   "add --probe-only")
+        given = [f"--{n.replace('_', '-')}" for n in ("arch", "resolution", "epochs", "lr")
+                 if ctx.get_parameter_source(n) is click.core.ParameterSource.COMMANDLINE]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to a probe (the backbone's own preprocessing "
+                                   "sets the resolution; the probe is solved to convergence)")
+        from filterx.probe import ProbeConfig, train_probe
+
+        cfg = ProbeConfig(target, out, backbone, weight_decay=weight_decay, val_fraction=val_fraction, seed=seed,
+                          backend=backend, device=device, batch_size=batch_size, workers=workers, quiet=quiet)
+        finish(train_probe(cfg), as_json, beside(out))
+        return
     from filterx.encoder import EncoderConfig, train_encoder as run
 
-    setup(quiet, verbose)
-    cfg = EncoderConfig(target, out, arch, int(resolution), epochs, batch_size, lr, val_fraction=val_fraction,
-                        backend=backend, device=device, workers=workers, seed=seed, quiet=quiet)
+    cfg = EncoderConfig(target, out, arch, int(resolution), epochs, batch_size, lr, weight_decay=weight_decay,
+                        val_fraction=val_fraction, backend=backend, device=device, workers=workers, seed=seed,
+                        quiet=quiet)
     finish(run(cfg), as_json, beside(out))
 
 
 @main.command(short_help="Encoder features of every sample of a dataset dir.")
 @click.argument("dataset", type=EXISTING_DIR)
-@click.option("--encoder", required=True, type=EXISTING_FILE, help="Encoder file from train-encoder.")
+@click.option("--encoder", required=True, type=ENCODER,
+              help="Encoder file from train-encoder, or a backbone spec, e.g. torchvision:resnet50:IMAGENET1K_V2 "
+                   "or timm:MODEL@weights.safetensors (README: Encoders).")
 @runtime_options
 @common
 def embed(dataset, encoder, device, backend, batch_size, workers, quiet, verbose, as_json):
@@ -205,6 +236,7 @@ def embed(dataset, encoder, device, backend, batch_size, workers, quiet, verbose
     \b
     Examples:
       filterx embed ws/source --encoder ws/encoder.pt
+      filterx embed ws/source --encoder torchvision:resnet50:IMAGENET1K_V2
       torchrun --nproc_per_node 8 -m filterx embed ws/source \\
           --encoder ws/encoder.pt
     """
@@ -238,7 +270,9 @@ _SCORER_OPTIONS = ("k", "distance", "order", "model", "classes", "match", "count
               help="Scorer.")
 @click.option("--source", required=True, type=EXISTING_DIR, help="Dataset dir of the pool.")
 @click.option("--target", type=EXISTING_DIR, help="Dataset dir of the target (methods that compare with it).")
-@click.option("--encoder", type=EXISTING_FILE, help="Encoder file from train-encoder (methods on embeddings).")
+@click.option("--encoder", type=ENCODER,
+              help="Encoder file from train-encoder, or a backbone spec such as torchvision:resnet50:IMAGENET1K_V2 "
+                   "(methods on embeddings; entropy and influence need a file with a head).")
 @click.option("--name", metavar="NAME", help="Store the scores under this name; default: the method's.")
 @click.option("--candidates", default="source", show_default=True, type=click.Choice(["source", "target-train"]),
               help="Score the pool, or the target's own training split (influence data dropout).")
@@ -334,7 +368,7 @@ def score(method, source, target, encoder, name, candidates, seed, device, backe
               help="Manifest format; default: from the output's suffix, none = wds.")
 @click.option("--txt-field", default="key", show_default=True, type=click.Choice(["key", "path"]),
               help="txt format: write sample keys or original paths.")
-@click.option("--encoder", type=EXISTING_FILE, help="Refuse scores made with another encoder than this.")
+@click.option("--encoder", type=ENCODER, help="Refuse scores made with another encoder (file or spec) than this.")
 @common
 def select(source, method, combine, output, fraction, count, threshold, per_class_cap, fmt, txt_field, encoder, quiet,
            verbose, as_json):

@@ -329,3 +329,39 @@ def model_names():
 
 EXISTING_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+class EncoderParam(click.Path):
+    """--encoder: an encoder file (from train-encoder) or a backbone spec such as
+    ``torchvision:resnet50:IMAGENET1K_V2`` (filterx.backbones); a spec comes back as its
+    canonical string (a weights file made absolute), a file as a Path. ``spec_only``: a
+    backbone spec and nothing else (train-encoder --backbone)."""
+
+    def __init__(self, spec_only: bool = False):
+        super().__init__(exists=True, dir_okay=False, path_type=Path)
+        self.spec_only = spec_only
+        self.name = "backbone" if spec_only else "encoder"
+
+    def convert(self, value, param, ctx):
+        from filterx import backbones
+
+        text = str(value)
+        if self.spec_only or (not isinstance(value, Path) and backbones.looks_like_spec(text)):
+            try:
+                return backbones.parse_spec(text).text
+            except (ValueError, FileNotFoundError) as exc:
+                self.fail(str(exc), param, ctx)
+        lib, sep, _ = text.partition(":")
+        if self.exists and sep and "/" not in lib and not Path(text).expanduser().exists():
+            # meant as a spec, of a library filterx does not know
+            self.fail(f"bad encoder {text!r}: no such file, and {lib!r} is not a backbone library "
+                      f"({', '.join(backbones.LIBRARIES)}); valid: {backbones.FORMS}", param, ctx)
+        return super().convert(value, param, ctx)
+
+    def get_metavar(self, param, ctx=None):
+        return "SPEC" if self.spec_only else "FILE|SPEC"
+
+
+ENCODER = EncoderParam()
+BACKBONE = EncoderParam(spec_only=True)
+

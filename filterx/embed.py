@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class EmbedConfig:
     dataset: Path
-    encoder: Path
+    encoder: Path | str  # an encoder file, or a backbone spec (filterx.backbones)
     backend: str = "auto"
     device: str = "auto"
     batch_size: int = 128
@@ -155,7 +155,8 @@ def _embed_shards(ds: Dataset, enc: Encoder, store: rowstore.RowStore, shards: l
         features = features.to(memory_format=torch.channels_last)
     lcfg = LoaderConfig(resolution=enc.resolution, backend=cfg.backend, device=device,
                         batch_size=cfg.batch_size, workers=cfg.workers,
-                        mean=tuple(enc.info["mean"]), std=tuple(enc.info["std"]))
+                        mean=tuple(enc.info["mean"]), std=tuple(enc.info["std"]),
+                        crop_fraction=enc.crop_fraction)
     collector = store.collector(shards, after_shard=lambda s: crash_point("embed.shard"))
     bad_dir = bad_samples_dir(store.path)
     for s in shards:  # a list left by an earlier, killed run of an undone shard is redone
@@ -188,7 +189,7 @@ def _embed_shards(ds: Dataset, enc: Encoder, store: rowstore.RowStore, shards: l
     return int(sum(ds.shard_counts[s] for s in shards)) - len(skipped.bad), len(skipped.bad)
 
 
-def ensure_embeddings(dataset: Path, encoder: Path, tag: str | None = None, **kwargs) -> str:
+def ensure_embeddings(dataset: Path, encoder: Path | str, tag: str | None = None, **kwargs) -> str:
     """Embed ``dataset`` with ``encoder`` unless complete embeddings exist; returns the tag.
 
     ``tag``: the encoder's tag when the caller has already read the file.
@@ -196,12 +197,12 @@ def ensure_embeddings(dataset: Path, encoder: Path, tag: str | None = None, **kw
     ds = Dataset.open(dataset)
     tag = tag or load_encoder_tag(encoder)
     if not embeddings_complete(ds, tag):
-        summary = embed(replace(EmbedConfig(Path(dataset), Path(encoder)), **kwargs))
+        summary = embed(replace(EmbedConfig(Path(dataset), encoder), **kwargs))
         log.info(summary.line())
     return tag
 
 
-def load_encoder_tag(path: Path) -> str:
+def load_encoder_tag(path: Path | str) -> str:
     from filterx.encoder import read_encoder_file
 
     return str(read_encoder_file(path)["tag"])

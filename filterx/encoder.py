@@ -335,11 +335,13 @@ def _train_and_save(cfg: EncoderConfig, ds: Dataset, empty: list[str], t0: float
 
 @dataclass(frozen=True)
 class Encoder:
-    """A loaded encoder: the full model, its feature extractor and head, and its metadata."""
+    """A loaded encoder: the full model, its feature extractor and head, and its metadata.
+
+    ``head`` is None for a bare backbone spec (no classifier: train a probe for one)."""
 
     model: nn.Module
     features: nn.Module
-    head: nn.Linear
+    head: nn.Linear | None
     info: dict
 
     @property
@@ -350,19 +352,53 @@ class Encoder:
     def resolution(self) -> int:
         return int(self.info["resolution"])
 
+    @property
+    def crop_fraction(self) -> float:
+        """The loader's center crop share of the short side (backbones: their library's)."""
+        return float(self.info.get("crop_fraction", 0.875))
+
 
 def read_encoder_file(path: str | Path) -> dict:
-    """The dict ``train_encoder`` saved (weights included, no model built); clear errors for
-    missing or foreign files."""
-    return load_marked_dict(path, "filterx_encoder", ENCODER_FORMAT, "encoder", "filterx train-encoder",
+    """The dict ``train_encoder`` (or the probe, ``filterx.probe``) saved, weights included,
+    no model built; for a backbone spec (``filterx.backbones``), its description (tag,
+    preprocessing) with no head. Clear errors for missing or foreign files."""
+    from filterx import backbones
+
+    if backbones.looks_like_spec(path):
+        spec = backbones.parse_spec(path)
+        return {**backbones.describe_info(spec), "state_dict": backbones.NoHead(spec.text)}
+    info = load_marked_dict(path, "filterx_encoder", ENCODER_FORMAT, "encoder", "filterx train-encoder",
                             f"; make one with: filterx train-encoder TARGET {Path(path).expanduser()}")
+    if "backbone" in info:
+        backbones.check_weights_file(info["backbone"], path)
+    return info
 
 
 def load_encoder(path: str | Path, device: str = "cpu") -> Encoder:
-    """Load an encoder file written by ``train_encoder`` as a model in eval mode on ``device``."""
+    """Load an encoder as a model in eval mode on ``device``: a file written by ``train_encoder``
+    or by the probe (a backbone + a linear head), or a backbone spec (no head)."""
+    from filterx import backbones
+
+    if backbones.looks_like_spec(path):
+        bb = backbones.load_backbone(str(path), device)
+        return Encoder(bb.features, bb.features, None, {**bb.info(), "state_dict": backbones.NoHead(bb.spec.text)})
     info = read_encoder_file(path)
+    if "backbone" in info:
+        return _load_probe(info, path, device)
     model = build_resnet(info["arch"], info["num_classes"])
     model.load_state_dict(info.pop("state_dict"))
     model.eval().to(device)
     features, head = split_features_head(model)
     return Encoder(model, features, head, info)
+
+
+def _load_probe(info: dict, path: str | Path, device: str) -> Encoder:
+    """A backbone with the linear probe trained on its frozen features as the head."""
+    from filterx import backbones
+
+    bb = backbones.load_backbone(info["backbone"]["spec"], device)
+    if bb.tag != info["tag"]:
+        raise ValueError(f"encoder {path} was trained on features tagged {info['tag']}, but its backbone "
+                         f"{info['backbone']['spec']} now gives {bb.tag}; retrain the probe")
+    model, head = backbones.with_head(bb, info["state_dict"]["fc.weight"], info["state_dict"]["fc.bias"])
+    return Encoder(model, bb.features, head, info)

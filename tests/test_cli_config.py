@@ -180,8 +180,9 @@ def test_train_encoder_saves_its_options_beside_the_file(sample_dirs, tmp_path):
     config = tmp_path / "enc.pt.filterx.yaml"
     assert summary.pop("config") == str(config) and summary["epochs"] == 1 and summary["train_seconds"] > 0
     assert saved(config) == {"target": str(sample_dirs[1]), "out": str(out), "arch": "resnet18", "resolution": "64",
-                             "epochs": 1, "lr": 0.1, "val-fraction": 0.1, "seed": 0, "device": "cpu",
-                             "backend": "pil", "batch-size": 32, "workers": 0}
+                             "epochs": 1, "lr": 0.1, "weight-decay": 5e-4, "val-fraction": 0.1, "backbone": None,
+                             "probe-only": False, "seed": 0, "device": "cpu", "backend": "pil", "batch-size": 32,
+                             "workers": 0}
     line = EncoderSummary(**summary).line()  # the JSON holds every field of the summary
     rate = summary["train_count"] / summary["train_seconds"]
     assert line.startswith(f"trained {summary['tag']} for 1 epochs on {summary['train_count']} target images in ")
