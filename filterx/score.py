@@ -171,7 +171,7 @@ def _gather_inputs(cfg: ScoreConfig, needs: set, source: Dataset, target: Datase
         from filterx.encoder import read_encoder_file
 
         info = read_encoder_file(cfg.encoder)
-        enc_info = {"path": str(Path(cfg.encoder).resolve()), "tag": info.get("tag"), "arch": info.get("arch")}
+        enc_info = {"path": _encoder_name(cfg.encoder), "tag": info.get("tag"), "arch": info.get("arch")}
         if "head_weight" in needs:
             arrays["head_weight"] = info["state_dict"]["fc.weight"].float().numpy()
             arrays["head_bias"] = info["state_dict"]["fc.bias"].float().numpy()
@@ -239,7 +239,7 @@ def _last_block(cfg: ScoreConfig, params: dict, curvature: str, source: Dataset,
         curvature=curvature, backend=cfg.backend, device=device, batch_size=batch_size,
         workers=cfg.workers, quiet=cfg.quiet, work=work, work_key=work_key)
     scored_ds = target if cfg.candidates == "target-train" else source
-    enc_info = {"path": str(Path(cfg.encoder).resolve()), "tag": enc.tag, "arch": enc.info["arch"]}
+    enc_info = {"path": _encoder_name(cfg.encoder), "tag": enc.tag, "arch": enc.info["arch"]}
     return scored_ds, ids, result, enc_info
 
 
@@ -271,6 +271,13 @@ def work_path(ds: Dataset, name: str) -> Path:
     """Where a resumable ``score`` keeps its work toward ``scores.zarr/<name>`` (hidden from list_scores)."""
     _check_name(name)
     return ds.scores_path / f"{WORK_PREFIX}{name}"
+
+
+def _encoder_name(encoder) -> str:
+    """What the score attrs call the encoder: a file's absolute path, or a backbone spec as given."""
+    from filterx.backbones import looks_like_spec
+
+    return str(encoder) if looks_like_spec(encoder) else str(Path(encoder).resolve())
 
 
 def _encoder_weight_decay(encoder: Path) -> float | None:
