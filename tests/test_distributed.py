@@ -82,22 +82,24 @@ dist.destroy_process_group()
 """
 
 
-def test_epoch_statistics_reduce_on_the_group_device_under_emulated_nccl(tmp_path):
+@pytest.mark.parametrize("world", [2, 3])
+def test_epoch_statistics_reduce_on_the_group_device_under_emulated_nccl(world, tmp_path):
     script = tmp_path / "rank.py"
     script.write_text(_EMULATED_NCCL_RANK)
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), str(tmp_path / "run")], env=env, cwd=tmp_path, capture_output=True,
-                          text=True, timeout=240)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(world), str(script), str(tmp_path / "run")], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    results = [json.loads((tmp_path / f"result_{r}.json").read_text()) for r in range(2)]
-    assert [r["rank"] for r in results] == [0, 1]
+    results = [json.loads((tmp_path / f"result_{r}.json").read_text()) for r in range(world)]
+    assert [r["rank"] for r in results] == list(range(world))
+    images = sum(10 + r for r in range(world))  # n: 10 + rank, summed over the ranks
     for r in results:
-        # n: 10 + 11; loss: (2 + 4) then (3 + 5): both ranks' sums, on every rank
-        assert r["images"] == [21, 21]
-        assert r["loss"] == pytest.approx([6 / 21, 8 / 21])
-        assert r["gathered"] == [0, 100] and r["total"] == [3.0]
+        # loss: sum over ranks of 2 (rank + 1) + epoch, divided by the summed n, on every rank
+        assert r["images"] == [images, images]
+        assert r["loss"] == pytest.approx([sum(2 * (k + 1) + e for k in range(world)) / images for e in (0, 1)])
+        assert r["gathered"] == [100 * k for k in range(world)] and r["total"] == [world * (world + 1) / 2]
         assert r["on_fake_cuda"] == [True, True, True]  # two epochs' statistics, then the direct call
 
 
