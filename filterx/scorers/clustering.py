@@ -49,6 +49,21 @@ def faiss_kmeans(x: np.ndarray, k: int, *, niter: int = 25, seed: int = 0, gpu: 
     return km.centroids.copy(), float(km.obj[-1]) if len(km.obj) else float("nan")
 
 
+def fit_centroids(x: np.ndarray, k: int, *, niter: int, seed: int, kmeans: str = "auto",
+                  device: str = "cpu") -> tuple[np.ndarray, float, str]:
+    """k-means centroids (k, D) of ``x`` (N, D), the objective, and the implementation used:
+    "auto" is FAISS, or filterx's torch k-means on CUDA when FAISS has no GPU build."""
+    if kmeans == "auto":
+        kmeans = "torch" if device.startswith("cuda") and not _faiss_has_gpu() else "faiss"
+    if kmeans == "faiss":
+        centroids, objective = faiss_kmeans(x, k, niter=niter, seed=seed)
+        return centroids, objective, kmeans
+    from filterx.kmeans import torch_kmeans
+
+    km = torch_kmeans(x, k, niter=niter, seed=seed, device=device)
+    return km.centroids, km.objective, kmeans
+
+
 def centroid_distances(x: np.ndarray, centroids: np.ndarray, *, distance: str, device: str = "cpu",
                        block: int = 65536) -> np.ndarray:
     """(N,) float32 min or mean Euclidean distance from each row of ``x`` to the centroids.
@@ -92,14 +107,7 @@ def clustering_scores(inputs: ScoreInputs, *, seed: int, k: int = 200, distance:
     k_used = min(k, len(target))
     if k_used < k:
         log.warning("k=%d is more than the %d target images; using k=%d", k, len(target), k_used)
-    if kmeans == "auto":
-        kmeans = "torch" if inputs.device.startswith("cuda") and not _faiss_has_gpu() else "faiss"
-    if kmeans == "faiss":
-        centroids, objective = faiss_kmeans(target, k_used, niter=niter, seed=seed)
-    else:
-        from filterx.kmeans import torch_kmeans
-
-        km = torch_kmeans(target, k_used, niter=niter, seed=seed, device=inputs.device)
-        centroids, objective = km.centroids, km.objective
+    centroids, objective, kmeans = fit_centroids(target, k_used, niter=niter, seed=seed, kmeans=kmeans,
+                                                 device=inputs.device)
     dist = centroid_distances(source, centroids, distance=distance, device=inputs.device)
     return ScoreResult(-dist, attrs={"k_used": k_used, "kmeans": kmeans, "kmeans_objective": objective})

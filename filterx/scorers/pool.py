@@ -28,7 +28,7 @@ import logging
 import numpy as np
 
 from filterx.scorers import ScoreInputs, ScoreResult, register_scorer
-from filterx.scorers.clustering import KMEANS, _faiss_has_gpu, faiss_kmeans, l2_normalize
+from filterx.scorers.clustering import KMEANS, _faiss_has_gpu, fit_centroids, l2_normalize
 
 log = logging.getLogger(__name__)
 BLOCK = 65536  # pool rows per search: bounds the (block, k) result buffers
@@ -145,15 +145,8 @@ def pool_cluster_scores(inputs: ScoreInputs, *, seed: int, k: int | None = None,
     k_used = min(default_pool_clusters(len(pool)) if k is None else k, len(pool))
     if k is not None and k_used < k:
         log.warning("k=%d is more than the %d pool images; using k=%d", k, len(pool), k_used)
-    if kmeans == "auto":
-        kmeans = "torch" if inputs.device.startswith("cuda") and not _faiss_has_gpu() else "faiss"
-    if kmeans == "faiss":
-        centroids, objective = faiss_kmeans(pool, k_used, niter=niter, seed=seed)
-    else:
-        from filterx.kmeans import torch_kmeans
-
-        km = torch_kmeans(pool, k_used, niter=niter, seed=seed, device=inputs.device)
-        centroids, objective = km.centroids, km.objective
+    centroids, objective, kmeans = fit_centroids(pool, k_used, niter=niter, seed=seed, kmeans=kmeans,
+                                                 device=inputs.device)
     cluster, _ = nearest_cluster(pool, centroids)
     chosen, _ = nearest_cluster(target, centroids)
     votes = np.bincount(chosen, minlength=k_used)
