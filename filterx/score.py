@@ -96,9 +96,17 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
     if block not in ("head", "last-block"):
         raise ValueError(f"unknown influence parameters {block!r}; valid: head, last-block")
     cfg_params = check_params(cfg.method, cfg_params)  # before anything is embedded
-    if "weight_decay" in scorer.defaults and "weight_decay" not in cfg_params and cfg.encoder is not None:
+    needs = set(scorer.needs)
+    if cfg.candidates == "target-train":
+        needs |= {"target_emb"}
+    enc_file = None  # the encoder file, read once (weights included) for what follows
+    if cfg.encoder is not None and (needs & _EMB_INPUTS or "weight_decay" in scorer.defaults):
+        from filterx.encoder import read_encoder_file
+
+        enc_file = read_encoder_file(cfg.encoder)
+    if "weight_decay" in scorer.defaults and "weight_decay" not in cfg_params and enc_file is not None:
         # the Hessian is that of the objective the head was trained with: its recorded decay
-        trained = _encoder_weight_decay(Path(cfg.encoder))
+        trained = _recorded_weight_decay(enc_file)
         if trained is not None:
             cfg_params["weight_decay"] = trained
     params = resolved_params(cfg.method, **cfg_params)
@@ -108,9 +116,6 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
         # the pool's labels index the pool's classes, not the target's: never use them as target labels
         raise ValueError("--labels given uses the candidates' own labels as target classes, so it needs "
                          "--candidates target-train; to score the pool use --labels pseudo")
-    needs = set(scorer.needs)
-    if cfg.candidates == "target-train":
-        needs |= {"target_emb"}
     if needs & _EMB_INPUTS and cfg.encoder is None:
         raise ValueError(f"--method {cfg.method} needs --encoder (make one with: filterx train-encoder TARGET OUT)")
     if (needs & _TARGET_INPUTS or cfg.candidates == "target-train") and cfg.target is None:
@@ -125,7 +130,7 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
     rank = dist_info().rank
     if rank != 0:
         if block != "last-block":
-            _gather_inputs(cfg, needs, source, target, device)
+            _gather_inputs(cfg, needs, source, target, device, enc_file)
         return ScoreSummary(cfg.source, name, 0, source.num_samples, time.perf_counter() - t0, {}, rank)
     # Locked from the start: a second run writing the same scores is refused at once, not
     # after it has embedded (and the last-block work store is this run's until removed below).
@@ -134,7 +139,7 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
             scored_ds, scored_ids, result, enc_info = _last_block(cfg, params, curvature, source, target, device)
             params = {**params, "params": "last-block", "curvature": curvature}
         else:
-            inputs, scored_ds, scored_ids, enc_info = _gather_inputs(cfg, needs, source, target, device)
+            inputs, scored_ds, scored_ids, enc_info = _gather_inputs(cfg, needs, source, target, device, enc_file)
             result = run_scorer(cfg.method, inputs, seed=cfg.seed, **cfg_params)
         full = np.full(scored_ds.num_samples, np.nan, dtype=np.float32)
         full[scored_ids] = result.scores
@@ -158,7 +163,8 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
                         time.perf_counter() - t0, dict(result.attrs))
 
 
-def _gather_inputs(cfg: ScoreConfig, needs: set, source: Dataset, target: Dataset | None, device: str):
+def _gather_inputs(cfg: ScoreConfig, needs: set, source: Dataset, target: Dataset | None, device: str,
+                   enc_file: dict | None):
     """Load what the scorer needs; returns (inputs, dataset scored, its scored ids, encoder info)."""
     from filterx.embed import ensure_embeddings, read_embeddings
 
@@ -168,9 +174,7 @@ def _gather_inputs(cfg: ScoreConfig, needs: set, source: Dataset, target: Datase
     arrays: dict[str, Any] = {}
     train_ids = val_ids = source_ids = None
     if cfg.encoder is not None and needs & _EMB_INPUTS:
-        from filterx.encoder import read_encoder_file
-
-        info = read_encoder_file(cfg.encoder)
+        info = enc_file
         enc_info = {"path": _encoder_name(cfg.encoder), "tag": info.get("tag"), "arch": info.get("arch")}
         if "head_weight" in needs:
             arrays["head_weight"] = info["state_dict"]["fc.weight"].float().numpy()
@@ -280,11 +284,9 @@ def _encoder_name(encoder) -> str:
     return str(encoder) if looks_like_spec(encoder) else str(Path(encoder).resolve())
 
 
-def _encoder_weight_decay(encoder: Path) -> float | None:
-    """The L2 weight decay the encoder's head was trained with, when its file records it."""
-    from filterx.encoder import read_encoder_file
-
-    value = (read_encoder_file(encoder).get("config") or {}).get("weight_decay")
+def _recorded_weight_decay(info: dict) -> float | None:
+    """The L2 weight decay an encoder file's head was trained with, when the file records it."""
+    value = (info.get("config") or {}).get("weight_decay")
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
