@@ -6,7 +6,6 @@ shard -> train-encoder -> embed -> score -> select -> pretrain / finetune.
 
 import importlib.abc as _abc
 import importlib.util as _util
-import os as _os
 import sys as _sys
 from pathlib import Path as _Path
 
@@ -29,10 +28,9 @@ class _SourceTreeKernels(_abc.MetaPathFinder):
                                              submodule_search_locations=[str(self.kernels)])
 
 
-if _os.environ.get("FILTERX_PORTABLE", "").strip().lower() in ("1", "true", "yes", "on") \
-        and "torch" not in _sys.modules:
-    from filterx import portable as _portable
+from filterx import portable as _portable  # os and sys only: cheap
 
+if _portable.requested() and "torch" not in _sys.modules:
     _portable.enable()
 
 _beside = _Path(__file__).resolve().parent.parent / "kernels"
