@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -75,6 +76,8 @@ _OS_ADVICE = {
 def error_line(exc: BaseException) -> str:
     """One line for a user-facing error: its message, or for an OS error what failed where."""
     if isinstance(exc, OSError) and exc.strerror:
+        if exc.errno is not None and exc.strerror != os.strerror(exc.errno):
+            return exc.strerror  # raised by filterx in its own words, which say what to do
         where = f": {exc.filename}" if exc.filename else ""
         advice = _OS_ADVICE.get(exc.errno)
         return f"{exc.strerror}{where}" + (f" ({advice})" if advice else "")
@@ -137,15 +140,10 @@ def shard(src, out, shard_size, resize_short, workers, num_classes, quiet, verbo
       filterx shard ~/data/imagenet/train ws/source --shard-size 1000
       filterx shard train_list.txt ws/source --num-classes 1000
     """
-    from filterx.shard import NO_ROOM, ShardConfig, shard as run
+    from filterx.shard import ShardConfig, shard as run
 
     setup(quiet, verbose)
-    try:
-        summary = run(ShardConfig(src, out, shard_size, resize_short, workers, quiet, num_classes))
-    except OSError as exc:
-        if exc.errno not in NO_ROOM:
-            raise
-        raise ValueError(exc.strerror) from None  # a full or read-only disk: one line, like a bad value
+    summary = run(ShardConfig(src, out, shard_size, resize_short, workers, quiet, num_classes))
     finish(summary, as_json, inside(out, "shard"))
 
 
