@@ -5,7 +5,7 @@
 Eval transform everywhere: resize the short side to round(R / 0.875), center crop R x R,
 normalise to float32 (3, R, R). R = 224 and 112. Inputs: realistic ImageNet-like JPEGs
 (bench.images; 300 with --quick, 2000 otherwise), in memory for the single-process decoders,
-sharded with ``filterx.shard`` (500 per tar) for the filterx loaders.
+sharded with ``filterx.stages.shard`` (500 per tar) for the filterx loaders.
 
 Configs (``CONFIGS``): PIL full decode + resize and PIL with DCT-domain scaling (``draft``),
 torchvision ``decode_jpeg`` on a list of 64, each on one thread; the filterx loader end to end
@@ -60,14 +60,14 @@ CONFIGS: dict[str, DecodeConfig] = {
 def prepare_inputs(n: int, seed: int = 0, data_dir: Path | None = None,
                    shards: bool = True) -> tuple[Path, list[Path]]:
     """``n`` realistic JPEGs in an ImageFolder class dir and (``shards``) the same images
-    sharded with ``filterx.shard``.
+    sharded with ``filterx.stages.shard``.
 
     Both are cached under the data dir, keyed by n, seed and generator version. Returns the
     JPEG directory and the shard tars (empty without ``shards``).
     """
     from bench.images import GENERATOR_VERSION, default_data_dir, make_realistic_jpegs
-    from filterx import dataset
-    from filterx.shard import ShardConfig, shard
+    from filterx.io import dataset
+    from filterx.stages.shard import ShardConfig, shard
 
     root = Path(data_dir) if data_dir else default_data_dir()
     base = root / f"decode-n{n}-s{seed}-v{GENERATOR_VERSION}"
@@ -108,7 +108,7 @@ def _pil_eval(data: bytes, r: int, draft: bool):
 def _normalize(u8_bchw):
     import torch
 
-    from filterx.loader import IMAGENET_MEAN, IMAGENET_STD
+    from filterx.decode.loader import IMAGENET_MEAN, IMAGENET_STD
 
     mean = torch.tensor(IMAGENET_MEAN, device=u8_bchw.device).view(1, 3, 1, 1) * 255
     std = torch.tensor(IMAGENET_STD, device=u8_bchw.device).view(1, 3, 1, 1) * 255
@@ -151,7 +151,7 @@ def measure(config: str, resolution: int, jpeg_dir: str, tars: list[str], n: int
     import torch
 
     from bench.suite import current_rss_mb
-    from filterx.loader import LoaderConfig, load_batches
+    from filterx.decode.loader import LoaderConfig, load_batches
 
     if config not in CONFIGS:
         raise ValueError(f"unknown decode config {config!r}; valid: {', '.join(CONFIGS)}")

@@ -5,7 +5,7 @@
 For each (model, resolution) three jobs run, each in its own child process, ``repeats`` times
 round robin:
 
-- ``decode``: ``filterx.loader.load_batches`` over the shards (eval transform), nothing else;
+- ``decode``: ``filterx.decode.loader.load_batches`` over the shards (eval transform), nothing else;
 - ``model``: the embedding network on batches already in memory (no decode);
 - ``embed``: both, as the embed stage runs them: batches from the loader into the network.
 
@@ -70,7 +70,7 @@ def measure(job: str, arch: str, resolution: int, tars: list[str], passes: int,
     import torch
 
     from bench.suite import current_rss_mb
-    from filterx.loader import LoaderConfig, load_batches, resolve_backend
+    from filterx.decode.loader import LoaderConfig, load_batches, resolve_backend
 
     if job not in JOBS:
         raise ValueError(f"unknown embed job {job!r}; valid: {', '.join(JOBS)}")
@@ -94,7 +94,7 @@ def measure(job: str, arch: str, resolution: int, tars: list[str], passes: int,
         _embed_batch(model, torch.zeros(BATCH, 3, resolution, resolution), device)
 
     if job == "model":
-        from filterx.loader import sample_refs
+        from filterx.decode.loader import sample_refs
 
         total = len(sample_refs([Path(t) for t in stream]))
         x = torch.randn(BATCH, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))

@@ -11,11 +11,11 @@ that fails or runs out of time is recorded with its error and the others still r
   resize/crop, img/s at 224 and 112.
 - ``embed``: decode + resize + normalise + ResNet-18/-50 forward (bf16 autocast,
   channels_last), img/s and as a share of decode alone.
-- ``kmeans``: ``filterx.kmeans.torch_kmeans`` on 1.28M x 512, K=200, 20 iterations, all rows.
+- ``kmeans``: ``filterx.math.kmeans.torch_kmeans`` on 1.28M x 512, K=200, 20 iterations, all rows.
 - ``kernels``: the head-influence and nearest-centroid Triton kernels against their torch twins
   at 1.28M rows, with the largest difference between their outputs.
 - ``pretrain``: ResNet-50 SGD steps at 224 (bf16, channels_last) on synthetic in-memory
-  images, then ``filterx.collectives`` under a real NCCL group of world size 1.
+  images, then ``filterx.core.collectives`` under a real NCCL group of world size 1.
 
 The GPU machine has torch, torchvision, Triton and CuPy, but not DALI, FAISS, zarr or
 webdataset: every child blocks those imports (``BLOCKED``) before anything else, so a dry run
@@ -217,7 +217,7 @@ def part_embed(device: str, sizes: dict, data_dir: str) -> dict:
 def part_kmeans(device: str, sizes: dict, data_dir: str) -> dict:
     import torch
 
-    from filterx.kmeans import torch_kmeans
+    from filterx.math.kmeans import torch_kmeans
 
     n, d, k, it = sizes["kmeans_n"], sizes["kmeans_d"], sizes["kmeans_k"], sizes["kmeans_iter"]
     # made on the device: 1.28M x 512 normals on one CPU thread would take longer than k-means
@@ -311,20 +311,20 @@ def part_pretrain(device: str, sizes: dict, data_dir: str) -> dict:
     import torch
     import torch.distributed as dist
 
-    from filterx import collectives
-    from filterx.models import build_model
+    from filterx.core import collectives
+    from filterx.models.archs import build_model
 
     notes = []
     cuda = device.startswith("cuda")
     try:
-        from filterx.train_common import Runtime, prepare_model, supervised_step, to_input
+        from filterx.train.common import Runtime, prepare_model, supervised_step, to_input
 
         rt = Runtime(device)
         model = prepare_model(build_model("resnet50", 1000), rt, sync_bn=False)
         step_fn = lambda x, y: supervised_step(model, opt, to_input(x, rt), y, rt)  # noqa: E731
-        notes.append("step: filterx.train_common.supervised_step / prepare_model / to_input")
+        notes.append("step: filterx.train.common.supervised_step / prepare_model / to_input")
     except ImportError as exc:  # train_common pulls in the loader; say what stopped it
-        notes.append(f"step: local copy of supervised_step (filterx.train_common: {exc})")
+        notes.append(f"step: local copy of supervised_step (filterx.train.common: {exc})")
         model = build_model("resnet50", 1000).to(device)
         if cuda:
             model = model.to(memory_format=torch.channels_last)
@@ -492,7 +492,7 @@ def run_check(cpu_dry_run: bool = False, out: str | Path | None = None,
 
 def _write(out_dir: Path, stem: str, doc: dict) -> Path:
     from bench.suite import _jsonable, format_markdown_table
-    from filterx import atomic
+    from filterx.io import atomic
 
     out_dir.mkdir(parents=True, exist_ok=True)
     k, base = 1, stem

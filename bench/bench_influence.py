@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from filterx.influence import (
+from filterx.math.influence import (
     SolverOptions,
     head_influence_scores,
     head_s_test,

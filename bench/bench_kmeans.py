@@ -34,7 +34,7 @@ def time_kmeans(impl: str, n: int, d: int, k: int, device: str = "cpu") -> dict:
         km.train(x)
         c = km.centroids
     else:
-        from filterx.kmeans import torch_kmeans
+        from filterx.math.kmeans import torch_kmeans
 
         res = torch_kmeans(x, k, niter=25, seed=0, device=device, tol=0.0)
         if device.startswith("cuda"):

@@ -6,12 +6,12 @@ end to end from shards.
 For each (model, resolution) three jobs run, each in its own child process (its own peak
 memory), ``repeats`` times round robin:
 
-- ``step``: ``filterx.train_common.supervised_step`` (the pretrain loop's forward, float32
+- ``step``: ``filterx.train.common.supervised_step`` (the pretrain loop's forward, float32
   cross-entropy, backward, SGD with momentum and weight decay; bf16 autocast and channels_last
   on CUDA) on one random batch kept on the device: the compute ceiling, no decode;
-- ``decode``: ``filterx.loader.load_batches`` with the training transform (random resized crop
+- ``decode``: ``filterx.decode.loader.load_batches`` with the training transform (random resized crop
   + flip, shuffled), nothing else: the input ceiling;
-- ``e2e``: ``filterx.train.pretrain`` itself on a dataset dir of the same images, two epochs;
+- ``e2e``: ``filterx.train.pretrain.pretrain`` itself on a dataset dir of the same images, two epochs;
   the figure is the second epoch's img/s as pretrain logs it (loader + steps; the first epoch
   carries the warm-up, checkpoint writes are outside the timed loop).
 
@@ -62,8 +62,8 @@ def measure(job: str, arch: str, resolution: int, batch: int, steps: int, datase
 def _measure_step(arch, resolution, batch, steps, device, sync, rss) -> dict:
     import torch
 
-    from filterx.models import build_model
-    from filterx.train_common import Runtime, prepare_model, supervised_step
+    from filterx.models.archs import build_model
+    from filterx.train.common import Runtime, prepare_model, supervised_step
 
     rt = Runtime(device)
     torch.manual_seed(0)
@@ -91,9 +91,9 @@ def _measure_decode(resolution, batch, dataset, device, backend, workers, sync, 
     import torchvision.io  # noqa: F401  (imported before loader workers fork)
     import torchvision.transforms.v2.functional  # noqa: F401
 
-    from filterx.dataset import Dataset
-    from filterx.loader import LoaderConfig, load_batches
-    from filterx.loader import resolve_backend
+    from filterx.io.dataset import Dataset
+    from filterx.decode.loader import LoaderConfig, load_batches
+    from filterx.decode.loader import resolve_backend
 
     tars = Dataset.open(dataset).tar_paths()
     backend = resolve_backend(backend)
@@ -112,8 +112,8 @@ def _measure_decode(resolution, batch, dataset, device, backend, workers, sync, 
 
 
 def _measure_e2e(arch, resolution, batch, dataset, device, backend, workers, rss) -> dict:
-    from filterx.train import PretrainConfig, pretrain
-    from filterx.loader import resolve_backend
+    from filterx.train.pretrain import PretrainConfig, pretrain
+    from filterx.decode.loader import resolve_backend
 
     base = rss()
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as out:

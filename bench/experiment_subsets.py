@@ -9,7 +9,7 @@ target; the target test top-1 is reported over several seeds next to two baselin
 same fine-tuning: "no pre-training" (from scratch) and "whole pool" (the same steps on all of
 it). Everything that is not the subset is the same in every row.
 
-- Data: ``filterx.demo.run_demo`` into ``--work`` (reused when there): the pool (3000
+- Data: ``filterx.stages.demo.run_demo`` into ``--work`` (reused when there): the pool (3000
   images, 30 classes), the target (5 digit classes, 60 each), the encoder and the scores.
 - Fine-tuning trains on the encoder's own training split of the target (270 images) and is
   tested on a separate test set made here: target-style digits (``make_sample_data`` with the
@@ -129,12 +129,12 @@ def prepare_work(cfg: ExperimentConfig) -> Work:
     fine-tuning split manifest; every part is reused when already in ``cfg.work``."""
     import torch
 
-    from filterx import atomic
-    from filterx.dataset import Dataset, is_dataset
-    from filterx.demo import DemoConfig, run_demo
-    from filterx.manifest import make_header, write_manifest
-    from filterx.sampledata import make_sample_data
-    from filterx.shard import ShardConfig, shard
+    from filterx.io import atomic
+    from filterx.io.dataset import Dataset, is_dataset
+    from filterx.stages.demo import DemoConfig, run_demo
+    from filterx.io.manifest import make_header, write_manifest
+    from filterx.io.sampledata import make_sample_data
+    from filterx.stages.shard import ShardConfig, shard
 
     t0 = time.perf_counter()
     root = Path(cfg.work).expanduser()
@@ -166,9 +166,9 @@ def prepare_work(cfg: ExperimentConfig) -> Work:
 
 def subset_manifest(work: Work, method: str, budget: float, seed: int) -> Path:
     """The manifest of ``method``'s top ``budget`` of the pool; random's is drawn with ``seed``."""
-    from filterx.dataset import Dataset
-    from filterx.score import ScoreConfig, list_scores, score
-    from filterx.select import SelectConfig, select
+    from filterx.io.dataset import Dataset
+    from filterx.stages.score import ScoreConfig, list_scores, score
+    from filterx.stages.select import SelectConfig, select
 
     name = METHODS[method][1]
     if name is None:
@@ -187,8 +187,8 @@ def subset_manifest(work: Work, method: str, budget: float, seed: int) -> Path:
 def composition(work: Work, data: Path) -> dict:
     """What a pre-training set holds: images, pool classes present, the share of the target's
     classes and of the target's domain, and the images per class."""
-    from filterx.dataset import Dataset
-    from filterx.train_data import resolve_training_data
+    from filterx.io.dataset import Dataset
+    from filterx.train.data import resolve_training_data
 
     ds = Dataset.open(work.source)
     labels = resolve_training_data(data).labels
@@ -205,7 +205,7 @@ def composition(work: Work, data: Path) -> dict:
 
 def epochs_for_steps(count: int, steps: int, batch_size: int, backend: str) -> tuple[int, int]:
     """(epochs, actual steps) closest to ``steps`` SGD steps over ``count`` images."""
-    from filterx.train_data import batches_per_epoch
+    from filterx.train.data import batches_per_epoch
 
     per_epoch = batches_per_epoch(count, batch_size, 0, 1, backend)
     epochs = max(1, int(round(steps / per_epoch)))
@@ -213,7 +213,7 @@ def epochs_for_steps(count: int, steps: int, batch_size: int, backend: str) -> t
 
 
 def _identity(path: Path | None) -> str | None:
-    from filterx.train_data import resolve_training_data
+    from filterx.train.data import resolve_training_data
 
     return None if path is None else json.dumps(resolve_training_data(path).identity(), sort_keys=True)
 
@@ -221,8 +221,8 @@ def _identity(path: Path | None) -> str | None:
 def run_one(cfg: ExperimentConfig, work: Work, data: Path | None, seed: int) -> dict:
     """Pre-train on ``data`` (None: no pre-training) for ``cfg.steps`` steps, fine-tune on the
     target, test. Returns the record; cached under ``WORK/experiment/runs`` by its settings."""
-    from filterx.train import FinetuneConfig, PretrainConfig, finetune, pretrain
-    from filterx.train_finetune import selected_epoch
+    from filterx.train.pretrain import FinetuneConfig, PretrainConfig, finetune, pretrain
+    from filterx.train.finetune import selected_epoch
 
     settings = {k: v for k, v in asdict(cfg).items()
                 if k not in ("work", "seeds", "methods", "budgets", "threads", "quick", "fresh", "demo_epochs")}
@@ -241,7 +241,7 @@ def run_one(cfg: ExperimentConfig, work: Work, data: Path | None, seed: int) -> 
     try:
         init = None
         if data is not None:
-            from filterx.train_data import resolve_training_data
+            from filterx.train.data import resolve_training_data
 
             epochs, steps = epochs_for_steps(resolve_training_data(data).count, cfg.steps, cfg.pretrain_batch,
                                              cfg.backend)
@@ -261,7 +261,7 @@ def run_one(cfg: ExperimentConfig, work: Work, data: Path | None, seed: int) -> 
                test_count=ft.final["test_count"], finetune_train_top1=ft.final["train_top1"],
                test_top1_by_epoch=[r["test_top1"] for r in ft.history], finetune_seconds=ft.seconds)
     rec["seconds"] = rec.get("pretrain_seconds", 0.0) + ft.seconds
-    from filterx import atomic
+    from filterx.io import atomic
 
     atomic.write_text(cache, json.dumps(rec))
     return {**rec, "cached": False}
@@ -308,7 +308,7 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
 
 
 def _ids(path: Path) -> np.ndarray:
-    from filterx.train_data import resolve_training_data
+    from filterx.train.data import resolve_training_data
 
     return resolve_training_data(path).sample_ids
 
@@ -344,7 +344,7 @@ def summarize(runs: list[dict], subsets: dict, cfg: ExperimentConfig) -> list[di
 def write_results(out_dir: Path, result: dict, cfg: ExperimentConfig, machine: dict, command: str,
                   when: dt.datetime) -> tuple[Path, Path]:
     """``subsets[-quick]_<machine>_<N>c_<YYYYMMDD-HHMM>.json`` and ``.md``; never overwrites."""
-    from filterx import atomic
+    from filterx.io import atomic
 
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = base = results_stem("subsets", machine, cfg.quick, when)
@@ -411,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="only rewrite the .md beside a results file from its JSON, and exit")
     args = ap.parse_args(argv)
     if args.render is not None:
-        from filterx import atomic
+        from filterx.io import atomic
 
         if not args.render.is_file():
             ap.error(f"--render {args.render}: no such results file")

@@ -110,7 +110,7 @@ def make_realistic_jpegs(out_dir: str | Path, n: int, seed: int = 0) -> list[Pat
     name pattern, beyond ``n`` or from another seed, are removed, so that ``out_dir`` can serve
     as one class folder of an ImageFolder tree.
     """
-    from filterx import atomic
+    from filterx.io import atomic
 
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")

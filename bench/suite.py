@@ -412,7 +412,7 @@ def _jsonable(v):
 def write_results(out_dir: Path, result: SuiteResult, machine: dict, command: str,
                   quick: bool, when: dt.datetime) -> tuple[Path, Path]:
     """Write the suite's rows as ``<stem>.json`` and ``<stem>.md``; never overwrite a file."""
-    from filterx import atomic
+    from filterx.io import atomic
 
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = results_stem(result.suite.name, machine, quick, when)

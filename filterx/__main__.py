@@ -1,5 +1,5 @@
 """``python -m filterx`` (and ``torchrun -m filterx``) runs the command line."""
 
-from filterx.cli import main
+from filterx.cli.commands import main
 
 main()

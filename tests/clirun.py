@@ -2,7 +2,7 @@
 
 from click.testing import CliRunner
 
-from filterx.cli import main
+from filterx.cli.commands import main
 
 
 def run(*args):

@@ -52,7 +52,7 @@ GOOD_PER_CLASS = 8
 def _photo_jpegs(root: Path, rng: np.random.Generator) -> None:
     from PIL import Image
 
-    from filterx.sampledata import _photo, _photo_crop
+    from filterx.io.sampledata import _photo, _photo_crop
 
     for c, name in enumerate(PHOTOS):
         d = root / f"class {c} é"
@@ -96,7 +96,7 @@ BAD_IMAGES = 4
 @pytest.fixture(scope="session")
 def dataset_dir(image_folder, tmp_path_factory) -> Path:
     """The image_folder sharded into tars of 5 samples (read-only: copy before changing it)."""
-    from filterx.shard import ShardConfig, shard
+    from filterx.stages.shard import ShardConfig, shard
 
     out = tmp_path_factory.mktemp("ds") / "source"
     shard(ShardConfig(image_folder, out, shard_size=5, workers=1, quiet=True))
@@ -114,8 +114,8 @@ def dataset_copy(dataset_dir, tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def sample_dirs(tmp_path_factory):
     """Tiny built-in sample data (pool + target) sharded: (source dir, target dir, relevant names)."""
-    from filterx.sampledata import make_sample_data
-    from filterx.shard import ShardConfig, shard
+    from filterx.io.sampledata import make_sample_data
+    from filterx.stages.shard import ShardConfig, shard
 
     root = tmp_path_factory.mktemp("sample")
     data = make_sample_data(root / "data", per_class=12, target_per_class=10, photos=3, textures=3,
@@ -128,7 +128,7 @@ def sample_dirs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def encoder_file(sample_dirs, tmp_path_factory) -> Path:
     """A ResNet-18 trained briefly on the tiny target (32 px): enough for the plumbing."""
-    from filterx.encoder import EncoderConfig, train_encoder
+    from filterx.models.encoder import EncoderConfig, train_encoder
 
     out = tmp_path_factory.mktemp("enc") / "encoder.pt"
     train_encoder(EncoderConfig(sample_dirs[1], out, resolution=32, epochs=2, batch_size=16, backend="pil",

@@ -1,4 +1,4 @@
-"""Pretrained backbones as encoders (filterx.backbones, filterx.backbone_libs, filterx.probe).
+"""Pretrained backbones as encoders (filterx.models.backbones, filterx.models.backbone_libs, filterx.stages.probe).
 
 No pretrained weights can be downloaded here, so every model is the smallest real config of its
 library with random weights: seeded random init (``:none``) or a state dict written to
@@ -17,12 +17,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from filterx import backbones
-from filterx.cli import main
-from filterx.dataset import Dataset
-from filterx.embed import read_embeddings
-from filterx.encoder import load_encoder, read_encoder_file, stratified_split
-from filterx.loader import LoaderConfig, load_batches
+from filterx.models import backbones
+from filterx.cli.commands import main
+from filterx.io.dataset import Dataset
+from filterx.stages.embed import read_embeddings
+from filterx.models.encoder import load_encoder, read_encoder_file, stratified_split
+from filterx.decode.loader import LoaderConfig, load_batches
 
 RUN = ("--device", "cpu", "--backend", "pil", "--workers", "0", "-q")
 
@@ -244,7 +244,7 @@ def test_open_clip_weights_file_embeds_as_encode_image(ds, tmp_path):
 def test_fit_linear_probe_is_the_regularised_logistic_regression():
     from sklearn.linear_model import LogisticRegression
 
-    from filterx.probe import fit_linear_probe
+    from filterx.stages.probe import fit_linear_probe
 
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(3), 30)
@@ -263,7 +263,7 @@ def test_fit_linear_probe_is_the_regularised_logistic_regression():
 
 
 def test_fit_linear_probe_needs_weight_decay():
-    from filterx.probe import fit_linear_probe
+    from filterx.stages.probe import fit_linear_probe
 
     with pytest.raises(ValueError, match="weight decay > 0"):
         fit_linear_probe(np.zeros((4, 2)), np.array([0, 0, 1, 1]), 2, 0.0)
@@ -316,7 +316,7 @@ def test_probe_file_records_spec_head_and_split(probe_run):
 
 
 def test_probe_gives_entropy_scores(probe_run):
-    from filterx.score import read_scores
+    from filterx.stages.score import read_scores
 
     src, tgt, spec, out, _ = probe_run
     code, stdout, err = cli("score", "--method", "entropy", "--source", src, "--target", tgt, "--encoder", out, *RUN)
@@ -348,7 +348,7 @@ def test_probe_options_are_checked(sample_dirs, tmp_path):
 
 
 def test_probe_serves_influence_and_a_bare_spec_serves_clustering(probe_run):
-    from filterx.score import read_scores
+    from filterx.stages.score import read_scores
 
     src, tgt, spec, out, _ = probe_run
     code, _, err = cli("score", "--method", "influence", "--source", src, "--target", tgt, "--encoder", out, *RUN)
@@ -385,7 +385,7 @@ def test_a_probe_refuses_a_changed_weights_file(sample_dirs, tmp_path):
 def test_a_probe_needs_a_held_out_split(tmp_path):
     from PIL import Image
 
-    from filterx.shard import ShardConfig, shard
+    from filterx.stages.shard import ShardConfig, shard
 
     for c in ("a", "b"):  # one image per class: nothing can be held out
         (tmp_path / "folder" / c).mkdir(parents=True)

@@ -189,7 +189,7 @@ def test_gpu_check_blocks_what_the_gpu_machine_lacks():
             "for name in BLOCKED:\n"
             "    try:\n        __import__(name)\n    except ModuleNotFoundError:\n        continue\n"
             "    raise SystemExit('imported ' + name)\n"
-            "import filterx.kmeans, filterx.collectives, filterx.models, filterx.kernels")
+            "import filterx.math.kmeans, filterx.core.collectives, filterx.models.archs, filterx.kernels")
     proc = subprocess.run([sys.executable, "-c", code], cwd=suite.REPO_ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr

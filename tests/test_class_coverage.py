@@ -29,11 +29,11 @@ import numpy as np
 import pytest
 
 from clirun import one_line, run as run_cli
-from filterx.classes import preset_entries
-from filterx.dataset import Dataset
-from filterx.encoder import EncoderConfig, read_encoder_file, train_encoder
-from filterx.score import ScoreConfig, read_scores, score, write_scores
-from filterx.shard import ShardConfig, shard
+from filterx.io.classes import preset_entries
+from filterx.io.dataset import Dataset
+from filterx.models.encoder import EncoderConfig, read_encoder_file, train_encoder
+from filterx.stages.score import ScoreConfig, read_scores, score, write_scores
+from filterx.stages.shard import ShardConfig, shard
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -163,7 +163,7 @@ def test_embedding_methods_score_every_pool_image_whatever_its_class(world, meth
     if method == "entropy":  # over the encoder's 4 outputs, the empty class's included
         # the same numbers as the entropy of the encoder's own head on the stored embeddings,
         # computed here in float64 from its logits
-        from filterx.embed import read_embeddings
+        from filterx.stages.embed import read_embeddings
 
         info = read_encoder_file(world["encoder"])
         weight = info["state_dict"]["fc.weight"].double().numpy()
@@ -304,10 +304,10 @@ def unscored_class(world):
 
 
 def test_per_class_cap_with_a_class_never_scored_and_an_empty_class(world, unscored_class, tmp_path, caplog):
-    from filterx.select import SelectConfig, select
+    from filterx.stages.select import SelectConfig, select
 
     ds = unscored_class
-    with caplog.at_level(logging.WARNING, logger="filterx.select"):
+    with caplog.at_level(logging.WARNING, logger="filterx.stages.select"):
         s = select(SelectConfig(world["pool"], "cover", tmp_path / "cap.jsonl", fraction=0.5, per_class_cap=2))
     assert "--per-class-cap 2 leaves 8 samples, fewer than the 12 the budget asks for" in caplog.text
     ids = [json.loads(line)["id"] for line in (tmp_path / "cap.jsonl").read_text().splitlines()[1:]]
@@ -326,7 +326,7 @@ def test_per_class_cap_with_a_class_never_scored_and_an_empty_class(world, unsco
 
 
 def test_report_counts_classes_never_scored_or_never_selected(world, unscored_class, tmp_path, caplog):
-    from filterx.report import class_shares, make_report
+    from filterx.report.page import class_shares, make_report
 
     ds = unscored_class
     rep = make_report(world["pool"], tmp_path / "rep", methods=["cover", "cover-mask"], fraction=0.5, grid=0,
@@ -345,7 +345,7 @@ def test_report_counts_classes_never_scored_or_never_selected(world, unscored_cl
     assert pool_share[GOLDFISH] == 0 and pool_share[WATER_BOTTLE] == 0 and sel_share[[KEYBOARD, MOUSE]].sum() == 0
     assert json.loads((tmp_path / "rep" / "report.json").read_text())  # written whole
     # A preset the pool only partly holds: its classes the pool has count, the others are named.
-    with caplog.at_level(logging.WARNING, logger="filterx.report"):
+    with caplog.at_level(logging.WARNING, logger="filterx.report.page"):
         part = make_report(world["pool"], tmp_path / "rep2", methods=["cover"], grid=0, relevant_classes="@office31")
     office = {row["wnid"] for row in preset_entries("office31")}
     assert set(part.relevant_classes) == {c.name for c in ds.classes if c.wnid in office}
@@ -373,8 +373,8 @@ def ft_data(tmp_path_factory):
 
 
 def _finetune(ft_data, out, test, caplog):
-    from filterx.train_common import MODEL, load_checkpoint
-    from filterx.train_finetune import FinetuneConfig, finetune
+    from filterx.train.common import MODEL, load_checkpoint
+    from filterx.train.finetune import FinetuneConfig, finetune
 
     with caplog.at_level(logging.WARNING, logger="filterx"):
         summary = finetune(FinetuneConfig(target=ft_data["train"], out=out, test=ft_data[test], arch="resnet18",

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from filterx.classes import (
+from filterx.io.classes import (
     ClassMatch,
     class_info_for_folders,
     describe_matches,

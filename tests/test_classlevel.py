@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from filterx.classes import class_info_for_folders, imagenet_classes
+from filterx.io.classes import class_info_for_folders, imagenet_classes
 from filterx.scorers import ScoreInputs, list_scorers, run_scorer
 from filterx.scorers.classlevel import (
     MASKED_SCORE,

@@ -6,7 +6,7 @@ import shutil
 import pytest
 from clirun import run
 
-from filterx.cli import main
+from filterx.cli.commands import main
 
 
 def test_chain_shard_score_select(image_folder, sample_dirs, encoder_file, tmp_path):
@@ -21,8 +21,8 @@ def test_chain_shard_score_select(image_folder, sample_dirs, encoder_file, tmp_p
     assert code == 0, err
     import numpy as np
 
-    from filterx.dataset import Dataset
-    from filterx.score import read_scores
+    from filterx.io.dataset import Dataset
+    from filterx.stages.score import read_scores
 
     ds = Dataset.open(tmp_path / "src")
     scores, attrs = read_scores(ds, "clustering")
@@ -148,8 +148,8 @@ def test_config_file_supplies_options_and_the_command_line_wins(dataset_dir, tmp
     (tmp_path / "run.yaml").write_text(f"method: random\nsource: {src}\nseed: 5\nname: r5\n")
     assert run("score", "--config", tmp_path / "run.yaml", "-q")[0] == 0
     assert run("score", "--config", tmp_path / "run.yaml", "--name", "r6", "--seed", 6, "-q")[0] == 0
-    from filterx.dataset import Dataset
-    from filterx.score import read_scores
+    from filterx.io.dataset import Dataset
+    from filterx.stages.score import read_scores
 
     ds = Dataset.open(src)
     assert read_scores(ds, "r5")[1]["seed"] == 5 and read_scores(ds, "r6")[1]["seed"] == 6

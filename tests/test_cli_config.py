@@ -16,8 +16,8 @@ import yaml
 from click.testing import CliRunner
 
 import filterx
-from filterx.cli import main
-from filterx.cli_common import TRAINING_DEFAULTS
+from filterx.cli.commands import main
+from filterx.cli.common import TRAINING_DEFAULTS
 
 
 def run(*args, cwd=None):
@@ -84,15 +84,15 @@ def test_select_wds_saves_its_options_inside_the_directory(scored_src, tmp_path)
     summary = ok("select", "--source", scored_src, "--method", "r3", "--count", 6, "-o", tmp_path / "sub")
     assert summary["config"] == str(tmp_path / "sub" / "filterx-select.yaml") and summary["fmt"] == "wds"
     assert saved(tmp_path / "sub" / "filterx-select.yaml")["count"] == 6
-    from filterx.manifest import read_manifest
+    from filterx.io.manifest import read_manifest
 
     assert len(read_manifest(tmp_path / "sub").ids) == 6  # the extra file does not disturb the reader
 
 
 def test_score_saves_its_options_in_the_dataset_and_info_report_list_them(scored_src, tmp_path):
-    from filterx.dataset import Dataset
-    from filterx.info import dataset_info
-    from filterx.score import read_scores
+    from filterx.io.dataset import Dataset
+    from filterx.report.info import dataset_info
+    from filterx.stages.score import read_scores
 
     config = scored_src / "configs" / "score-r3.yaml"
     values = saved(config)
@@ -145,8 +145,8 @@ def test_shard_saves_its_options_and_they_reproduce_the_dataset(image_folder, tm
 
 def test_embed_and_target_train_scores_save_to_the_dataset_that_was_written(sample_dirs, encoder_file,
                                                                             tmp_path):
-    from filterx.dataset import Dataset
-    from filterx.embed import load_encoder_tag, read_embeddings
+    from filterx.io.dataset import Dataset
+    from filterx.stages.embed import load_encoder_tag, read_embeddings
 
     target = tmp_path / "target"
     shutil.copytree(sample_dirs[1], target)
@@ -172,7 +172,7 @@ def test_embed_and_target_train_scores_save_to_the_dataset_that_was_written(samp
 
 
 def test_train_encoder_saves_its_options_beside_the_file(sample_dirs, tmp_path):
-    from filterx.encoder import EncoderSummary
+    from filterx.models.encoder import EncoderSummary
 
     out = tmp_path / "enc.pt"
     summary = ok("train-encoder", sample_dirs[1], out, "--resolution", 64, "--epochs", 1, "--batch-size", 32,
@@ -202,7 +202,7 @@ def test_pretrain_saves_the_literature_defaults_it_used(sample_dirs, tmp_path):
     values = saved(config)
     assert values["epochs"] == 1 and values["batch-size"] == 12  # given
     assert values["schedule"] == "step" and values["val-fraction"] == 0.0  # defaults
-    assert values["lr"] is None  # unset: the arch's (filterx.train.default_lr), also when read back
+    assert values["lr"] is None  # unset: the arch's (filterx.train.pretrain.default_lr), also when read back
     assert values["data"] == str(tmp_path / "m.jsonl") and values["resume"] is False
     last = json.loads((tmp_path / "pre" / "metrics.jsonl").read_text().splitlines()[-1])
     shutil.move(config, tmp_path / "pre.yaml")
@@ -217,12 +217,12 @@ def test_pretrain_saves_the_literature_defaults_it_used(sample_dirs, tmp_path):
 
 def test_demo_saves_its_options_in_its_directory(tmp_path, monkeypatch):
     """The CLI's part only: the chain itself is run by test_demo / `make demo`."""
-    import filterx.demo
-    from filterx.demo import DemoSummary
+    import filterx.stages.demo
+    from filterx.stages.demo import DemoSummary
 
     got = []
     rows = [{"label": "random", "selected": 30, "precision": 0.2, "domain_precision": 0.3, "seconds": 0.1}]
-    monkeypatch.setattr(filterx.demo, "run_demo",
+    monkeypatch.setattr(filterx.stages.demo, "run_demo",
                         lambda cfg: got.append(cfg) or DemoSummary(cfg.out, 0.2, 0.3, 0.7, rows, 12.0))
     summary = ok("demo", "--out", "d", "--quick", "--epochs", 3, cwd=tmp_path)
     assert summary["config"] == str(tmp_path / "d" / "filterx-demo.yaml") and got[0].epochs == 3 and got[0].quick
@@ -233,7 +233,7 @@ def test_demo_saves_its_options_in_its_directory(tmp_path, monkeypatch):
 
 
 def test_training_defaults_shown_in_help_are_the_configs():
-    from filterx.train import FinetuneConfig, PretrainConfig
+    from filterx.train.pretrain import FinetuneConfig, PretrainConfig
 
     for command, cls in (("pretrain", PretrainConfig), ("finetune", FinetuneConfig)):
         fields = {f.name: f.default for f in dataclasses.fields(cls)}
@@ -268,7 +268,7 @@ def test_json_summary_is_the_only_thing_on_stdout_of_a_real_process(scored_src, 
 
 
 def test_nan_in_a_summary_is_null_in_json(tmp_path):
-    from filterx.cli_common import plain_json
+    from filterx.cli.common import plain_json
 
     got = plain_json({"a": float("nan"), "b": (np.float32(1.5), float("inf")), "c": np.int64(3),
                        "d": np.array([0.5, np.nan]), 1: tmp_path, "e": True})

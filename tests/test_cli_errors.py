@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from filterx.atomic import TMP_MARK
+from filterx.io.atomic import TMP_MARK
 
 TINY = 384 * 1024  # bytes of the small file system: room for the index but not for every tar
 
@@ -112,9 +112,9 @@ def test_a_parameter_of_the_wrong_type_is_one_line(sample_dirs, encoder_file):
 def test_a_second_score_run_is_refused_before_it_embeds(sample_dirs, encoder_file, tmp_path):
     """The lock covers the whole run: a second run writing the same scores does not embed the
     pool (minutes to hours) before finding that the first holds them."""
-    from filterx.atomic import run_lock
-    from filterx.dataset import Dataset
-    from filterx.embed import load_encoder_tag
+    from filterx.io.atomic import run_lock
+    from filterx.io.dataset import Dataset
+    from filterx.stages.embed import load_encoder_tag
 
     src = tmp_path / "source"
     shutil.copytree(sample_dirs[0], src)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import filterx
-from filterx import collectives
+from filterx.core import collectives
 
 REPO = Path(filterx.__file__).resolve().parent.parent
 
@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from filterx import collectives
-from filterx.train_common import Run, Runtime, fit
+from filterx.core import collectives
+from filterx.train.common import Run, Runtime, fit
 
 FAKE = torch.device("cuda", 0)  # never allocated: the tag below stands for "on this device"
 dist.init_process_group("gloo")

@@ -7,11 +7,11 @@ import pytest
 import torch
 import zarr
 
-from filterx.dataset import Dataset
-from filterx.faults import CRASH_EXIT
-from filterx.embed import EmbedConfig, embed, embeddings_complete, read_embeddings
-from filterx.encoder import load_encoder
-from filterx.loader import LoaderConfig, load_batches
+from filterx.io.dataset import Dataset
+from filterx.core.faults import CRASH_EXIT
+from filterx.stages.embed import EmbedConfig, embed, embeddings_complete, read_embeddings
+from filterx.models.encoder import load_encoder
+from filterx.decode.loader import LoaderConfig, load_batches
 
 KW = dict(backend="pil", device="cpu", batch_size=16, workers=0, quiet=True)
 
@@ -163,7 +163,7 @@ def test_embed_refuses_a_store_made_for_another_dataset(embedded, encoder_file, 
 
 @pytest.mark.parametrize("row_shape,dtype", [((), "float32"), ((3,), "float16")])
 def test_rowstore_collector_writes_whole_shards_from_batches_spanning_them(tmp_path, row_shape, dtype):
-    from filterx import rowstore
+    from filterx.io import rowstore
 
     layout = rowstore.RowLayout("rows", row_shape, dtype, (4, 4, 2), "fp", {"key": {"a": (1, 2)}})
     path = tmp_path / "store.zarr"
@@ -191,7 +191,7 @@ def test_rowstore_collector_writes_whole_shards_from_batches_spanning_them(tmp_p
 def test_rowstore_mismatch_raises_or_discards(tmp_path):
     from dataclasses import replace
 
-    from filterx import rowstore
+    from filterx.io import rowstore
 
     layout = rowstore.RowLayout("rows", (), "float32", (2, 2), "fp", {"damping": 0.1})
     path = tmp_path / "store.zarr"
@@ -213,7 +213,7 @@ def test_rowstore_mismatch_raises_or_discards(tmp_path):
 
 def _damage_member(ds_root, shard: int, nth: int) -> int:
     """Overwrite the header of the nth JPEG of a shard in place (same size): returns its sample id."""
-    from filterx import tario
+    from filterx.io import tario
 
     tar = Dataset.open(ds_root).shard_path(shard)
     e = [e for e in tario.read_index(tario.index_path(tar)) if e.ext == "jpg"][nth]
@@ -227,8 +227,8 @@ def _damage_member(ds_root, shard: int, nth: int) -> int:
 def test_a_damaged_jpeg_is_skipped_reported_and_scores_nan(backend, sample_dirs, encoder_file, embedded, tmp_path):
     import shutil
 
-    from filterx.embed import read_bad_samples
-    from filterx.loader import dali_available
+    from filterx.stages.embed import read_bad_samples
+    from filterx.decode.loader import dali_available
 
     if backend == "dali" and not dali_available():
         pytest.skip("needs nvidia-dali")
@@ -249,7 +249,7 @@ def test_a_damaged_jpeg_is_skipped_reported_and_scores_nan(backend, sample_dirs,
     if backend == "pil":  # the other rows are exactly what an undamaged run gives
         np.testing.assert_array_equal(emb[good], read_embeddings(Dataset.open(embedded[0]), tag)[good])
     # the scores of the bad sample are NaN, so no selection can take it
-    from filterx.score import ScoreConfig, read_scores, score
+    from filterx.stages.score import ScoreConfig, read_scores, score
 
     score(ScoreConfig("domain-cls", src, sample_dirs[1], encoder_file, seed=0, device="cpu", backend="pil",
                       workers=0, quiet=True))

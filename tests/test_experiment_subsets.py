@@ -61,9 +61,9 @@ def _file_hashes(folder: Path) -> set[str]:
 
 def test_quick_run_end_to_end(tmp_path, monkeypatch):
     """The demo's quick data with two scorers (the others take minutes), one seed, a few steps."""
-    import filterx.demo
+    import filterx.stages.demo
 
-    monkeypatch.setattr(filterx.demo, "VARIANTS", (("random", "random", {}),
+    monkeypatch.setattr(filterx.stages.demo, "VARIANTS", (("random", "random", {}),
                                                    ("clustering (avg)", "clustering", {"k": 50, "distance": "avg"})))
     cfg = quick_config(tmp_path / "work", demo_epochs=1, resolution=24)
     result = run_experiment(cfg, log=lambda s: None)
@@ -90,7 +90,7 @@ def test_quick_run_end_to_end(tmp_path, monkeypatch):
     # fine-tuning trains on the encoder's training split; the test images are none of the target's
     import torch
 
-    from filterx.manifest import read_manifest
+    from filterx.io.manifest import read_manifest
 
     enc = torch.load(work / "encoder.pt", map_location="cpu", weights_only=False)
     assert np.array_equal(read_manifest(work / "experiment" / "target-train.jsonl").ids, np.sort(enc["train_ids"]))

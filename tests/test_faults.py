@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 import zarr
 
-from filterx.dataset import Dataset
-from filterx.faults import CRASH_EXIT, ENV, crash_point, parse
+from filterx.io.dataset import Dataset
+from filterx.core.faults import CRASH_EXIT, ENV, crash_point, parse
 
 
 def _volatile(rel: Path) -> bool:
@@ -105,7 +105,7 @@ def test_crash_spec_is_parsed_and_checked():
 
 
 def test_crash_point_exits_on_the_nth_pass_only():
-    code = ("from filterx.faults import crash_point\n"
+    code = ("from filterx.core.faults import crash_point\n"
             "for i in range(5):\n    crash_point('select.tar'); print(i, flush=True)\n")
     env = {**os.environ, ENV: "select.tar:3"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
@@ -254,7 +254,7 @@ def test_scores_in_a_crashed_store_are_never_read(scored, tmp_path):
 
 def _lock_cases(image_folder, sample_dirs, encoder_file, scored, tmp):
     """(command line, directory, lock name, what the refused run must not have written)."""
-    from filterx.embed import load_encoder_tag
+    from filterx.stages.embed import load_encoder_tag
 
     tag = load_encoder_tag(encoder_file)
     pool = Dataset.open(scored)
@@ -278,7 +278,7 @@ def _lock_cases(image_folder, sample_dirs, encoder_file, scored, tmp):
 @pytest.mark.parametrize("command", ["shard", "train-encoder", "embed", "score", "select", "report", "pretrain"])
 def test_a_second_writer_is_refused(image_folder, sample_dirs, encoder_file, scored, tmp_path, command):
     """While one run holds an output, another run writing it stops with one line and writes nothing."""
-    from filterx.atomic import run_lock
+    from filterx.io.atomic import run_lock
 
     args, where, name, output = _lock_cases(image_folder, sample_dirs, encoder_file, scored, tmp_path)[command]
     with run_lock(where, name):
@@ -295,11 +295,11 @@ def test_workers_of_a_killed_stage_neither_hold_its_lock_nor_outlive_it(tmp_path
     import signal
     import time
 
-    from filterx.atomic import run_lock
+    from filterx.io.atomic import run_lock
 
     code = ("import os, sys, time\n"
             "from concurrent.futures import ProcessPoolExecutor\n"
-            "from filterx import atomic\n"
+            "from filterx.io import atomic\n"
             "with atomic.run_lock(sys.argv[1], 'stage'):\n"
             "    pool = ProcessPoolExecutor(2, initializer=atomic.worker_init)\n"
             "    pids = {pool.submit(os.getpid).result() for _ in range(8)}\n"
@@ -336,7 +336,7 @@ def _alive(pid: int) -> bool:
 @pytest.fixture(scope="module")
 def big_pool(tmp_path_factory, encoder_file):
     """The demo-sized sample pool (3000 images) as an ImageFolder, for runs long enough to kill."""
-    from filterx.sampledata import make_sample_data
+    from filterx.io.sampledata import make_sample_data
 
     root = tmp_path_factory.mktemp("faults-big")
     return make_sample_data(root / "data", seed=3).source

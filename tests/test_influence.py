@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 from torch import nn
 
-from filterx.influence import (
+from filterx.math.influence import (
     InfluenceDivergedError,
     SolverOptions,
     head_hessian,
@@ -133,7 +133,7 @@ def test_lissa_small_scale_is_raised_with_a_warning(head_problem, caplog):
     x, vx, vy, W, b = head_problem
     opts = SolverOptions(solver="lissa", damping=0.1, lissa_scale=0.01, lissa_batch_size=400,
                          lissa_depth=3000)
-    with caplog.at_level(logging.WARNING, logger="filterx.influence"):
+    with caplog.at_level(logging.WARNING, logger="filterx.math.influence"):
         res = head_s_test(x, vx, vy, W, b, options=opts)
     assert "raising it to" in caplog.text
     assert res.scale > res.lambda_max + 0.1
@@ -287,7 +287,7 @@ def test_scorer_scores_follow_the_definition():
 
 
 def test_scorer_default_objective_is_train_encoders():
-    from filterx.encoder import EncoderConfig
+    from filterx.models.encoder import EncoderConfig
     from filterx.scorers import get_scorer
 
     assert get_scorer("influence").defaults["weight_decay"] == EncoderConfig.weight_decay == 5e-4

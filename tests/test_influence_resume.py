@@ -14,12 +14,12 @@ import pytest
 import torch
 import zarr
 
-from filterx.dataset import Dataset
-from filterx.faults import CRASH_EXIT
-from filterx.influence_pixels import shard_aligned_batches
-from filterx.info import dataset_info
-from filterx.loader import Batch
-from filterx.score import ScoreConfig, list_scores, read_scores, score, work_path
+from filterx.io.dataset import Dataset
+from filterx.core.faults import CRASH_EXIT
+from filterx.scorers.lastblock import shard_aligned_batches
+from filterx.report.info import dataset_info
+from filterx.decode.loader import Batch
+from filterx.stages.score import ScoreConfig, list_scores, read_scores, score, work_path
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -98,7 +98,7 @@ class _Killed(Exception):
 
 
 def test_changed_damping_does_not_reuse_stale_work(sample_dirs, encoder_file, tmp_path, monkeypatch):
-    import filterx.influence_pixels as ip
+    import filterx.scorers.lastblock as ip
 
     src = tmp_path / "source"
     shutil.copytree(sample_dirs[0], src)

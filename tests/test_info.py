@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from conftest import BAD_IMAGES, GOOD_IMAGES
-from filterx.dataset import Dataset
-from filterx.info import dataset_info
-from filterx.score import write_scores
+from filterx.io.dataset import Dataset
+from filterx.report.info import dataset_info
+from filterx.stages.score import write_scores
 
 
 @pytest.fixture()
@@ -162,7 +162,7 @@ def test_info_without_an_index_reads_the_tar_headers(dataset_copy):
 def test_info_command_warns_and_exits_1_on_damaged_shards(dataset_copy):
     from click.testing import CliRunner
 
-    from filterx.cli import main
+    from filterx.cli.commands import main
 
     r = CliRunner().invoke(main, ["info", str(dataset_copy), "--json"])
     assert r.exit_code == 0 and json.loads(r.stdout)["damaged_shards"] == [] and r.stderr == ""

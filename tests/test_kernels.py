@@ -375,4 +375,4 @@ print(k.__file__, sys.modules[nearest_centroid.__module__].__file__)
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     init, sub = proc.stdout.split()
-    assert Path(init) == REPO / "kernels" / "__init__.py" and Path(sub).parent == REPO / "kernels"
+    assert Path(init) == REPO / "filterx" / "kernels" / "__init__.py" and Path(sub).parent == REPO / "filterx" / "kernels"

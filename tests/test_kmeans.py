@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from filterx.kmeans import torch_kmeans
+from filterx.math.kmeans import torch_kmeans
 from filterx.scorers import ScoreInputs, run_scorer
 
 

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from filterx.dataset import Dataset
-from filterx.loader import (
+from filterx.io.dataset import Dataset
+from filterx.decode.loader import (
     LoaderConfig, center_offset, dali_shard_range, load_batches, rank_batch_sizes, rank_share, samples_per_rank,
     worker_positions,
 )
@@ -130,7 +130,7 @@ def _loader_order(positions, batch_size, workers):
 
 
 def test_equal_steps_per_rank_for_every_backend_sweep():
-    from filterx.train_data import batches_per_epoch
+    from filterx.train.data import batches_per_epoch
 
     cfg = LoaderConfig()
     for n in [131, *range(100, 3001, 47)]:
@@ -207,7 +207,7 @@ def test_global_batch_is_the_same_images_when_loaded(dataset_dir):
 
 @pytest.mark.parametrize("backend", ("pil", "torchvision"))
 def test_ranks_draw_their_own_crops_and_flips(dataset_dir, backend, monkeypatch):
-    from filterx import loader
+    from filterx.decode import loader
 
     tars = Dataset.open(dataset_dir).tar_paths()
     refs = loader.sample_refs(tars)
@@ -233,7 +233,7 @@ def test_ranks_draw_their_own_crops_and_flips(dataset_dir, backend, monkeypatch)
 
 def test_dali_ranks_have_their_own_seeds(dataset_dir):
     pytest.importorskip("nvidia.dali")
-    from filterx.loader import _dali_pipeline
+    from filterx.decode.loader import _dali_pipeline
 
     tars = Dataset.open(dataset_dir).tar_paths()
     cfg = LoaderConfig(resolution=16, backend="dali", batch_size=4, workers=1, train=True, seed=3)

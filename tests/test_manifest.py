@@ -5,11 +5,11 @@ import pytest
 import torch
 import webdataset as wds
 
-from filterx.dataset import Dataset
-from filterx.loader import LoaderConfig, load_batches
-from filterx.manifest import ManifestDataset, make_header, read_manifest, write_manifest
-from filterx.score import list_scores, read_scores, write_scores
-from filterx.select import SelectConfig, select
+from filterx.io.dataset import Dataset
+from filterx.decode.loader import LoaderConfig, load_batches
+from filterx.io.manifest import ManifestDataset, make_header, read_manifest, write_manifest
+from filterx.stages.score import list_scores, read_scores, write_scores
+from filterx.stages.select import SelectConfig, select
 
 
 @pytest.fixture()

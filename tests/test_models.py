@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from filterx.models import (
+from filterx.models.archs import (
     AlexNetLRN, backbone_modules, build_model, feature_dim, features_and_logits, get_head, head_name,
     list_models, replace_head, split_backbone_head,
 )

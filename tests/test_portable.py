@@ -19,7 +19,7 @@ def test_filterx_portable_pins_kernels_and_threads_before_torch_loads():
 def test_enabling_after_torch_is_imported_is_refused():
     import torch  # noqa: F401
 
-    from filterx import portable
+    from filterx.core import portable
 
     with pytest.raises(RuntimeError, match="before torch is imported"):
         portable.enable()

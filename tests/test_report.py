@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from filterx.dataset import Dataset
-from filterx.report import (
+from filterx.io.dataset import Dataset
+from filterx.report.page import (
     REPORT_MARK, class_shares, display_names, make_report, read_thumbnails, representation_extremes,
     selection_overlap, selection_precision)
-from filterx.score import write_scores
+from filterx.stages.score import write_scores
 from filterx.scorers import ClassInfo
-from filterx.select import select_ids
+from filterx.stages.select import select_ids
 
 
 def test_selection_overlap_is_jaccard_of_hand_made_selections():

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import zarr
 
-from filterx.dataset import Dataset
-from filterx.embed import embeddings_complete
-from filterx.encoder import load_encoder
-from filterx.score import ScoreConfig, read_scores, score
+from filterx.io.dataset import Dataset
+from filterx.stages.embed import embeddings_complete
+from filterx.models.encoder import load_encoder
+from filterx.stages.score import ScoreConfig, read_scores, score
 
 KW = dict(device="cpu", backend="pil", batch_size=16, workers=0, quiet=True)
 
@@ -46,8 +46,8 @@ def test_entropy_uses_the_encoder_head_and_named_store(dirs):
     ds = Dataset.open(src)
     scores, attrs = read_scores(ds, "entropy-low")
     # the same entropy from the stored embeddings and the encoder file's own head, in float64
-    from filterx.embed import read_embeddings
-    from filterx.encoder import read_encoder_file
+    from filterx.stages.embed import read_embeddings
+    from filterx.models.encoder import read_encoder_file
 
     state = read_encoder_file(enc)["state_dict"]
     z = read_embeddings(ds, load_encoder(enc).tag).astype(np.float64) @ state["fc.weight"].double().numpy().T
@@ -154,13 +154,20 @@ def test_score_under_torchrun_embeds_on_every_rank_and_scores_once(sample_dirs, 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    def args(source):
+        return ["-m", "filterx", "score", "--method", "domain-cls", "--source", str(source), "--target", str(tgt),
+                "--encoder", str(encoder_file), "--backend", "pil", "--device", "cpu", "--batch-size", "16",
+                "--workers", "0", "-q", "--json"]
+
+    # The one-process reference runs with the ranks' thread count: the classifier's float
+    # reductions depend on it.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "-m", "filterx", "score", "--method", "domain-cls", "--source", str(src), "--target", str(tgt),
-           "--encoder", str(encoder_file), "--backend", "pil", "--device", "cpu", "--batch-size", "16",
-           "--workers", "0", "-q", "--json"]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+           *args(src)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count('"name": "domain-cls"') == 1  # one summary: rank 0's
-    score(ScoreConfig("domain-cls", ref, tgt, encoder_file, **KW))
+    one = subprocess.run([sys.executable, *args(ref)], capture_output=True, text=True, timeout=600, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
     np.testing.assert_array_equal(read_scores(Dataset.open(src), "domain-cls")[0],
                                   read_scores(Dataset.open(ref), "domain-cls")[0])

@@ -233,7 +233,7 @@ def _pool_clusters_brute_force(S, T, k, niter=20, seed=0):
 
 
 def test_pool_clusters_keeps_the_clusters_nearest_to_the_target():
-    from filterx.select import select_ids
+    from filterx.stages.select import select_ids
 
     S, T, which = blobs(seed=4, n_source=1200, n_target=60)
     res = run_scorer("pool-clusters", ScoreInputs(num_source=len(S), source_emb=S, target_emb=T), seed=0, k=24)

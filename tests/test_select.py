@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clirun import one_line, run
-from filterx.select import budget_count, infer_format, rank_ids, select_ids
+from filterx.stages.select import budget_count, infer_format, rank_ids, select_ids
 
 
 
@@ -91,10 +91,10 @@ def test_per_class_cap_property_with_unlabelled(values, count, cap):
 
 
 def test_per_class_cap_on_an_unlabelled_pool_keeps_the_budget(image_folder, tmp_path):
-    from filterx.dataset import Dataset
-    from filterx.score import write_scores
-    from filterx.select import SelectConfig, select
-    from filterx.shard import ShardConfig, shard
+    from filterx.io.dataset import Dataset
+    from filterx.stages.score import write_scores
+    from filterx.stages.select import SelectConfig, select
+    from filterx.stages.shard import ShardConfig, shard
 
     paths = sorted(image_folder.glob("class */img_*.jpg"))[:12]
     (tmp_path / "list.txt").write_text("".join(f"{p}\n" for p in paths))  # no labels: all -1
@@ -118,8 +118,8 @@ def test_nan_threshold_is_refused():
 @pytest.fixture()
 def scored(dataset_dir, tmp_path):
     """A copy of dataset_dir with scores "s" (0.1 * id, highest 2.6) and "unscored" (all NaN)."""
-    from filterx.dataset import Dataset
-    from filterx.score import write_scores
+    from filterx.io.dataset import Dataset
+    from filterx.stages.score import write_scores
 
     src = tmp_path / "src"
     shutil.copytree(dataset_dir, src)
@@ -149,7 +149,7 @@ def test_a_budget_that_selects_nothing_warns_why(scored, tmp_path, args, reason)
     assert code == 0, err
     method = args[1]
     warning = f"scores {method!r}: {reason}"
-    assert [line for line in err.splitlines() if line.startswith("WARNING")] == [f"WARNING filterx.select: {warning}"]
+    assert [line for line in err.splitlines() if line.startswith("WARNING")] == [f"WARNING filterx.stages.select: {warning}"]
     summary = json.loads(stdout)
     assert summary["selected"] == 0 and summary["warnings"] == [warning]
     lines = out.read_text().splitlines()
@@ -165,8 +165,8 @@ def test_a_budget_that_selects_something_does_not_warn(scored, tmp_path):
 
 
 def test_a_locked_output_is_named_in_the_error(scored, tmp_path):
-    from filterx import atomic
-    from filterx.select import SelectConfig, select
+    from filterx.io import atomic
+    from filterx.stages.select import SelectConfig, select
 
     out = tmp_path / "out" / "m.jsonl"
     with atomic.run_lock(out.parent, f"select-{out.name}"):  # as a select in another process would
@@ -196,7 +196,7 @@ def test_output_naming_an_existing_directory_for_a_file_format_is_one_line(score
 
 
 def test_fuse_ranks_by_hand():
-    from filterx.select import fuse_ranks, normalised_ranks
+    from filterx.stages.select import fuse_ranks, normalised_ranks
 
     a = np.array([0.9, 0.1, 0.5, np.nan, 0.5], dtype=np.float32)
     b = np.array([1.0, 3.0, 2.0, 5.0, 0.0], dtype=np.float32)
@@ -216,7 +216,7 @@ def test_fuse_ranks_by_hand():
 
 
 def test_fuse_ranks_is_invariant_to_monotone_rescaling():
-    from filterx.select import fuse_ranks
+    from filterx.stages.select import fuse_ranks
 
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=50), rng.normal(size=50)
@@ -227,8 +227,8 @@ def test_fuse_ranks_is_invariant_to_monotone_rescaling():
 @pytest.fixture()
 def two_scores(scored):
     """``scored`` plus scores "t": the reverse order of "s" on even ids, NaN on id 3."""
-    from filterx.dataset import Dataset
-    from filterx.score import write_scores
+    from filterx.io.dataset import Dataset
+    from filterx.stages.score import write_scores
 
     ds = Dataset.open(scored)
     t = np.where(np.arange(ds.num_samples) % 2 == 0, -np.arange(ds.num_samples), np.arange(ds.num_samples))
@@ -240,9 +240,9 @@ def two_scores(scored):
 
 @pytest.mark.parametrize("rule", ["rank-mean", "rank-min"])
 def test_select_combine_writes_the_fused_selection(two_scores, tmp_path, rule):
-    from filterx.dataset import Dataset
-    from filterx.score import read_scores
-    from filterx.select import fuse_ranks
+    from filterx.io.dataset import Dataset
+    from filterx.stages.score import read_scores
+    from filterx.stages.select import fuse_ranks
 
     outs = [tmp_path / "a" / "m.jsonl", tmp_path / "b" / "m.jsonl"]
     for out in outs:
@@ -279,8 +279,8 @@ def test_select_combine_errors_are_one_line(two_scores, tmp_path, args, msg):
 def test_pool_clusters_then_threshold_one_keeps_the_chosen_clusters(sample_dirs, encoder_file, tmp_path):
     """score --method pool-clusters, then select --threshold 1: DataComp's "keep exactly the
     chosen clusters", the count the scores' attrs recorded."""
-    from filterx.dataset import Dataset
-    from filterx.score import read_scores
+    from filterx.io.dataset import Dataset
+    from filterx.stages.score import read_scores
 
     shutil.copytree(sample_dirs[0], tmp_path / "src")
     code, _, err = run("score", "--method", "pool-clusters", "--source", tmp_path / "src", "--target", sample_dirs[1],

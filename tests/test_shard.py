@@ -9,10 +9,10 @@ import webdataset as wds
 from PIL import Image
 
 from conftest import BAD_IMAGES, GOOD_IMAGES
-from filterx import tario
-from filterx.atomic import LockedError, run_lock
-from filterx.dataset import Dataset
-from filterx.shard import ShardConfig, list_file, shard
+from filterx.io import tario
+from filterx.io.atomic import LockedError, run_lock
+from filterx.io.dataset import Dataset
+from filterx.stages.shard import ShardConfig, list_file, shard
 
 
 def test_counts_report_and_classes(dataset_dir):
@@ -172,7 +172,7 @@ def test_list_file_bad_labels_name_the_line(tmp_path, lines, message):
 def test_list_file_header_line_is_skipped(tmp_path, caplog):
     import logging
 
-    with caplog.at_level(logging.INFO, logger="filterx.shard_inputs"):
+    with caplog.at_level(logging.INFO, logger="filterx.stages.shard_inputs"):
         got = list_file(_list(tmp_path, "# made by a script", "Path,Label", "a.jpg,cat", "b.jpg,dog"))
     assert got.class_names == ["cat", "dog"] and got.items == [("a.jpg", 0), ("b.jpg", 1)]
     assert "line 2 ('Path,Label') is a header; skipped" in caplog.text
@@ -186,7 +186,7 @@ def test_list_file_header_line_is_skipped(tmp_path, caplog):
 def test_shard_cli_num_classes_and_bad_labels(image_folder, tmp_path):
     from click.testing import CliRunner
 
-    from filterx.cli import main
+    from filterx.cli.commands import main
 
     files = sorted((image_folder / "class 0 é").glob("img_*.jpg"))[:3]
     lst = _list(tmp_path, *(f"{p},{lab}" for p, lab in zip(files, (0, 9, 4))))
@@ -235,7 +235,7 @@ def test_16_bit_png_keeps_its_brightness(tmp_path):
 def test_wide_samples_are_scaled_to_8_bits(tmp_path, make, mode):
     import io
 
-    from filterx.shard import encode_jpeg
+    from filterx.stages.shard import encode_jpeg
 
     im = Image.fromarray(make(_gradient16()))
     buf = io.BytesIO()
@@ -282,7 +282,7 @@ def test_folder_symlink_loops_are_reported(image_folder, tmp_path):
 def test_out_that_is_a_file_is_one_line(image_folder, tmp_path):
     from click.testing import CliRunner
 
-    from filterx.cli import main
+    from filterx.cli.commands import main
 
     (tmp_path / "out").write_text("not a dir")
     with pytest.raises(NotADirectoryError, match="exists and is not a directory"):
@@ -297,7 +297,7 @@ def test_full_disk_while_writing_tars_is_one_line(image_folder, tmp_path, monkey
 
     from click.testing import CliRunner
 
-    from filterx.cli import main
+    from filterx.cli.commands import main
 
     calls = []
 
@@ -320,7 +320,7 @@ def _cli(*args, crash: str | None = None):
     import subprocess
     import sys
 
-    from filterx.faults import ENV
+    from filterx.core.faults import ENV
 
     env = {k: v for k, v in os.environ.items() if k != ENV}
     env["OMP_NUM_THREADS"] = "1"
@@ -337,7 +337,7 @@ def _temporaries(root):
 def test_rerun_after_a_kill_removes_every_abandoned_temporary(image_folder, tmp_path):
     import subprocess
 
-    from filterx.faults import CRASH_EXIT
+    from filterx.core.faults import CRASH_EXIT
 
     out = tmp_path / "ds"
     args = ["shard", image_folder, out, "--shard-size", "5", "--workers", "1"]
@@ -358,7 +358,7 @@ def test_rerun_after_a_kill_removes_every_abandoned_temporary(image_folder, tmp_
 def test_temporaries_of_live_processes_are_left_alone(image_folder, tmp_path, monkeypatch, caplog):
     import subprocess
 
-    import filterx.shard as shard_module
+    import filterx.stages.shard as shard_module
 
     monkeypatch.setattr(shard_module, "ORPHAN_WAIT_S", 0.2)
     out = tmp_path / "ds"

@@ -14,18 +14,18 @@ import torch
 import torch.nn.functional as F
 
 import filterx
-from filterx.dataset import Dataset
-from filterx.loader import LoaderConfig, load_batches
-from filterx.models import build_model, get_head
-from filterx.runtime import seed_everything
-from filterx.sampledata import make_sample_data
-from filterx.shard import ShardConfig, shard
-from filterx.train import PretrainConfig, pretrain
-from filterx.faults import CRASH_EXIT, ENV as CRASH_ENV
-from filterx.train_common import CHECKPOINT, METRICS, MODEL, Schedule, load_checkpoint
-from filterx.train_data import batches_per_epoch, resolve_training_data
-from filterx.train_common import TrainSummary
-from filterx.train_finetune import (
+from filterx.io.dataset import Dataset
+from filterx.decode.loader import LoaderConfig, load_batches
+from filterx.models.archs import build_model, get_head
+from filterx.core.runtime import seed_everything
+from filterx.io.sampledata import make_sample_data
+from filterx.stages.shard import ShardConfig, shard
+from filterx.train.pretrain import PretrainConfig, pretrain
+from filterx.core.faults import CRASH_EXIT, ENV as CRASH_ENV
+from filterx.train.common import CHECKPOINT, METRICS, MODEL, Schedule, load_checkpoint
+from filterx.train.data import batches_per_epoch, resolve_training_data
+from filterx.train.common import TrainSummary
+from filterx.train.finetune import (
     DomainClassifier, FinetuneConfig, FinetuneNet, dann_lambda, finetune, finetune_loss,
     grad_reverse, initial_model, pseudo_label_loss, selected_epoch, split_target,
 )
@@ -79,7 +79,7 @@ def _run_script(args: list[str], env_extra: dict, cwd: Path) -> subprocess.Compl
 _SCRIPT = """
 import json, sys
 from pathlib import Path
-from filterx.train import FinetuneConfig, PretrainConfig, finetune, pretrain
+from filterx.train.pretrain import FinetuneConfig, PretrainConfig, finetune, pretrain
 kind, cfg = sys.argv[1], json.loads(sys.argv[2])
 for k in ("data", "out", "val", "target", "test", "unlabeled", "init"):
     if cfg.get(k):
@@ -158,7 +158,7 @@ def test_resolve_dataset_dir_and_clear_errors(data, tmp_path):
 
 
 def _manifest(path: Path, fmt: str, source: Path, ids: np.ndarray, **header_changes) -> Path:
-    from filterx.manifest import make_header, write_manifest
+    from filterx.io.manifest import make_header, write_manifest
 
     ds = Dataset.open(source)
     header = {**make_header(ds, "random", {"count": len(ids)}, len(ids)), **header_changes}
@@ -167,7 +167,7 @@ def _manifest(path: Path, fmt: str, source: Path, ids: np.ndarray, **header_chan
 
 @pytest.mark.parametrize("fmt", ["jsonl", "wds"])
 def test_manifest_selects_its_ids(data, tmp_path, fmt):
-    pytest.importorskip("filterx.manifest")
+    pytest.importorskip("filterx.io.manifest")
     ds = Dataset.open(data["src"])
     ids = np.arange(0, 52, 3)
     d = resolve_training_data(_manifest(tmp_path / f"sel.{fmt}", fmt, data["src"], ids[::-1]))
@@ -182,7 +182,7 @@ def test_manifest_selects_its_ids(data, tmp_path, fmt):
 
 
 def test_manifest_errors_name_the_path(data, tmp_path):
-    pytest.importorskip("filterx.manifest")
+    pytest.importorskip("filterx.io.manifest")
     gone = tmp_path / "moved_dataset"
     m = _manifest(tmp_path / "orphan.jsonl", "jsonl", data["src"], np.arange(5), dataset=str(gone))
     with pytest.raises(FileNotFoundError, match=re.escape(str(gone))):
@@ -475,7 +475,7 @@ def test_dann_finetune_resumes_bit_identically(data, dann_reference, tmp_path, c
 
 
 def test_foreign_files_are_refused_with_one_line(tmp_path):
-    from filterx.encoder import read_encoder_file
+    from filterx.models.encoder import read_encoder_file
 
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
     torch.save({"something": 1}, tmp_path / "other.pt")
@@ -492,7 +492,7 @@ def test_foreign_files_are_refused_with_one_line(tmp_path):
 
 
 def test_pretrain_lr_defaults_follow_each_arch_recipe(pretrained):
-    from filterx.train import default_lr
+    from filterx.train.pretrain import default_lr
 
     assert default_lr("resnet18") == default_lr("resnet50") == 0.1  # Goyal et al.: 0.1 per 256
     assert default_lr("alexnet_lrn") == 0.01  # BVLC AlexNet: 0.01 at batch 256
@@ -502,7 +502,7 @@ def test_pretrain_lr_defaults_follow_each_arch_recipe(pretrained):
     assert [g["initial_lr"] for g in ck["optimizer"]["param_groups"]] == [pytest.approx(0.1 * 13 / 256)]
     from click.testing import CliRunner
 
-    from filterx.cli import main
+    from filterx.cli.commands import main
 
     out = " ".join(CliRunner().invoke(main, ["pretrain", "--help"]).stdout.split())
     assert "lr 0.1 per 256 images for ResNets (0.01 for alexnet_lrn)" in out
@@ -512,7 +512,7 @@ def test_pretrain_lr_defaults_follow_each_arch_recipe(pretrained):
 def test_training_workers_default_to_the_cores_available(data, tmp_path):
     from click.testing import CliRunner
 
-    from filterx.cli import main
+    from filterx.cli.commands import main
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     assert PretrainConfig(data=data["src"], out=tmp_path).workers == min(4, cores)
@@ -528,7 +528,7 @@ def test_training_workers_default_to_the_cores_available(data, tmp_path):
 def _cli(*args):
     from click.testing import CliRunner
 
-    from filterx.cli import main
+    from filterx.cli.commands import main
 
     r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
     return r.exit_code, r.stdout, r.stderr

@@ -1,7 +1,7 @@
-"""Scorer registry.
+"""Scorer registry (layer 6: imports core .. models, never train, stages or above).
 
 A scorer turns arrays into one float32 score per source sample (higher = keep first) and does
-no file I/O. ``filterx.score`` loads what a scorer ``needs`` from disk, calls it, and writes
+no file I/O. ``filterx.stages.score`` loads what a scorer ``needs`` from disk, calls it, and writes
 the result into the dataset's scores store.
 
     @register_scorer("random", needs=())
@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Union
 
 import numpy as np
+
+from filterx.io.dataset import ClassInfo  # re-exported: scorers receive a dataset's classes
 
 # Modules that register scorers when imported; imported lazily by the registry functions so
 # that ``import filterx`` stays cheap.
@@ -46,15 +48,6 @@ INPUT_FIELDS = (
     "head_weight",
     "head_bias",
 )
-
-
-@dataclass(frozen=True)
-class ClassInfo:
-    """One class of a dataset: its label index, display name and WordNet id when known."""
-
-    index: int
-    name: str
-    wnid: str | None = None
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ Scores are two-valued: ``MASKED_SCORE`` (-1.0) for every image of a removed clas
 ``select`` that keeps the top ``kept`` images (or thresholds at > -1) drops exactly the removed
 classes; ties among kept images are the selector's to break.
 
-- ``class-mask``: the classes a spec names (``filterx.classes.resolve_classes``), e.g. the
+- ``class-mask``: the classes a spec names (``filterx.io.classes.resolve_classes``), e.g. the
   ImageNet classes overlapping the target, to measure how much pre-training leaks it.
   Classes the pool lacks (a target class with no counterpart in a partial pool): the entries
   of a preset such as ``@office31`` are skipped and reported (logged, "-> not in the pool" in
@@ -35,7 +35,7 @@ import math
 import numpy as np
 import torch
 
-from filterx.classes import (
+from filterx.io.classes import (
     ABSENT_MODES, MATCH_MODES, AbsentClassesError, absent_entries, describe_matches, match_classes,
 )
 from filterx.scorers import ClassInfo, ScoreInputs, ScoreResult, register_scorer
@@ -265,7 +265,7 @@ def class_mask(
 
     Scores: MASKED_SCORE for images of the named classes (or, with ``random_control``, of as
     many classes drawn from the rest; see the module docstring), KEPT_SCORE otherwise.
-    ``match``: "exact" or "substring" (``filterx.classes.match_classes``). ``absent``: for
+    ``match``: "exact" or "substring" (``filterx.io.classes.match_classes``). ``absent``: for
     named ImageNet classes the pool lacks, "preset" (skip and report a preset's, refuse
     written names), "report" (skip and report all) or "error" (refuse all).
     """

@@ -58,7 +58,7 @@ def fit_centroids(x: np.ndarray, k: int, *, niter: int, seed: int, kmeans: str =
     if kmeans == "faiss":
         centroids, objective = faiss_kmeans(x, k, niter=niter, seed=seed)
         return centroids, objective, kmeans
-    from filterx.kmeans import torch_kmeans
+    from filterx.math.kmeans import torch_kmeans
 
     km = torch_kmeans(x, k, niter=niter, seed=seed, device=device)
     return km.centroids, km.objective, kmeans

@@ -1,12 +1,12 @@
 """Influence scorer: Koh & Liang influence of each candidate on the target validation loss.
 
-Computed over the target classifier's linear head on frozen embeddings (filterx.influence,
+Computed over the target classifier's linear head on frozen embeddings (filterx.math.influence,
 params="head"): one s_test = (H + λI)^-1 ∇L_val, then one streamed GEMM pass over the
 candidates. score(z) = ∇θ CE(z)ᵀ s_test; positive = removing z from (or not adding it to)
 the training set would raise the validation loss, i.e. z is helpful; higher = keep first.
 
 The Hessian is that of the objective train-encoder trained the head with: mean cross-entropy
-plus its weight decay, ``weight_decay``: ``filterx.score`` passes the decay recorded in the
+plus its weight decay, ``weight_decay``: ``filterx.stages.score`` passes the decay recorded in the
 encoder file, 5e-4 (train-encoder's) where none is recorded. Its label smoothing (0.1) is left out of
 the gradients, on purpose: for a softmax head the Hessian of the smoothed loss is the same
 (diag(p) - ppᵀ in the logits does not depend on the target), so s_test is exact either way;
@@ -17,7 +17,7 @@ p - onehot(y), a pull of every candidate towards its own label).
 
 The solve's diagnostics (residual, iterations, λ_max, timings: InverseHVPResult.summary())
 are returned as the ScoreResult's attrs, with the objective's weight_decay and label_smoothing
-(0.0: none), and logged on "filterx.influence".
+(0.0: none), and logged on "filterx.math.influence".
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from filterx.influence import SolverOptions, head_influence_scores, head_s_test
+from filterx.math.influence import SolverOptions, head_influence_scores, head_s_test
 from filterx.scorers import ScoreInputs, ScoreResult, register_scorer
 
-logger = logging.getLogger("filterx.influence")
+logger = logging.getLogger("filterx.math.influence")
 
 LABEL_MODES = ("pseudo", "given")
-# The L2 decay train-encoder trains the head with (filterx.encoder.EncoderConfig.weight_decay;
+# The L2 decay train-encoder trains the head with (filterx.models.encoder.EncoderConfig.weight_decay;
 # not imported: scorers sit below the training code; tests/test_influence.py checks they agree).
 ENCODER_WEIGHT_DECAY = 5e-4
 

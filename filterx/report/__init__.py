@@ -1,0 +1,3 @@
+"""Layer 9 (everything below): ``filterx report`` and ``filterx info``: what a dataset dir
+holds, scores' histograms, overlaps and thumbnails.
+"""

@@ -1,0 +1,378 @@
+"""score: run a registered scorer and store its scores with the dataset.
+
+    DATASET/scores.zarr/<name>    (N,) float32, aligned to sample ids, NaN where not scored
+                                  attrs: method, params, encoder, seed, filterx version, ...
+    DATASET/reports/scores-<name>-<table>.csv   tables a scorer returns (e.g. per-class accuracy)
+    DATASET/scores.zarr/.work-<name>/   while ``--params last-block`` scores the pool: s_test and
+                                  the scores of each finished shard, so a killed run resumes;
+                                  removed once <name> is stored; not a score (list_scores)
+
+``score`` loads what the scorer ``needs`` (embeddings, the target split, the classifier head,
+labels, class metadata), embedding any dataset whose embeddings for the encoder are missing.
+The scorer itself only sees arrays.
+
+Candidates: the pool (``candidates="source"``) or the target's own training split
+(``"target-train"``, for influence "data dropout"): the latter scores are stored with the
+target dataset, NaN on its validation split.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import filterx
+from filterx.io import atomic
+from filterx.io.dataset import Dataset
+from filterx.core.faults import crash_point
+from filterx.scorers import ScoreInputs, check_params, get_scorer, resolved_params, run_scorer
+
+log = logging.getLogger(__name__)
+
+CANDIDATES = ("source", "target-train")
+WORK_PREFIX = ".work-"  # scores.zarr/.work-<name>: a resumable run's work (filterx.scorers.lastblock)
+_EMB_INPUTS = {"source_emb", "target_emb", "target_val_emb", "head_weight", "head_bias"}
+_TARGET_INPUTS = {"target_emb", "target_labels", "target_val_emb", "target_val_labels"}
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    method: str
+    source: Path
+    target: Path | None = None
+    encoder: Path | None = None
+    params: dict = field(default_factory=dict)
+    seed: int = 0
+    name: str | None = None
+    candidates: str = "source"
+    device: str = "auto"
+    backend: str = "auto"
+    batch_size: int = 128
+    workers: int = 2
+    quiet: bool = False
+
+
+@dataclass(frozen=True)
+class ScoreSummary:
+    dataset: Path
+    name: str
+    scored: int
+    total: int
+    seconds: float
+    attrs: dict
+    rank: int = 0  # under torchrun: ranks other than 0 only embed
+
+    def line(self) -> str:
+        # what the scorer reported; a solver's residual first, as users must see it
+        keys = sorted((k for k in self.attrs if k != "match_report"), key=lambda k: k != "residual")
+        extra = {k: self.attrs[k] for k in keys
+                 if isinstance(self.attrs[k], (int, float, str)) and not isinstance(self.attrs[k], bool)}
+        facts = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(extra.items())[:6])
+        return (f"scored {self.scored} of {self.total} samples with {self.name} in {self.seconds:.1f}s "
+                f"({self.scored / max(self.seconds, 1e-9):.0f} samples/s); stored in "
+                f"{self.dataset / 'scores.zarr' / self.name}" + (f"; {facts}" if facts else "")
+                + (f"\nclasses matched (check them):\n{self.attrs['match_report']}" if "match_report" in self.attrs else ""))
+
+
+def score(cfg: ScoreConfig) -> ScoreSummary:
+    """Score the candidates with ``cfg.method`` and store the result (see module docstring)."""
+    from filterx.core.runtime import dist_info, resolve_device
+
+    t0 = time.perf_counter()
+    scorer = get_scorer(cfg.method)
+    cfg_params = dict(cfg.params)
+    # influence's parameter block is chosen here: the head works on arrays (the registry),
+    # the last block needs pixels (filterx.scorers.lastblock).
+    block = cfg_params.pop("params", "head") if cfg.method == "influence" else "head"
+    curvature = cfg_params.pop("curvature", "gauss-newton") if block == "last-block" else None
+    if block not in ("head", "last-block"):
+        raise ValueError(f"unknown influence parameters {block!r}; valid: head, last-block")
+    cfg_params = check_params(cfg.method, cfg_params)  # before anything is embedded
+    needs = set(scorer.needs)
+    if cfg.candidates == "target-train":
+        needs |= {"target_emb"}
+    enc_file = None  # the encoder file, read once (weights included) for what follows
+    if cfg.encoder is not None and (needs & _EMB_INPUTS or "weight_decay" in scorer.defaults):
+        from filterx.models.encoder import read_encoder_file
+
+        enc_file = read_encoder_file(cfg.encoder)
+    if "weight_decay" in scorer.defaults and "weight_decay" not in cfg_params and enc_file is not None:
+        # the Hessian is that of the objective the head was trained with: its recorded decay
+        trained = _recorded_weight_decay(enc_file)
+        if trained is not None:
+            cfg_params["weight_decay"] = trained
+    params = resolved_params(cfg.method, **cfg_params)
+    if cfg.candidates not in CANDIDATES:
+        raise ValueError(f"unknown candidates {cfg.candidates!r}; valid: {', '.join(CANDIDATES)}")
+    if cfg.method == "influence" and params.get("labels") == "given" and cfg.candidates != "target-train":
+        # the pool's labels index the pool's classes, not the target's: never use them as target labels
+        raise ValueError("--labels given uses the candidates' own labels as target classes, so it needs "
+                         "--candidates target-train; to score the pool use --labels pseudo")
+    if needs & _EMB_INPUTS and cfg.encoder is None:
+        raise ValueError(f"--method {cfg.method} needs --encoder (make one with: filterx train-encoder TARGET OUT)")
+    if (needs & _TARGET_INPUTS or cfg.candidates == "target-train") and cfg.target is None:
+        raise ValueError(f"--method {cfg.method} needs --target")
+    device = resolve_device(cfg.device)
+    source = Dataset.open(cfg.source)
+    target = Dataset.open(cfg.target) if cfg.target is not None else None
+
+    name = cfg.name or cfg.method
+    # Under torchrun every rank embeds its share of what is missing; rank 0 alone scores and
+    # writes (the last-block pass runs on rank 0 only: the other ranks have nothing to do).
+    rank = dist_info().rank
+    if rank != 0:
+        if block != "last-block":
+            _gather_inputs(cfg, needs, source, target, device, enc_file)
+        return ScoreSummary(cfg.source, name, 0, source.num_samples, time.perf_counter() - t0, {}, rank)
+    # Locked from the start: a second run writing the same scores is refused at once, not
+    # after it has embedded (and the last-block work store is this run's until removed below).
+    with atomic.run_lock((target if cfg.candidates == "target-train" else source).root, f"score-{name}"):
+        if block == "last-block":
+            scored_ds, scored_ids, result, enc_info = _last_block(cfg, params, curvature, source, target, device)
+            params = {**params, "params": "last-block", "curvature": curvature}
+        else:
+            inputs, scored_ds, scored_ids, enc_info = _gather_inputs(cfg, needs, source, target, device, enc_file)
+            result = run_scorer(cfg.method, inputs, seed=cfg.seed, **cfg_params)
+        full = np.full(scored_ds.num_samples, np.nan, dtype=np.float32)
+        full[scored_ids] = result.scores
+        crash_point("score.solved")
+        attrs = {
+            "method": cfg.method,
+            "params": _jsonable(params),
+            "seed": cfg.seed,
+            "candidates": cfg.candidates,
+            "encoder": enc_info,
+            "source_fingerprint": source.fingerprint,
+            "target": None if target is None else {"root": str(target.root), "fingerprint": target.fingerprint},
+            "filterx_version": filterx.__version__,
+            "result": _jsonable(dict(result.attrs)),
+        }
+        write_scores(scored_ds, name, full, attrs)
+        atomic.remove(work_path(scored_ds, name))  # the final scores supersede any work toward them
+        for table, rows in result.tables.items():
+            write_table(scored_ds.root / "reports" / f"scores-{name}-{table}.csv", rows)
+    return ScoreSummary(scored_ds.root, name, int(len(scored_ids)), scored_ds.num_samples,
+                        time.perf_counter() - t0, dict(result.attrs))
+
+
+def _gather_inputs(cfg: ScoreConfig, needs: set, source: Dataset, target: Dataset | None, device: str,
+                   enc_file: dict | None):
+    """Load what the scorer needs; returns (inputs, dataset scored, its scored ids, encoder info)."""
+    from filterx.stages.embed import ensure_embeddings, read_embeddings
+
+    enc_info = None
+    emb_kwargs = dict(device=device, backend=cfg.backend, batch_size=cfg.batch_size, workers=cfg.workers,
+                      quiet=cfg.quiet)
+    arrays: dict[str, Any] = {}
+    train_ids = val_ids = source_ids = None
+    if cfg.encoder is not None and needs & _EMB_INPUTS:
+        info = enc_file
+        enc_info = {"path": _encoder_name(cfg.encoder), "tag": info.get("tag"), "arch": info.get("arch")}
+        if "head_weight" in needs:
+            arrays["head_weight"] = info["state_dict"]["fc.weight"].float().numpy()
+            arrays["head_bias"] = info["state_dict"]["fc.bias"].float().numpy()
+        if target is not None:
+            train_ids, val_ids = _target_split(target, info)
+            if info.get("target", {}).get("fingerprint") not in (None, target.fingerprint):
+                log.warning("encoder %s was trained on another target (%s), not %s",
+                            cfg.encoder, info["target"].get("root"), target.root)
+            tag = ensure_embeddings(target.root, Path(cfg.encoder), info.get("tag"), **emb_kwargs)
+            t_emb = read_embeddings(target, tag)
+            # images embed could not decode have NaN rows: they take part in nothing
+            train_ids, val_ids = _decoded(t_emb, train_ids, target), _decoded(t_emb, val_ids, target)
+            arrays["target_emb"], arrays["target_val_emb"] = t_emb[train_ids], t_emb[val_ids]
+        if cfg.candidates == "source" and "source_emb" in needs:
+            tag = ensure_embeddings(source.root, Path(cfg.encoder), info.get("tag"), **emb_kwargs)
+            s_emb = read_embeddings(source, tag)
+            source_ids = _decoded(s_emb, np.arange(source.num_samples), source)
+            arrays["source_emb"] = s_emb[source_ids] if len(source_ids) < len(s_emb) else s_emb
+    if target is not None:
+        if train_ids is None:
+            train_ids, val_ids = np.flatnonzero(target.labels >= 0), np.zeros(0, dtype=np.int64)
+        arrays["target_labels"] = target.labels[train_ids]
+        arrays["target_val_labels"] = target.labels[val_ids]
+    if cfg.candidates == "target-train":
+        scored_ds, scored_ids = target, train_ids
+        if "target_emb" in arrays:
+            arrays["source_emb"] = arrays["target_emb"]
+        arrays["source_labels"] = target.labels[train_ids]
+        arrays["source_classes"] = target.classes
+    else:
+        scored_ds, scored_ids = source, (np.arange(source.num_samples) if source_ids is None else source_ids)
+        arrays["source_labels"] = source.labels[scored_ids]
+        arrays["source_classes"] = source.classes
+    inputs = ScoreInputs(num_source=len(scored_ids), device=device,
+                         **{k: v for k, v in arrays.items() if k in ScoreInputs.__dataclass_fields__})
+    return inputs, scored_ds, scored_ids, enc_info
+
+
+def _last_block(cfg: ScoreConfig, params: dict, curvature: str, source: Dataset, target: Dataset, device: str):
+    """Influence over the encoder's last block + head, from pixels (filterx.scorers.lastblock).
+
+    The pool pass keeps its work in ``work_path(source, name)``, keyed by everything the
+    scores depend on (``_work_key``), so that a killed run resumes where it stopped.
+    """
+    from filterx.models.encoder import load_encoder
+    from filterx.math.influence import SolverOptions
+    from filterx.scorers.lastblock import last_block_influence
+
+    enc = load_encoder(cfg.encoder, device)
+    train_ids, val_ids = _target_split(target, enc.info)
+    solver_keys = {"solver", "damping", "weight_decay", "cg_tol", "cg_max_iter", "lissa_scale", "lissa_depth",
+                   "lissa_repeats", "lissa_batch_size"}
+    options = SolverOptions(seed=cfg.seed, **{k: v for k, v in params.items() if k in solver_keys})
+    val_classes = params.get("val_classes")
+    batch_size = min(cfg.batch_size, 64)
+    work = work_key = None
+    if cfg.candidates == "source":
+        _scores_root(source)  # before the work store inside it: creating the root replaces the folder
+        work = work_path(source, cfg.name or cfg.method)
+        work_key = _work_key(cfg, params, curvature, options, source, target, enc.tag, train_ids, val_ids,
+                             device, batch_size)
+    ids, result = last_block_influence(
+        source, target, enc, train_ids=train_ids, val_ids=val_ids, options=options, labels=params["labels"],
+        candidates=cfg.candidates, val_classes=None if val_classes is None else tuple(val_classes),
+        curvature=curvature, backend=cfg.backend, device=device, batch_size=batch_size,
+        workers=cfg.workers, quiet=cfg.quiet, work=work, work_key=work_key)
+    scored_ds = target if cfg.candidates == "target-train" else source
+    enc_info = {"path": _encoder_name(cfg.encoder), "tag": enc.tag, "arch": enc.info["arch"]}
+    return scored_ds, ids, result, enc_info
+
+
+def _work_key(cfg: ScoreConfig, params: dict, curvature: str, options, source: Dataset, target: Dataset,
+              encoder_tag: str, train_ids: np.ndarray, val_ids: np.ndarray, device: str, batch_size: int) -> dict:
+    """Everything last-block pool scores depend on: a work store with another key is stale.
+
+    The decode backend (resolved) and the device type change the last bits, and the compute
+    batch size which samples share a kernel call; the loader's workers do not (fixed compute
+    batches, filterx.scorers.lastblock.shard_aligned_batches).
+    """
+    from dataclasses import asdict
+
+    import torch
+
+    from filterx.decode.loader import resolve_backend
+
+    split = hashlib.sha256(np.asarray(train_ids, np.int64).tobytes() + b"|" + np.asarray(val_ids, np.int64).tobytes())
+    return _jsonable({
+        "source_fingerprint": source.fingerprint, "target_fingerprint": target.fingerprint,
+        "encoder_tag": encoder_tag, "target_split": split.hexdigest()[:16], "params": params,
+        "curvature": curvature, "solver_options": asdict(options), "labels": params.get("labels"),
+        "val_classes": params.get("val_classes"), "seed": cfg.seed, "backend": resolve_backend(cfg.backend),
+        "device": torch.device(device).type, "batch_size": batch_size, "filterx_version": filterx.__version__,
+    })
+
+
+def work_path(ds: Dataset, name: str) -> Path:
+    """Where a resumable ``score`` keeps its work toward ``scores.zarr/<name>`` (hidden from list_scores)."""
+    _check_name(name)
+    return ds.scores_path / f"{WORK_PREFIX}{name}"
+
+
+def _encoder_name(encoder) -> str:
+    """What the score attrs call the encoder: a file's absolute path, or a backbone spec as given."""
+    from filterx.models.backbones import looks_like_spec
+
+    return str(encoder) if looks_like_spec(encoder) else str(Path(encoder).resolve())
+
+
+def _recorded_weight_decay(info: dict) -> float | None:
+    """The L2 weight decay an encoder file's head was trained with, when the file records it."""
+    value = (info.get("config") or {}).get("weight_decay")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _decoded(emb: np.ndarray, ids: np.ndarray, ds: Dataset) -> np.ndarray:
+    """``ids`` without the samples whose embedding is NaN (embed could not decode them)."""
+    ok = np.isfinite(emb[ids]).all(axis=1)
+    if not ok.all():
+        log.warning("%d samples of %s could not be decoded by embed (listed in its embeddings' .bad dir); "
+                    "they are left out and score NaN", int((~ok).sum()), ds.root)
+    return ids[ok]
+
+
+def _target_split(target: Dataset, info: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The encoder's own train/val split when it was trained on this target, else all/none."""
+    if info.get("target", {}).get("fingerprint") == target.fingerprint:
+        return np.asarray(info["train_ids"], dtype=np.int64), np.asarray(info["val_ids"], dtype=np.int64)
+    return np.flatnonzero(target.labels >= 0), np.zeros(0, dtype=np.int64)
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def write_scores(ds: Dataset, name: str, scores: np.ndarray, attrs: dict) -> Path:
+    """Store (N,) float32 ``scores`` as ``scores.zarr/<name>`` atomically (replacing an old one)."""
+    import zarr
+
+    _check_name(name)
+    root = _scores_root(ds)
+    atomic.clean_stale_tmp(root)
+    out = root / name
+    with atomic.atomic_path(out) as tmp:
+        arr = zarr.create_array(tmp, shape=scores.shape, dtype="float32", chunks=(max(1, min(len(scores), 1 << 20)),),
+                                fill_value=np.nan)
+        arr[:] = scores
+        arr.attrs.update(attrs)
+    return out
+
+
+def _check_name(name: str) -> None:
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"invalid score name {name!r}: a non-empty name without '/' that does not start with '.'")
+
+
+def _scores_root(ds: Dataset) -> Path:
+    """``scores.zarr``, created (atomically) if missing."""
+    import zarr
+
+    root = ds.scores_path
+    if not (root / "zarr.json").is_file():
+        with atomic.atomic_path(root) as tmp:
+            zarr.open_group(tmp, mode="w").attrs["filterx_scores"] = 1
+    return root
+
+
+def list_scores(ds: Dataset) -> list[str]:
+    """Names of the score arrays stored with ``ds`` (not work stores or temporaries: hidden names)."""
+    root = ds.scores_path
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir()
+                  if (p / "zarr.json").is_file() and not p.name.startswith(".") and atomic.TMP_MARK not in p.name)
+
+
+def read_scores(ds: Dataset, name: str) -> tuple[np.ndarray, dict]:
+    """((N,) float32 scores, attrs) of ``scores.zarr/<name>``; errors list the stored names."""
+    import zarr
+
+    if name not in list_scores(ds):
+        have = ", ".join(list_scores(ds)) or "none yet"
+        raise ValueError(f"{ds.root} has no scores named {name!r} (stored: {have}); "
+                         f"run: filterx score --method {name} --source {ds.root} ...")
+    arr = zarr.open_array(ds.scores_path / name, mode="r")
+    scores = np.asarray(arr[:], dtype=np.float32)
+    if scores.shape != (ds.num_samples,):
+        raise ValueError(f"scores {name!r} have {scores.shape[0]} rows but {ds.root} has {ds.num_samples} samples")
+    return scores, dict(arr.attrs)
+
+
+def write_table(path: Path, rows: list[dict]) -> None:
+    """Write row dicts as CSV atomically (columns in first-seen order)."""
+    cols: list[str] = []
+    for r in rows:
+        cols.extend(k for k in r if k not in cols)
+    with atomic.atomic_path(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=cols)
+            w.writeheader()
+            w.writerows(rows)

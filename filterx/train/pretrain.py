@@ -1,0 +1,223 @@
+"""pretrain: data-parallel supervised training on a manifest's selection or a whole dataset.
+
+    summary = pretrain(PretrainConfig(data="subset.jsonl", out="runs/r50", arch="resnet50"))
+
+Defaults follow the ImageNet literature: SGD with momentum 0.9, weight decay 1e-4, x0.1 every
+30 epochs, 90 epochs; lr at a global batch of 256, scaled linearly with the global batch
+(per-rank batch x world size): 0.1 for the ResNets (He et al. 2016; Goyal et al. 2017, "0.1 kn/256"),
+0.01 for ``alexnet_lrn`` (the BVLC AlexNet solver: base_lr 0.01 at batch 256; Krizhevsky et al.
+2012 used 0.01 at batch 128); bf16 autocast and channels_last on CUDA. (``lr=None`` picks the
+arch's; see :func:`default_lr`.)
+
+Distributed: run the same call under ``torchrun --nproc_per_node N`` (add ``--nnodes`` /
+``--rdzv-endpoint`` for several machines; the output dir must then be on a shared file system
+for resumption). Each rank reads its share of every epoch, ceil(N / world size) images in
+the same number of steps on every rank (the loader's rank split: with the torchvision / pil
+backends one seeded shuffle dealt round-robin and cut into batches in order, so step t's
+global batch is the same images whatever the world size and ``workers``, for a fixed global
+batch; only the epoch's last step differs when the world size does not divide N, the ranks
+then padding it with images from the epoch's start. DALI gives each rank a fixed part of the
+tars, shuffled within it, so its global batches depend on the world size). Augmentation is
+drawn per rank. Gradients are averaged by DDP, rank 0 logs and saves. On CUDA BatchNorm is synchronised across ranks
+(``sync_bn``); torch has no CPU SyncBatchNorm, so on the CPU each rank normalises with its own
+batch and only networks without BatchNorm (``alexnet_lrn``) match a one-process run exactly.
+
+See :mod:`filterx.train.common` for the output files and how resumption stays exact, and
+:mod:`filterx.train.finetune` for fine-tuning and domain adaptation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from filterx.io import atomic
+from filterx.decode.loader import LoaderConfig, load_batches, resolve_backend, samples_per_rank
+from filterx.models.archs import build_model, list_models
+from filterx.core.runtime import seed_everything
+from filterx.train.common import (
+    CHECKPOINT, CHECKPOINT_FORMAT, SCHEDULES, Run, Runtime, Schedule, TrainSummary, resume_from,
+    config_dict, default_workers, evaluate, finish, fit, prepare_model, setup_runtime,
+    supervised_step, teardown_runtime, to_input, topk_correct, wrap_ddp,
+)
+from filterx.train.data import (  # noqa: F401  (resolve_training_data: re-exported for callers)
+    TrainingData, batches_per_epoch, held_out_split, resolve_training_data, usable_batches,
+)
+from filterx.train.finetune import FinetuneConfig, finetune  # noqa: F401  (one import for both)
+
+log = logging.getLogger(__name__)
+
+# Settings a resumed run may change without a ValueError (it warns that results will differ).
+# Paths may move between runs: the data's fingerprint and count (train_data) must not change.
+SOFT_SETTINGS = ("epochs", "workers", "backend", "device", "save_every", "batch_size", "data", "val")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    data: Path  # dataset dir or manifest
+    out: Path  # output dir: checkpoint.pt, metrics.jsonl, model.pt
+    arch: str = "resnet50"
+    resolution: int = 224
+    epochs: int = 90
+    batch_size: int = 64  # per rank; the global batch is batch_size x world size
+    lr: float | None = None  # at a global batch of 256, scaled linearly; None: default_lr(arch)
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "step"  # step | cosine | inv
+    lr_step_epochs: int = 30
+    lr_gamma: float = 0.1
+    warmup_epochs: int = 0
+    label_smoothing: float = 0.0
+    val: Path | None = None  # a dataset dir / manifest to evaluate on every epoch
+    val_fraction: float = 0.0  # else hold out this share of the data (0: no evaluation)
+    augment: bool = True  # random resized crop + flip; off: center crops
+    model_options: dict = field(default_factory=dict)  # build_model kwargs, e.g. {"dropout": 0.0}
+    sync_bn: bool = True  # SyncBatchNorm across ranks on CUDA
+    backend: str = "auto"
+    device: str = "auto"
+    workers: int = field(default_factory=default_workers)  # min(4, the cores available)
+    seed: int = 0
+    resume: bool = False  # continue from out/checkpoint.pt
+    save_every: int = 0  # also keep epoch_NNNN.pt every this many epochs
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        if self.arch not in list_models():
+            raise ValueError(f"unknown arch {self.arch!r}; valid: {', '.join(list_models())}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
+        for name in ("epochs", "batch_size", "lr_step_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.resolution < 16:
+            raise ValueError(f"resolution must be >= 16 pixels, got {self.resolution}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.val is not None and self.val_fraction > 0:
+            raise ValueError("give either val (a dataset to evaluate on) or val_fraction, not both")
+
+
+# lr at a global batch of 256 of the recipe each arch comes from; ResNets: DEFAULT_LR.
+DEFAULT_LR = 0.1
+ARCH_LR = {"alexnet_lrn": 0.01}
+
+
+def default_lr(arch: str) -> float:
+    """The literature's lr per 256 images for ``arch`` (module doc): 0.1, alexnet_lrn 0.01."""
+    return ARCH_LR.get(arch, DEFAULT_LR)
+
+
+def pretrain(cfg: PretrainConfig) -> TrainSummary:
+    """Train ``cfg.arch`` from scratch on ``cfg.data``; see the module doc. Returns the summary
+    (per-epoch history: loss, train_top1, lr, img_s, val_top1/val_top5/val_loss when evaluating)."""
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    data = resolve_training_data(cfg.data)
+    if cfg.val is not None:
+        train, val = data, resolve_training_data(cfg.val)
+        if val.num_classes != data.num_classes:
+            raise ValueError(f"val data {cfg.val} has {val.num_classes} classes, training data {data.num_classes}")
+    elif cfg.val_fraction > 0:
+        train, val = held_out_split(data, cfg.val_fraction, cfg.seed)
+    else:
+        train, val = data, None
+    backend = resolve_backend(cfg.backend, subset=train.ids is not None)
+    rt = setup_runtime(cfg.device)
+    try:
+        lock = atomic.run_lock(out, "pretrain") if rt.is_main else contextlib.nullcontext()
+        with lock:
+            return _pretrain(cfg, rt, out, train, val, backend, t0)
+    finally:
+        teardown_runtime(rt)
+
+
+def _pretrain(cfg: PretrainConfig, rt: Runtime, out: Path, train: TrainingData, val: TrainingData | None,
+              backend: str, t0: float) -> TrainSummary:
+    seed_everything(cfg.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
+    model = build_model(cfg.arch, train.num_classes, **cfg.model_options)
+    model = prepare_model(model, rt, cfg.sync_bn)
+    if rt.world_size > 1 and not rt.cuda and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                                  for m in model.modules()):
+        log.warning("BatchNorm statistics are per rank on the CPU (no SyncBatchNorm there)")
+    global_batch = cfg.batch_size * rt.world_size
+    lr_256 = cfg.lr if cfg.lr is not None else default_lr(cfg.arch)
+    lr = lr_256 * global_batch / 256
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    steps = batches_per_epoch(train.count, cfg.batch_size, cfg.workers, rt.world_size, backend)
+    if steps < 1:
+        raise ValueError(f"{train.count} training images give no batch of >= 2 per rank at batch size "
+                         f"{cfg.batch_size} on {rt.world_size} rank(s)")
+    schedule = Schedule(cfg.schedule, steps, steps * cfg.epochs, cfg.lr_step_epochs, cfg.lr_gamma,
+                        warmup_steps=steps * cfg.warmup_epochs)
+    sched = schedule.scheduler(opt)
+    settings = {**config_dict(cfg), "lr": lr_256, "world_size": rt.world_size, "global_batch": global_batch,
+                "train_data": train.identity()}  # lr: the one used, whether given or the arch's
+
+    start_epoch, history = resume_from(out, cfg.resume, settings, SOFT_SETTINGS + ("world_size",),
+                                       {"model": model}, opt, sched)
+    if start_epoch and rt.is_main:
+        log.info("resuming %s after epoch %d of %d", out / CHECKPOINT, start_epoch, cfg.epochs)
+    ddp = wrap_ddp(model, rt)
+
+    def train_epoch(epoch: int, bar) -> dict:
+        ddp.train()
+        lcfg = LoaderConfig(resolution=cfg.resolution, backend=backend, device=rt.device,
+                            batch_size=cfg.batch_size, workers=cfg.workers, train=cfg.augment,
+                            shuffle=True, seed=cfg.seed, epoch=epoch)
+        batches = load_batches(train.tars, lcfg, rank=rt.rank, world_size=rt.world_size, ids=train.ids)
+        zero = torch.zeros((), dtype=torch.float64, device=rt.device)
+        sums = {"n": zero.clone(), "labelled": zero.clone(), "loss": zero.clone(), "top1": zero.clone(),
+                "top5": zero.clone()}
+        for b in usable_batches(batches, steps):
+            y = b.labels.to(rt.device, non_blocking=True)
+            loss, logits = supervised_step(ddp, opt, to_input(b.images, rt), y, rt, cfg.label_smoothing)
+            sched.step()
+            with torch.no_grad():
+                keep = y >= 0
+                sums["n"] += len(y)
+                sums["labelled"] += keep.sum()
+                sums["loss"] += loss * keep.sum()
+                sums["top1"] += topk_correct(logits[keep], y[keep], 1).sum()
+                sums["top5"] += topk_correct(logits[keep], y[keep], 5).sum()
+            bar.update(len(y) * rt.world_size)
+        return sums
+
+    def summarize(t: dict) -> dict:
+        k = max(t["labelled"], 1.0)
+        row = {"loss": t["loss"] / k, "train_top1": t["top1"] / k}
+        if train.num_classes >= 5:
+            row["train_top5"] = t["top5"] / k
+        return row
+
+    def evaluate_epoch(epoch: int) -> dict:
+        if val is None:
+            return {}
+        val_backend = resolve_backend(cfg.backend, subset=val.ids is not None)
+        return evaluate(model, val, resolution=cfg.resolution, backend=val_backend,
+                        batch_size=cfg.batch_size, workers=cfg.workers, rt=rt, prefix="val")
+
+    def payload() -> dict:
+        return {"filterx_checkpoint": CHECKPOINT_FORMAT, "kind": "pretrain", "arch": cfg.arch,
+                "model_kwargs": dict(cfg.model_options), "num_classes": train.num_classes,
+                "class_names": list(train.class_names), "resolution": cfg.resolution,
+                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "settings": settings}
+
+    samples = epoch_images(train.count, rt.world_size)
+    run = Run(out, "pretrain", cfg.epochs, samples, train_epoch, summarize, evaluate_epoch, payload,
+              sched, cfg.seed, cfg.save_every, history)
+    fit(run, rt, start_epoch, cfg.quiet)
+    model_path = finish(run, rt, {})
+    return TrainSummary("pretrain", out, model_path, cfg.epochs, start_epoch, rt.world_size,
+                        time.perf_counter() - t0, list(run.history))
+
+
+def epoch_images(count: int, world_size: int) -> int:
+    """Images an epoch feeds over all ranks (for the progress bar; padding included)."""
+    return samples_per_rank(count, world_size) * world_size
