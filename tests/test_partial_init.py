@@ -228,3 +228,14 @@ def test_cli_finetune_with_init_blocks_and_train_blocks(sample_dirs, tmp_path):
     assert "init_blocks 6 is out of range for resnet18: valid 0..4" in one_line(err)
     code, _, err = run("finetune", sample_dirs[1], tmp_path / "bad", "--arch", "resnet18", "--init-blocks", 2)
     assert code == 2 and "give init (--init)" in one_line(err)
+
+
+def test_help_states_each_registered_arch_s_range():
+    from filterx.cli import main
+
+    option = next(p for p in main.commands["finetune"].params if p.name == "init_blocks")
+    for arch in list_models():
+        family = "ResNets" if arch.startswith("resnet") else arch
+        shown = option.help.split(family, 1)[1]
+        assert shown.split("(N ", 1)[1].startswith(f"0-{STAGES[arch]}"), arch
+        assert STAGES[arch] == len(model_stages(arch).stages)
