@@ -516,14 +516,23 @@ def pretrain(data, out, arch, val, val_fraction, resolution, epochs, batch_size,
               help="plain; or, with --unlabeled, domain adaptation.")
 @click.option("--unlabeled", type=click.Path(exists=True, path_type=Path),
               help="Unlabelled target-domain dataset dir or manifest for dann / pseudo-label.")
-@click.option("--freeze-backbone", is_flag=True, help="Train the new head only.")
+@click.option("--freeze-backbone", is_flag=True,
+              help="Train the new head only (the same as --train-blocks 0); BatchNorm statistics stay as loaded.")
+@click.option("--init-blocks", type=click.IntRange(0), metavar="N",
+              help="With --init: load only the stem and the first N stages, re-initialise the rest. "
+                   "Stages: ResNets layer1-4 (N 0-4), alexnet_lrn conv1-5, fc6, fc7 (N 0-7; no stem). "
+                   "Default: all.")
+@click.option("--train-blocks", type=click.IntRange(0), metavar="K",
+              help="Train only the last K stages and the head; the stem and earlier stages are frozen "
+                   "(no gradient, modules in eval mode: BatchNorm statistics stay fixed, dropout off). "
+                   "0: the head alone. Default: everything trains.")
 @click.option("--pseudo-threshold", type=click.FloatRange(0, 1, min_open=True), cls=DefaultOption,
               show_default=str(TRAINING_DEFAULTS["finetune"]["pseudo_threshold"]),
               help="pseudo-label: confidence an unlabelled image needs.")
 @training_options("finetune")
 @common
 def finetune(target, out, init, arch, test, test_fraction, val_fraction, method, unlabeled, freeze_backbone,
-             pseudo_threshold, resolution, epochs, batch_size, lr, weight_decay, schedule, lr_step_epochs, resume,
+             init_blocks, train_blocks, pseudo_threshold, resolution, epochs, batch_size, lr, weight_decay, schedule, lr_step_epochs, resume,
              seed, device, backend, workers, quiet, verbose, as_json):
     """Fine-tune on the TARGET dataset dir or manifest: a new head (lr x10), reporting the
     target validation and test top-1 per epoch.
@@ -551,7 +560,8 @@ def finetune(target, out, init, arch, test, test_fraction, val_fraction, method,
     if init is None and arch is None:
         raise click.UsageError("give --init (a pre-trained model) or --arch (to train from scratch)")
     cfg = FinetuneConfig(target, out, init=init, arch=arch, test=test, unlabeled=unlabeled, method=method,
-                         freeze_backbone=freeze_backbone, resolution=resolution, seed=seed, device=device,
+                         freeze_backbone=freeze_backbone, init_blocks=init_blocks, train_blocks=train_blocks,
+                         resolution=resolution, seed=seed, device=device,
                          backend=backend, resume=resume, quiet=quiet,
                          **_given(workers=workers, test_fraction=test_fraction, val_fraction=val_fraction,
                                   pseudo_threshold=pseudo_threshold, epochs=epochs,

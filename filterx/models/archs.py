@@ -8,10 +8,16 @@ Every model ends in one ``nn.Linear`` head (``fc`` for ResNets, ``fc8`` for ``al
 the rest is the backbone. Fine-tuning replaces the head (:func:`replace_head`), gives it its
 own learning rate (:func:`split_backbone_head`), and domain adaptation reads the head's input,
 the pooled (B, D) features (:func:`features_and_logits`).
+
+Each architecture also declares its backbone as a stem and an ordered list of stages
+(:func:`model_stages`), the units of partial initialisation and freezing in transfer studies
+(:mod:`filterx.train.partial_init`): ResNets, stem conv1/bn1 then layer1-4; ``alexnet_lrn``, no stem
+and seven stages conv1-conv5, fc6, fc7 (Yosinski et al. 2014's layers 1-7).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -21,17 +27,45 @@ import torch.nn.functional as F
 _MODELS: dict[str, tuple[Callable[..., nn.Module], str]] = {}
 
 
-def register_model(name: str, head: str) -> Callable:
+@dataclass(frozen=True)
+class StageLayout:
+    """An architecture's backbone in input-to-output order: ``stem`` (module paths; may be
+    empty), then ``stages``, each (name, module paths); ``head`` is the final linear layer. A
+    module path covers the module and everything under it; together with the head the paths
+    hold every parameter and buffer of the model once."""
+
+    stem: tuple[str, ...]
+    stages: tuple[tuple[str, tuple[str, ...]], ...]
+    head: str
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.stages)
+
+
+_STAGES: dict[str, StageLayout] = {}
+
+
+def register_model(name: str, head: str, stem: tuple[str, ...] = (),
+                   stages: tuple[tuple[str, tuple[str, ...]], ...] = ()) -> Callable:
     """Register ``fn(num_classes, **kwargs) -> nn.Module`` under ``name``; ``head`` is the
-    attribute path of its final linear layer."""
+    attribute path of its final linear layer, ``stem`` and ``stages`` its :class:`StageLayout`."""
 
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _MODELS:
             raise ValueError(f"model {name!r} is already registered")
         _MODELS[name] = (fn, head)
+        _STAGES[name] = StageLayout(tuple(stem), tuple((n, tuple(p)) for n, p in stages), head)
         return fn
 
     return wrap
+
+
+def model_stages(arch: str) -> StageLayout:
+    """The registered stem / stages / head of ``arch``."""
+    if arch not in _MODELS:
+        raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(list_models())}")
+    return _STAGES[arch]
 
 
 def list_models() -> tuple[str, ...]:
@@ -68,8 +102,10 @@ def _resnet(name: str) -> Callable[..., nn.Module]:
     return make
 
 
+_RESNET_STAGES = tuple((f"layer{i}", (f"layer{i}",)) for i in range(1, 5))
 for _name in ("resnet18", "resnet34", "resnet50"):
-    register_model(_name, head="fc")(_resnet(_name))
+    register_model(_name, head="fc", stem=("conv1", "bn1", "relu", "maxpool"),
+                   stages=_RESNET_STAGES)(_resnet(_name))
 
 
 # ---------------------------------------------------------------- AlexNet with LRN
@@ -144,7 +180,16 @@ class AlexNetLRN(nn.Module):
         return self.fc8(x)
 
 
-@register_model("alexnet_lrn", head="fc8")
+# conv blocks by position in ``AlexNetLRN.features`` (conv, ReLU, LRN, pool ...), then fc6, fc7;
+# the dropout module, shared by fc6 and fc7, has no parameters and belongs to no stage.
+_ALEXNET_STAGES = (("conv1", ("features.0", "features.1", "features.2", "features.3")),
+                   ("conv2", ("features.4", "features.5", "features.6", "features.7")),
+                   ("conv3", ("features.8", "features.9")), ("conv4", ("features.10", "features.11")),
+                   ("conv5", ("features.12", "features.13", "features.14")),
+                   ("fc6", ("avgpool", "fc6")), ("fc7", ("fc7",)))
+
+
+@register_model("alexnet_lrn", head="fc8", stages=_ALEXNET_STAGES)
 def alexnet_lrn(num_classes: int, dropout: float = 0.5, fc_dim: int = 4096) -> nn.Module:
     return AlexNetLRN(num_classes, dropout=dropout, fc_dim=fc_dim)
 

@@ -6,7 +6,10 @@
 The pretrained head is replaced by a new one for the target's classes, which learns ``head_lr_mult``
 (10) times faster than the backbone; ``freeze_backbone`` trains the head alone (a linear probe:
 the backbone, BatchNorm statistics included, stays bit-for-bit as loaded, because its params get
-no gradient and its modules stay in eval mode). Schedules: ``inv`` (default), lr x (1 + 10 p) ** -0.75
+no gradient and its modules stay in eval mode). Transfer studies' variants (:mod:`filterx.train.partial_init`):
+``init_blocks`` N loads only the stem and the first N stages of ``init`` (the rest keeps a fresh
+initialisation); ``train_blocks`` K trains only the last K stages and the head, the earlier
+ones frozen like the linear probe's backbone (``freeze_backbone`` is ``train_blocks=0``). Schedules: ``inv`` (default), lr x (1 + 10 p) ** -0.75
 with p the training progress 0 -> 1 as in domain-adaptation work, ``step`` or ``cosine``.
 
 Unsupervised domain adaptation towards an ``unlabeled`` dataset (the labelled target is the
@@ -48,9 +51,9 @@ from filterx.io import atomic
 from filterx.core.faults import crash_point
 from filterx.decode.loader import Batch, LoaderConfig, load_batches, resolve_backend
 from filterx.models.archs import (
-    backbone_modules, build_model, feature_dim, features_and_logits, list_models, replace_head,
-    split_backbone_head,
+    build_model, feature_dim, features_and_logits, list_models, replace_head, split_backbone_head,
 )
+from filterx.train.partial_init import block_record, check_block_options, check_blocks, freeze_stages, load_stages
 from filterx.core.runtime import seed_everything
 from filterx.train.common import (
     CHECKPOINT_FORMAT, MODEL, SCHEDULES, Run, Runtime, Schedule, TrainSummary, autocast,
@@ -80,7 +83,9 @@ class FinetuneConfig:
     val_fraction: float = 0.1  # share of every training class kept to select the epoch (0: none)
     unlabeled: Path | None = None  # unlabelled target-domain images (dann / pseudo-label)
     method: str = "plain"  # plain | dann | pseudo-label
-    freeze_backbone: bool = False
+    freeze_backbone: bool = False  # the head alone: the same as train_blocks=0
+    init_blocks: int | None = None  # with init: load the stem + the first N stages only; None: all
+    train_blocks: int | None = None  # train the last K stages + the head only; None: everything
     resolution: int = 224
     epochs: int = 20
     batch_size: int = 32  # per rank
@@ -115,12 +120,14 @@ class FinetuneConfig:
             raise ValueError(f"method {self.method!r} needs an unlabeled target-domain dataset")
         if self.method == "plain" and self.unlabeled is not None:
             raise ValueError("unlabeled data is used by methods dann and pseudo-label only, not plain")
-        if self.method == "dann" and self.freeze_backbone:
-            raise ValueError("dann adapts the backbone's features; it cannot run with a frozen backbone")
+        check_block_options(self.init_blocks, self.train_blocks, has_init=self.init is not None,
+                            freeze_backbone=self.freeze_backbone, method=self.method)
         if self.init is None and self.arch is None:
             raise ValueError(f"from scratch (no init checkpoint) needs an arch; valid: {', '.join(list_models())}")
         if self.arch is not None and self.arch not in list_models():
             raise ValueError(f"unknown arch {self.arch!r}; valid: {', '.join(list_models())}")
+        if self.arch is not None:  # with init, checked again against the checkpoint's arch
+            check_blocks(self.arch, self.init_blocks, self.trained_blocks, has_init=self.init is not None)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
         if not 0.0 < self.pseudo_threshold <= 1.0:
@@ -132,6 +139,11 @@ class FinetuneConfig:
             raise ValueError(f"without a test dataset test_fraction must be in (0, 1), got {self.test_fraction}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1) (0: no validation split), got {self.val_fraction}")
+
+    @property
+    def trained_blocks(self) -> int | None:
+        """The stages trained besides the head: ``train_blocks``, 0 with ``freeze_backbone``."""
+        return 0 if self.freeze_backbone else self.train_blocks
 
 
 # ---------------------------------------------------------------- DANN and pseudo-labels
@@ -257,7 +269,7 @@ def load_initial_weights(path: str | Path) -> dict:
 
 def initial_model(cfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, str, dict]:
     """(model with a fresh ``num_classes`` head, arch, model kwargs): loaded from ``cfg.init``
-    or built from scratch."""
+    (its stem and first ``cfg.init_blocks`` stages only, when set) or built from scratch."""
     if cfg.init is None:
         kwargs = dict(cfg.model_options)
         return build_model(cfg.arch, num_classes, **kwargs), cfg.arch, kwargs
@@ -265,9 +277,10 @@ def initial_model(cfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, str
     arch = init["arch"]
     if cfg.arch is not None and cfg.arch != arch:
         raise ValueError(f"init checkpoint {cfg.init} holds a {arch}, not the {cfg.arch} asked for")
+    check_blocks(arch, cfg.init_blocks, cfg.trained_blocks, has_init=True)
     kwargs = {**init["model_kwargs"], **cfg.model_options}
     model = build_model(arch, init["num_classes"], **kwargs)
-    model.load_state_dict(init["state_dict"])
+    load_stages(model, arch, init["state_dict"], cfg.init_blocks)
     replace_head(model, num_classes)
     return model, arch, kwargs
 
@@ -372,10 +385,11 @@ def _finetune(cfg: FinetuneConfig, rt: Runtime, out: Path, train: TrainingData, 
     domain = DomainClassifier(feature_dim(net), cfg.dann_hidden) if cfg.method == "dann" else None
     ft = prepare_model(FinetuneNet(net, domain), rt, cfg.sync_bn)
     net = ft.net
+    frozen_modules = freeze_stages(net, arch, cfg.trained_blocks)  # before the optimizer and DDP see them
+    blocks = block_record(arch, cfg.init_blocks, cfg.trained_blocks, cfg.init is not None)
+    log.info("finetune %s: loaded %s; re-initialised %s; frozen %s", arch, blocks["loaded"] or "nothing",
+             blocks["reinitialised"] or "nothing", blocks["frozen"] or "nothing")
     backbone, head_name = split_backbone_head(net)
-    if cfg.freeze_backbone:
-        for p in backbone:
-            p.requires_grad_(False)
     groups = [{"params": [p for p in backbone if p.requires_grad], "lr": cfg.lr},
               {"params": list(net.get_submodule(head_name).parameters()), "lr": cfg.lr * cfg.head_lr_mult},
               {"params": list(domain.parameters()) if domain is not None else [], "lr": cfg.lr * cfg.head_lr_mult}]
@@ -395,7 +409,6 @@ def _finetune(cfg: FinetuneConfig, rt: Runtime, out: Path, train: TrainingData, 
     start_epoch, history = resume_from(out, cfg.resume, settings, SOFT_SETTINGS,
                                        {"model": net, "domain": domain}, opt, sched)
     ddp = wrap_ddp(ft, rt)
-    frozen_modules = backbone_modules(net) if cfg.freeze_backbone else []
     loader = LoaderConfig(resolution=cfg.resolution, backend=backend, device=rt.device,
                           batch_size=cfg.batch_size, workers=cfg.workers, train=cfg.augment,
                           shuffle=True, seed=cfg.seed)
@@ -456,7 +469,7 @@ def _finetune(cfg: FinetuneConfig, rt: Runtime, out: Path, train: TrainingData, 
         return {"filterx_checkpoint": CHECKPOINT_FORMAT, "kind": "finetune", "arch": arch, "model_kwargs": kwargs,
                 "num_classes": train.num_classes, "class_names": list(train.class_names),
                 "resolution": cfg.resolution, "method": cfg.method,
-                "init": str(cfg.init) if cfg.init is not None else None,
+                "init": str(cfg.init) if cfg.init is not None else None, "blocks": blocks,
                 "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
                 "domain": {k: v.detach().cpu() for k, v in domain.state_dict().items()} if domain is not None else None,
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "settings": settings}
