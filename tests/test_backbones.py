@@ -316,7 +316,7 @@ def test_probe_file_records_spec_head_and_split(probe_run):
 
 
 def test_probe_gives_entropy_scores(probe_run):
-    from filterx.stages.score import read_scores
+    from filterx.io.scores import read_scores
 
     src, tgt, spec, out, _ = probe_run
     code, stdout, err = cli("score", "--method", "entropy", "--source", src, "--target", tgt, "--encoder", out, *RUN)
@@ -348,7 +348,7 @@ def test_probe_options_are_checked(sample_dirs, tmp_path):
 
 
 def test_probe_serves_influence_and_a_bare_spec_serves_clustering(probe_run):
-    from filterx.stages.score import read_scores
+    from filterx.io.scores import read_scores
 
     src, tgt, spec, out, _ = probe_run
     code, _, err = cli("score", "--method", "influence", "--source", src, "--target", tgt, "--encoder", out, *RUN)

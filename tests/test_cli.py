@@ -22,7 +22,7 @@ def test_chain_shard_score_select(image_folder, sample_dirs, encoder_file, tmp_p
     import numpy as np
 
     from filterx.io.dataset import Dataset
-    from filterx.stages.score import read_scores
+    from filterx.io.scores import read_scores
 
     ds = Dataset.open(tmp_path / "src")
     scores, attrs = read_scores(ds, "clustering")
@@ -149,7 +149,7 @@ def test_config_file_supplies_options_and_the_command_line_wins(dataset_dir, tmp
     assert run("score", "--config", tmp_path / "run.yaml", "-q")[0] == 0
     assert run("score", "--config", tmp_path / "run.yaml", "--name", "r6", "--seed", 6, "-q")[0] == 0
     from filterx.io.dataset import Dataset
-    from filterx.stages.score import read_scores
+    from filterx.io.scores import read_scores
 
     ds = Dataset.open(src)
     assert read_scores(ds, "r5")[1]["seed"] == 5 and read_scores(ds, "r6")[1]["seed"] == 6

@@ -92,7 +92,7 @@ def test_select_wds_saves_its_options_inside_the_directory(scored_src, tmp_path)
 def test_score_saves_its_options_in_the_dataset_and_info_report_list_them(scored_src, tmp_path):
     from filterx.io.dataset import Dataset
     from filterx.report.info import dataset_info
-    from filterx.stages.score import read_scores
+    from filterx.io.scores import read_scores
 
     config = scored_src / "configs" / "score-r3.yaml"
     values = saved(config)

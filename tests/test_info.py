@@ -11,7 +11,7 @@ import pytest
 from conftest import BAD_IMAGES, GOOD_IMAGES
 from filterx.io.dataset import Dataset
 from filterx.report.info import dataset_info
-from filterx.stages.score import write_scores
+from filterx.io.scores import write_scores
 
 
 @pytest.fixture()

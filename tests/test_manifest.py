@@ -8,7 +8,7 @@ import webdataset as wds
 from filterx.io.dataset import Dataset
 from filterx.decode.loader import LoaderConfig, load_batches
 from filterx.io.manifest import ManifestDataset, make_header, read_manifest, write_manifest
-from filterx.stages.score import list_scores, read_scores, write_scores
+from filterx.io.scores import list_scores, read_scores, write_scores
 from filterx.stages.select import SelectConfig, select
 
 

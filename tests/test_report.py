@@ -15,7 +15,7 @@ from filterx.io.dataset import Dataset
 from filterx.report.page import (
     REPORT_MARK, class_shares, display_names, make_report, read_thumbnails, representation_extremes,
     selection_overlap, selection_precision)
-from filterx.stages.score import write_scores
+from filterx.io.scores import write_scores
 from filterx.scorers import ClassInfo
 from filterx.stages.select import select_ids
 

@@ -92,7 +92,7 @@ def test_per_class_cap_property_with_unlabelled(values, count, cap):
 
 def test_per_class_cap_on_an_unlabelled_pool_keeps_the_budget(image_folder, tmp_path):
     from filterx.io.dataset import Dataset
-    from filterx.stages.score import write_scores
+    from filterx.io.scores import write_scores
     from filterx.stages.select import SelectConfig, select
     from filterx.stages.shard import ShardConfig, shard
 
@@ -119,7 +119,7 @@ def test_nan_threshold_is_refused():
 def scored(dataset_dir, tmp_path):
     """A copy of dataset_dir with scores "s" (0.1 * id, highest 2.6) and "unscored" (all NaN)."""
     from filterx.io.dataset import Dataset
-    from filterx.stages.score import write_scores
+    from filterx.io.scores import write_scores
 
     src = tmp_path / "src"
     shutil.copytree(dataset_dir, src)
@@ -228,7 +228,7 @@ def test_fuse_ranks_is_invariant_to_monotone_rescaling():
 def two_scores(scored):
     """``scored`` plus scores "t": the reverse order of "s" on even ids, NaN on id 3."""
     from filterx.io.dataset import Dataset
-    from filterx.stages.score import write_scores
+    from filterx.io.scores import write_scores
 
     ds = Dataset.open(scored)
     t = np.where(np.arange(ds.num_samples) % 2 == 0, -np.arange(ds.num_samples), np.arange(ds.num_samples))
@@ -241,7 +241,7 @@ def two_scores(scored):
 @pytest.mark.parametrize("rule", ["rank-mean", "rank-min"])
 def test_select_combine_writes_the_fused_selection(two_scores, tmp_path, rule):
     from filterx.io.dataset import Dataset
-    from filterx.stages.score import read_scores
+    from filterx.io.scores import read_scores
     from filterx.stages.select import fuse_ranks
 
     outs = [tmp_path / "a" / "m.jsonl", tmp_path / "b" / "m.jsonl"]
@@ -280,7 +280,7 @@ def test_pool_clusters_then_threshold_one_keeps_the_chosen_clusters(sample_dirs,
     """score --method pool-clusters, then select --threshold 1: DataComp's "keep exactly the
     chosen clusters", the count the scores' attrs recorded."""
     from filterx.io.dataset import Dataset
-    from filterx.stages.score import read_scores
+    from filterx.io.scores import read_scores
 
     shutil.copytree(sample_dirs[0], tmp_path / "src")
     code, _, err = run("score", "--method", "pool-clusters", "--source", tmp_path / "src", "--target", sample_dirs[1],

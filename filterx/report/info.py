@@ -27,7 +27,7 @@ import numpy as np
 
 from filterx.io import tario
 from filterx.io.dataset import EMBEDDINGS, SHARD_REPORT, Dataset
-from filterx.stages.score import list_scores, read_scores
+from filterx.io.scores import list_scores, read_scores
 
 TOP_CLASSES = 10
 CONFIGS = "configs"  # saved command options, see the module doc

@@ -33,7 +33,7 @@ import filterx
 from filterx.io import atomic
 from filterx.io.dataset import Dataset
 from filterx.core.faults import crash_point
-from filterx.stages.score import list_scores, read_scores
+from filterx.io.scores import list_scores, read_scores
 from filterx.io.dataset import ClassInfo
 from filterx.stages.select import rank_ids, select_ids
 

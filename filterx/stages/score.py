@@ -18,7 +18,6 @@ target dataset, NaN on its validation split.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -32,13 +31,13 @@ import numpy as np
 import filterx
 from filterx.io import atomic
 from filterx.io.dataset import Dataset
+from filterx.io.scores import ensure_scores_root, list_scores, read_scores, work_path, write_scores, write_table  # noqa: F401
 from filterx.core.faults import crash_point
 from filterx.scorers import ScoreInputs, check_params, get_scorer, resolved_params, run_scorer
 
 log = logging.getLogger(__name__)
 
 CANDIDATES = ("source", "target-train")
-WORK_PREFIX = ".work-"  # scores.zarr/.work-<name>: a resumable run's work (filterx.scorers.lastblock)
 _EMB_INPUTS = {"source_emb", "target_emb", "target_val_emb", "head_weight", "head_bias"}
 _TARGET_INPUTS = {"target_emb", "target_labels", "target_val_emb", "target_val_labels"}
 
@@ -233,7 +232,7 @@ def _last_block(cfg: ScoreConfig, params: dict, curvature: str, source: Dataset,
     batch_size = min(cfg.batch_size, 64)
     work = work_key = None
     if cfg.candidates == "source":
-        _scores_root(source)  # before the work store inside it: creating the root replaces the folder
+        ensure_scores_root(source)  # before the work store inside it: creating the root replaces the folder
         work = work_path(source, cfg.name or cfg.method)
         work_key = _work_key(cfg, params, curvature, options, source, target, enc.tag, train_ids, val_ids,
                              device, batch_size)
@@ -271,12 +270,6 @@ def _work_key(cfg: ScoreConfig, params: dict, curvature: str, options, source: D
     })
 
 
-def work_path(ds: Dataset, name: str) -> Path:
-    """Where a resumable ``score`` keeps its work toward ``scores.zarr/<name>`` (hidden from list_scores)."""
-    _check_name(name)
-    return ds.scores_path / f"{WORK_PREFIX}{name}"
-
-
 def _encoder_name(encoder) -> str:
     """What the score attrs call the encoder: a file's absolute path, or a backbone spec as given."""
     from filterx.models.backbones import looks_like_spec
@@ -308,71 +301,3 @@ def _target_split(target: Dataset, info: dict) -> tuple[np.ndarray, np.ndarray]:
 
 def _jsonable(obj):
     return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
-
-
-def write_scores(ds: Dataset, name: str, scores: np.ndarray, attrs: dict) -> Path:
-    """Store (N,) float32 ``scores`` as ``scores.zarr/<name>`` atomically (replacing an old one)."""
-    import zarr
-
-    _check_name(name)
-    root = _scores_root(ds)
-    atomic.clean_stale_tmp(root)
-    out = root / name
-    with atomic.atomic_path(out) as tmp:
-        arr = zarr.create_array(tmp, shape=scores.shape, dtype="float32", chunks=(max(1, min(len(scores), 1 << 20)),),
-                                fill_value=np.nan)
-        arr[:] = scores
-        arr.attrs.update(attrs)
-    return out
-
-
-def _check_name(name: str) -> None:
-    if not name or "/" in name or name.startswith("."):
-        raise ValueError(f"invalid score name {name!r}: a non-empty name without '/' that does not start with '.'")
-
-
-def _scores_root(ds: Dataset) -> Path:
-    """``scores.zarr``, created (atomically) if missing."""
-    import zarr
-
-    root = ds.scores_path
-    if not (root / "zarr.json").is_file():
-        with atomic.atomic_path(root) as tmp:
-            zarr.open_group(tmp, mode="w").attrs["filterx_scores"] = 1
-    return root
-
-
-def list_scores(ds: Dataset) -> list[str]:
-    """Names of the score arrays stored with ``ds`` (not work stores or temporaries: hidden names)."""
-    root = ds.scores_path
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir()
-                  if (p / "zarr.json").is_file() and not p.name.startswith(".") and atomic.TMP_MARK not in p.name)
-
-
-def read_scores(ds: Dataset, name: str) -> tuple[np.ndarray, dict]:
-    """((N,) float32 scores, attrs) of ``scores.zarr/<name>``; errors list the stored names."""
-    import zarr
-
-    if name not in list_scores(ds):
-        have = ", ".join(list_scores(ds)) or "none yet"
-        raise ValueError(f"{ds.root} has no scores named {name!r} (stored: {have}); "
-                         f"run: filterx score --method {name} --source {ds.root} ...")
-    arr = zarr.open_array(ds.scores_path / name, mode="r")
-    scores = np.asarray(arr[:], dtype=np.float32)
-    if scores.shape != (ds.num_samples,):
-        raise ValueError(f"scores {name!r} have {scores.shape[0]} rows but {ds.root} has {ds.num_samples} samples")
-    return scores, dict(arr.attrs)
-
-
-def write_table(path: Path, rows: list[dict]) -> None:
-    """Write row dicts as CSV atomically (columns in first-seen order)."""
-    cols: list[str] = []
-    for r in rows:
-        cols.extend(k for k in r if k not in cols)
-    with atomic.atomic_path(path) as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=cols)
-            w.writeheader()
-            w.writerows(rows)

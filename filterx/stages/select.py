@@ -33,7 +33,7 @@ import numpy as np
 
 from filterx.io import atomic, manifest
 from filterx.io.dataset import Dataset
-from filterx.stages.score import read_scores
+from filterx.io.scores import read_scores
 
 log = logging.getLogger(__name__)
 
