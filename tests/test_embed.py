@@ -228,7 +228,7 @@ def test_a_damaged_jpeg_is_skipped_reported_and_scores_nan(backend, sample_dirs,
     import shutil
 
     from filterx.stages.embed import read_bad_samples
-    from filterx.decode.loader import dali_available
+    from filterx.decode.dali_backend import dali_available
 
     if backend == "dali" and not dali_available():
         pytest.skip("needs nvidia-dali")

@@ -4,9 +4,9 @@ import torch
 
 from filterx.io.dataset import Dataset
 from filterx.decode.loader import (
-    LoaderConfig, center_offset, dali_shard_range, load_batches, rank_batch_sizes, rank_share, samples_per_rank,
-    worker_positions,
+    LoaderConfig, dali_shard_range, load_batches, rank_batch_sizes, rank_share, samples_per_rank, worker_positions,
 )
+from filterx.decode.torch_backend import center_offset
 
 BACKENDS = ("dali", "torchvision", "pil")
 
@@ -207,19 +207,19 @@ def test_global_batch_is_the_same_images_when_loaded(dataset_dir):
 
 @pytest.mark.parametrize("backend", ("pil", "torchvision"))
 def test_ranks_draw_their_own_crops_and_flips(dataset_dir, backend, monkeypatch):
-    from filterx.decode import loader
+    from filterx.decode import loader, torch_backend
 
     tars = Dataset.open(dataset_dir).tar_paths()
     refs = loader.sample_refs(tars)
     positions = np.arange(len(refs))  # the same samples in the same order on both ranks
     cfg = LoaderConfig(resolution=16, backend=backend, batch_size=8, train=True, seed=3)
     boxes: list = []
-    real_box = loader._random_crop_box
-    monkeypatch.setattr(loader, "_random_crop_box", lambda *a: boxes.append(real_box(*a)) or boxes[-1])
+    real_box = torch_backend._random_crop_box
+    monkeypatch.setattr(torch_backend, "_random_crop_box", lambda *a: boxes.append(real_box(*a)) or boxes[-1])
 
     def draws(rank):
         boxes.clear()
-        stream = loader._SampleStream(tars, refs, positions, cfg, backend, False, rank)
+        stream = torch_backend._SampleStream(tars, refs, positions, cfg, backend, False, rank)
         images = {sid: img for sid, img, _, err in stream if not err}
         return list(boxes), images
 
@@ -233,7 +233,7 @@ def test_ranks_draw_their_own_crops_and_flips(dataset_dir, backend, monkeypatch)
 
 def test_dali_ranks_have_their_own_seeds(dataset_dir):
     pytest.importorskip("nvidia.dali")
-    from filterx.decode.loader import _dali_pipeline
+    from filterx.decode.dali_backend import _dali_pipeline
 
     tars = Dataset.open(dataset_dir).tar_paths()
     cfg = LoaderConfig(resolution=16, backend="dali", batch_size=4, workers=1, train=True, seed=3)

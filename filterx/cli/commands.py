@@ -21,8 +21,8 @@ import click
 
 from filterx.cli.common import (
     BACKBONE, BACKEND_HELP, DEVICE_HELP, ENCODER, EXISTING_DIR, EXISTING_FILE, TRAINING_DEFAULTS, DefaultOption,
-    ListedOption, RegistryChoice, beside, common, finish, finish_rank0, in_dataset, inside, model_names, plain_json,
-    runtime_options, scorer_names, setup,
+    ListedOption, RegistryChoice, backend_names, beside, common, finish, finish_rank0, in_dataset, inside,
+    model_names, plain_json, runtime_options, scorer_names, setup,
 )
 
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
@@ -446,7 +446,7 @@ def training_options(command: str):
             click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
                          help=DEVICE_HELP),
             click.option("--backend", default="auto", show_default=True,
-                         type=click.Choice(["auto", "dali", "torchvision", "pil"]), help=BACKEND_HELP),
+                         type=RegistryChoice("backend", backend_names), help=BACKEND_HELP),
             click.option("--workers", type=click.IntRange(0), cls=DefaultOption, show_default="min(4, cores)",
                          help="Decode worker processes/threads; default: the cores available, at most 4."),
         ]):

@@ -262,10 +262,16 @@ def runtime_options(fn=None, *, batch_size: int = 128):
     fn = click.option("--batch-size", default=batch_size, show_default=True, type=click.IntRange(1),
                       help="Images per batch.")(fn)
     fn = click.option("--backend", default="auto", show_default=True,
-                      type=click.Choice(["auto", "dali", "torchvision", "pil"]), help=BACKEND_HELP)(fn)
+                      type=RegistryChoice("backend", backend_names), help=BACKEND_HELP)(fn)
     fn = click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
                       help=DEVICE_HELP)(fn)
     return fn
+
+
+def backend_names() -> list[str]:
+    from filterx.decode.backends import list_backends
+
+    return list_backends()
 
 
 class RegistryChoice(click.ParamType):
