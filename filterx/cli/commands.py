@@ -21,8 +21,8 @@ import click
 
 from filterx.cli.common import (
     BACKBONE, BACKEND_HELP, DEVICE_HELP, ENCODER, EXISTING_DIR, EXISTING_FILE, TRAINING_DEFAULTS, DefaultOption,
-    ListedOption, RegistryChoice, backend_names, beside, common, finish, finish_rank0, in_dataset, inside,
-    model_names, plain_json, runtime_options, scorer_names, setup,
+    ListedOption, RegistryChoice, backend_names, beside, common, finish, finish_rank0, format_names, in_dataset,
+    inside, model_names, plain_json, runtime_options, scorer_names, setup,
 )
 
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
@@ -362,7 +362,7 @@ def score(method, source, target, encoder, name, candidates, seed, device, backe
 @click.option("--threshold", type=float, help="Keep every sample scoring >= this (a number, not nan).")
 @click.option("--per-class-cap", type=click.IntRange(1),
               help="At most this many samples of one class; unlabelled samples (label -1) are not capped.")
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "npy", "txt", "wds"]),
+@click.option("--format", "fmt", type=RegistryChoice("format", format_names),
               help="Manifest format; default: from the output's suffix, none = wds.")
 @click.option("--txt-field", default="key", show_default=True, type=click.Choice(["key", "path"]),
               help="txt format: write sample keys or original paths.")

@@ -274,6 +274,12 @@ def backend_names() -> list[str]:
     return list_backends()
 
 
+def format_names() -> list[str]:
+    from filterx.io.manifest import list_formats
+
+    return list_formats()
+
+
 class RegistryChoice(click.ParamType):
     """A choice among the names of a registry, read only when needed (the model registry imports
     torch, which would slow down every command's start and --help); the error lists them all."""

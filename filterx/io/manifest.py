@@ -25,6 +25,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -33,7 +34,6 @@ from filterx.io.dataset import SHARDS, Dataset, shard_name
 from filterx.core.faults import crash_point
 
 MANIFEST_FORMAT = 1
-FORMATS = ("jsonl", "npy", "txt", "wds")
 WDS_MANIFEST = "manifest.jsonl"
 PARTIAL = ".partial"  # suffix of a wds manifest being written
 
@@ -98,30 +98,77 @@ def _jsonl_text(header: dict, rows) -> str:
     return "\n".join(lines) + "\n"
 
 
+@dataclass(frozen=True)
+class ManifestFormat:
+    """One way to write a selection. ``write(path, ds, ranked, scores, header, **options)``;
+    ``read(path) -> Manifest``; ``suffix``: the file name ending that names the format (None for
+    a directory format, told apart by ``is_mine(path)``)."""
+
+    name: str
+    write: Callable
+    read: Callable[[Path], "Manifest"]
+    suffix: str | None = None
+    is_mine: Callable[[Path], bool] | None = None
+
+
+_FORMATS: dict[str, ManifestFormat] = {}
+
+
+def register_format(name: str, *, write: Callable, read: Callable, suffix: str | None = None,
+                    is_mine: Callable[[Path], bool] | None = None) -> ManifestFormat:
+    """Register a manifest format: ``select --format NAME`` writes it, ``read_manifest`` reads it."""
+    if (suffix is None) == (is_mine is None):
+        raise ValueError(f"format {name!r}: give a file suffix, or is_mine() for a directory format")
+    fmt = ManifestFormat(name, write, read, suffix, is_mine)
+    _FORMATS[name] = fmt
+    return fmt
+
+
+def list_formats() -> list[str]:
+    return list(_FORMATS)
+
+
+def get_format(name: str) -> ManifestFormat:
+    if name not in _FORMATS:
+        raise ValueError(f"unknown manifest format {name!r}; valid: {', '.join(_FORMATS)}")
+    return _FORMATS[name]
+
+
+def format_of(path: Path) -> str | None:
+    """The format a path names: a registered suffix, or a directory one of them claims."""
+    for f in _FORMATS.values():
+        if f.suffix is not None and path.suffix == f.suffix:
+            return f.name
+    return None
+
+
 def write_manifest(path: str | Path, fmt: str, ds: Dataset, ranked: np.ndarray, scores: np.ndarray,
-                   header: dict, *, txt_field: str = "key", quiet: bool = True) -> Path:
-    """Write a selection (ids in rank order with their scores) as ``fmt``; atomic."""
+                   header: dict, **options) -> Path:
+    """Write a selection (ids in rank order with their scores) as ``fmt``; atomic. ``options``
+    go to the format's writer (txt: ``txt_field``; wds: ``quiet``)."""
     path = Path(path)
-    ranked = np.asarray(ranked, dtype=np.int64)
-    if fmt == "jsonl":
-        atomic.write_text(path, _jsonl_text(header, _rows(ds, ranked, scores)))
-    elif fmt == "npy":
-        # the header first: the selection itself appears last, when it is complete and described
-        atomic.write_text(_sidecar(path), json.dumps(header, sort_keys=True, indent=1))
-        with atomic.atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, np.sort(ranked))
-    elif fmt == "txt":
-        if txt_field not in ("key", "path"):
-            raise ValueError(f"unknown txt field {txt_field!r}; valid: key, path")
-        values = (ds.keys if txt_field == "key" else ds.paths)[ranked]
-        atomic.write_text(_sidecar(path), json.dumps({**header, "txt_field": txt_field}, sort_keys=True, indent=1))
-        atomic.write_text(path, "".join(f"{v}\n" for v in values))
-    elif fmt == "wds":
-        write_wds(path, ds, ranked, scores, header, quiet=quiet)
-    else:
-        raise ValueError(f"unknown manifest format {fmt!r}; valid: {', '.join(FORMATS)}")
+    get_format(fmt).write(path, ds, np.asarray(ranked, dtype=np.int64), scores, header, **options)
     return path
+
+
+def _write_jsonl(path: Path, ds: Dataset, ranked, scores, header: dict, **_) -> None:
+    atomic.write_text(path, _jsonl_text(header, _rows(ds, ranked, scores)))
+
+
+def _write_npy(path: Path, ds: Dataset, ranked, scores, header: dict, **_) -> None:
+    # the header first: the selection itself appears last, when it is complete and described
+    atomic.write_text(_sidecar(path), json.dumps(header, sort_keys=True, indent=1))
+    with atomic.atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, np.sort(ranked))
+
+
+def _write_txt(path: Path, ds: Dataset, ranked, scores, header: dict, *, txt_field: str = "key", **_) -> None:
+    if txt_field not in ("key", "path"):
+        raise ValueError(f"unknown txt field {txt_field!r}; valid: key, path")
+    values = (ds.keys if txt_field == "key" else ds.paths)[ranked]
+    atomic.write_text(_sidecar(path), json.dumps({**header, "txt_field": txt_field}, sort_keys=True, indent=1))
+    atomic.write_text(path, "".join(f"{v}\n" for v in values))
 
 
 def _sidecar(path: Path) -> Path:
@@ -183,38 +230,47 @@ def _copy_samples(ds: Dataset, ids: np.ndarray):
 
 
 def read_manifest(path: str | Path) -> Manifest:
-    """Load a manifest of any format (by its name: .jsonl, .npy, .txt, or a wds directory)."""
+    """Load a manifest of any registered format: a directory a format claims (wds), else by
+    its suffix (.npy, .txt), else jsonl."""
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"manifest {str(path)!r} does not exist")
     if path.is_dir():
-        jsonl = path / WDS_MANIFEST
-        if not jsonl.is_file():
-            raise ValueError(f"{path} is a directory but not a wds manifest (no {WDS_MANIFEST})")
-        m = _read_jsonl(jsonl)
-        tars = sorted((path / SHARDS).glob("*.tar"))
-        return Manifest(m.ids, m.ranked, m.scores, m.header, path, tars)
-    if path.suffix == ".npy":
-        ids = np.load(path, allow_pickle=False)
-        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"{path}: expected a 1-D integer array of sample ids, got {ids.dtype} {ids.shape}")
-        header = _read_sidecar(path)
-        ids = ids.astype(np.int64)
-        return Manifest(np.sort(ids), ids, None, header, path)
-    if path.suffix == ".txt":
-        header = _read_sidecar(path)
-        values = [v for v in path.read_text(encoding="utf-8").splitlines() if v]
-        if "dataset" not in header:
-            raise ValueError(f"{path}: a txt manifest needs its header {_sidecar(path).name} to map keys to ids")
-        ds = Dataset.open(header["dataset"])
-        field = header.get("txt_field", "key")
-        lookup = {str(v): i for i, v in enumerate(ds.keys if field == "key" else ds.paths)}
-        missing = [v for v in values if v not in lookup]
-        if missing:
-            raise ValueError(f"{path}: {len(missing)} entries are not in {ds.root}, e.g. {missing[0]!r}")
-        ranked = np.array([lookup[v] for v in values], dtype=np.int64)
-        return Manifest(np.sort(ranked), ranked, None, header, path)
-    return _read_jsonl(path)
+        for f in _FORMATS.values():
+            if f.is_mine is not None and f.is_mine(path):
+                return f.read(path)
+        raise ValueError(f"{path} is a directory but not a wds manifest (no {WDS_MANIFEST})")
+    return get_format(format_of(path) or "jsonl").read(path)
+
+
+def _read_wds(path: Path) -> Manifest:
+    m = _read_jsonl(path / WDS_MANIFEST)
+    tars = sorted((path / SHARDS).glob("*.tar"))
+    return Manifest(m.ids, m.ranked, m.scores, m.header, path, tars)
+
+
+def _read_npy(path: Path) -> Manifest:
+    ids = np.load(path, allow_pickle=False)
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{path}: expected a 1-D integer array of sample ids, got {ids.dtype} {ids.shape}")
+    header = _read_sidecar(path)
+    ids = ids.astype(np.int64)
+    return Manifest(np.sort(ids), ids, None, header, path)
+
+
+def _read_txt(path: Path) -> Manifest:
+    header = _read_sidecar(path)
+    values = [v for v in path.read_text(encoding="utf-8").splitlines() if v]
+    if "dataset" not in header:
+        raise ValueError(f"{path}: a txt manifest needs its header {_sidecar(path).name} to map keys to ids")
+    ds = Dataset.open(header["dataset"])
+    field = header.get("txt_field", "key")
+    lookup = {str(v): i for i, v in enumerate(ds.keys if field == "key" else ds.paths)}
+    missing = [v for v in values if v not in lookup]
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} entries are not in {ds.root}, e.g. {missing[0]!r}")
+    ranked = np.array([lookup[v] for v in values], dtype=np.int64)
+    return Manifest(np.sort(ranked), ranked, None, header, path)
 
 
 def _read_sidecar(path: Path) -> dict:
@@ -236,6 +292,13 @@ def _read_jsonl(path: Path) -> Manifest:
     ranked = np.array([r["id"] for r in rows], dtype=np.int64)
     scores = np.array([r.get("score", np.nan) for r in rows], dtype=np.float32)
     return Manifest(np.sort(ranked), ranked, scores, header, path)
+
+
+register_format("jsonl", write=_write_jsonl, read=_read_jsonl, suffix=".jsonl")
+register_format("npy", write=_write_npy, read=_read_npy, suffix=".npy")
+register_format("txt", write=_write_txt, read=_read_txt, suffix=".txt")
+register_format("wds", write=lambda path, ds, ranked, scores, header, quiet=True, **_: write_wds(
+    path, ds, ranked, scores, header, quiet=quiet), read=_read_wds, is_mine=lambda p: (p / WDS_MANIFEST).is_file())
 
 
 class ManifestDataset:

@@ -196,16 +196,17 @@ class SelectSummary:
 
 def infer_format(output: Path, fmt: str | None) -> str:
     if fmt is not None:
-        if fmt not in manifest.FORMATS:
-            raise ValueError(f"unknown format {fmt!r}; valid: {', '.join(manifest.FORMATS)}")
+        manifest.get_format(fmt)  # names the valid ones
         return fmt
-    suffix = output.suffix.lstrip(".")
-    if suffix in ("jsonl", "npy", "txt"):
-        return suffix
-    if suffix == "":
+    named = manifest.format_of(output)
+    if named:
+        return named
+    if output.suffix == "":
         return "wds"
-    raise ValueError(f"cannot tell the format of {output.name!r}; name it .jsonl, .npy or .txt, "
-                     f"a directory for wds, or pass --format ({', '.join(manifest.FORMATS)})")
+    suffixes = [f.suffix for f in map(manifest.get_format, manifest.list_formats()) if f.suffix]
+    files = ", ".join(suffixes[:-1]) + " or " + suffixes[-1] if len(suffixes) > 1 else "".join(suffixes)
+    raise ValueError(f"cannot tell the format of {output.name!r}; name it {files}, "
+                     f"a directory for wds, or pass --format ({', '.join(manifest.list_formats())})")
 
 
 def select(cfg: SelectConfig) -> SelectSummary:
