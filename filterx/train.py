@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 # Settings a resumed run may change without a ValueError (it warns that results will differ).
 # Paths may move between runs: the data's fingerprint and count (train_data) must not change.
+OBJECTIVES = ("supervised", "moco")
 SOFT_SETTINGS = ("epochs", "workers", "backend", "device", "save_every", "batch_size", "data", "val")
 
 
@@ -86,8 +87,17 @@ class PretrainConfig:
     resume: bool = False  # continue from out/checkpoint.pt
     save_every: int = 0  # also keep epoch_NNNN.pt every this many epochs
     quiet: bool = False
+    # objective "moco": MoCo v2 without labels (filterx.train_moco; its defaults: MOCO_DEFAULTS)
+    objective: str = "supervised"
+    moco_queue: int | None = None  # negatives; None: 65536, less for a small dataset
+    moco_momentum: float = 0.999  # key encoder EMA
+    moco_temperature: float = 0.2
+    moco_dim: int = 128  # projection output
+    moco_bn_group: int = 32  # images per BatchNorm group (shuffled BN)
 
     def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}; valid: {', '.join(OBJECTIVES)}")
         if self.arch not in list_models():
             raise ValueError(f"unknown arch {self.arch!r}; valid: {', '.join(list_models())}")
         if self.schedule not in SCHEDULES:
@@ -115,7 +125,12 @@ def default_lr(arch: str) -> float:
 
 def pretrain(cfg: PretrainConfig) -> TrainSummary:
     """Train ``cfg.arch`` from scratch on ``cfg.data``; see the module doc. Returns the summary
-    (per-epoch history: loss, train_top1, lr, img_s, val_top1/val_top5/val_loss when evaluating)."""
+    (per-epoch history: loss, train_top1, lr, img_s, val_top1/val_top5/val_loss when evaluating).
+    ``objective="moco"``: self-supervised, see :mod:`filterx.train_moco`."""
+    if cfg.objective == "moco":
+        from filterx.train_moco import pretrain_moco
+
+        return pretrain_moco(cfg)
     t0 = time.perf_counter()
     out = Path(cfg.out)
     data = resolve_training_data(cfg.data)
