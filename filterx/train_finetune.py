@@ -48,7 +48,7 @@ from filterx import atomic
 from filterx.faults import crash_point
 from filterx.loader import Batch, LoaderConfig, load_batches, resolve_backend
 from filterx.models import (
-    backbone_modules, build_model, feature_dim, features_and_logits, list_models, replace_head,
+    backbone_modules, build_model, feature_dim, features_and_logits, head_name, list_models, replace_head,
     split_backbone_head,
 )
 from filterx.runtime import seed_everything
@@ -267,7 +267,12 @@ def initial_model(cfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, str
         raise ValueError(f"init checkpoint {cfg.init} holds a {arch}, not the {cfg.arch} asked for")
     kwargs = {**init["model_kwargs"], **cfg.model_options}
     model = build_model(arch, init["num_classes"], **kwargs)
-    model.load_state_dict(init["state_dict"])
+    head = head_name(model)
+    missing, unexpected = model.load_state_dict(init["state_dict"], strict=False)
+    # a self-supervised backbone (pretrain --objective moco) comes without a head: the new one replaces it anyway
+    if unexpected or any(not k.startswith(head + ".") for k in missing):
+        raise ValueError(f"init checkpoint {cfg.init} does not fit a {arch}: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
     replace_head(model, num_classes)
     return model, arch, kwargs
 
