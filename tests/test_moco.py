@@ -237,3 +237,13 @@ def test_cli_train_encoder_moco_with_pool_gives_an_encoder_with_a_head(data, tmp
     assert "epochs: 1" in out.with_name("moco.pt.filterx.yaml").read_text()
     code, _, err = run("train-encoder", data["tgt"], tmp_path / "x.pt", "--with-pool", data["src"])
     assert code == 2 and "--objective moco" in one_line(err)
+
+
+@pytest.mark.slow
+def test_info_nce_falls_over_training(pool_images):
+    images, _ = pool_images
+    for seed in (0, 1):
+        _, _, losses = _train_small(images, seed, epochs=12)
+        # epoch 0 is left out: its queue still holds random vectors, easy negatives
+        first, last = np.mean(losses[1:3]), np.mean(losses[-2:])
+        assert last < first - 0.1, (seed, losses)
