@@ -165,11 +165,17 @@ def shard(src, out, shard_size, resize_short, workers, num_classes, quiet, verbo
               help="A pretrained backbone spec (torchvision:MODEL[:WEIGHTS][@FILE], timm:..., open_clip:...); "
                    "with --probe-only: a linear probe on its frozen features instead of a ResNet.")
 @click.option("--probe-only", is_flag=True, help="Train only a linear probe on --backbone's frozen features.")
+@click.option("--objective", default="supervised", show_default=True, type=click.Choice(["supervised", "moco"]),
+              help="moco: MoCo v2 on the target's images without labels (and --with-pool's), then a linear probe on "
+                   "the target labels as the head; --epochs then defaults to 200 and --lr to 0.03 (cosine), "
+                   "--weight-decay is the probe's.")
+@click.option("--with-pool", type=EXISTING_DIR, default=None, metavar="DATASET",
+              help="--objective moco: the pool's images join the contrastive training (a large pool for a small target).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the split, initialisation and augmentation.")
 @runtime_options(batch_size=64)
 @common
-def train_encoder(target, out, arch, resolution, epochs, lr, weight_decay, val_fraction, backbone, probe_only, seed,
-                  device, backend, batch_size, workers, quiet, verbose, as_json):
+def train_encoder(target, out, arch, resolution, epochs, lr, weight_decay, val_fraction, backbone, probe_only,
+                  objective, with_pool, seed, device, backend, batch_size, workers, quiet, verbose, as_json):
     """Train a ResNet on the TARGET dataset dir only (or, with --backbone SPEC --probe-only, a
     linear probe on a frozen pretrained backbone); save it to the file OUT.
 
@@ -185,8 +191,13 @@ def train_encoder(target, out, arch, resolution, epochs, lr, weight_decay, val_f
       filterx train-encoder ws/target ws/encoder.pt --resolution 112
       filterx train-encoder ws/target ws/probe.pt --probe-only \\
           --backbone torchvision:resnet50:IMAGENET1K_V2
+      filterx train-encoder ws/target ws/moco.pt --objective moco \\
+          --with-pool ws/source
     """
     setup(quiet, verbose)
+    if objective == "moco" or with_pool is not None:
+        _train_moco_encoder(locals())
+        return
     if probe_only or backbone is not None:
         ctx = click.get_current_context()
         if backbone is None:
@@ -211,6 +222,25 @@ def train_encoder(target, out, arch, resolution, epochs, lr, weight_decay, val_f
                         val_fraction=val_fraction, backend=backend, device=device, workers=workers, seed=seed,
                         quiet=quiet)
     finish(run(cfg), as_json, beside(out))
+
+
+def _train_moco_encoder(opts: dict) -> None:
+    """train-encoder --objective moco: its option checks and defaults (MoCo v2's 200 epochs, lr 0.03)."""
+    from filterx.stages.moco_encoder import MocoEncoderConfig, train_moco_encoder
+
+    if opts["objective"] != "moco":
+        raise click.UsageError("--with-pool joins the pool to contrastive training; add --objective moco")
+    if opts["probe_only"] or opts["backbone"] is not None:
+        raise click.UsageError("--objective moco trains its own backbone; it takes no --backbone / --probe-only")
+    ctx = click.get_current_context()
+    for name, value in (("epochs", 200), ("lr", 0.03)):
+        if ctx.get_parameter_source(name) is click.core.ParameterSource.DEFAULT:
+            ctx.params[name] = opts[name] = value
+    cfg = MocoEncoderConfig(opts["target"], opts["out"], opts["arch"], int(opts["resolution"]), opts["epochs"],
+                            opts["batch_size"], opts["lr"], weight_decay=opts["weight_decay"],
+                            val_fraction=opts["val_fraction"], with_pool=opts["with_pool"], backend=opts["backend"],
+                            device=opts["device"], workers=opts["workers"], seed=opts["seed"], quiet=opts["quiet"])
+    finish(train_moco_encoder(cfg), opts["as_json"], beside(opts["out"]))
 
 
 @main.command(short_help="Encoder features of every sample of a dataset dir.")
@@ -469,10 +499,20 @@ def _given(**kwargs) -> dict:
 @click.option("--val", type=click.Path(exists=True, path_type=Path), help="Dataset dir or manifest to evaluate on.")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), cls=DefaultOption,
               show_default=str(TRAINING_DEFAULTS["pretrain"]["val_fraction"]), help=_TRAINING_HELP["pretrain"]["val_fraction"])
+@click.option("--objective", default="supervised", show_default=True, type=click.Choice(["supervised", "moco"]),
+              help="moco: MoCo v2 without labels; unset options then take its recipe: 200 epochs, lr 0.03 per 256, "
+                   "cosine, weight decay 1e-4.")
+@click.option("--moco-queue", type=click.IntRange(1), default=None, show_default="65536, less for a small dataset",
+              help="moco: negatives in the queue (largest power of two up to half the images when under 131072).")
+@click.option("--moco-momentum", default=0.999, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="moco: key encoder momentum (moving average).")
+@click.option("--moco-temperature", default=0.2, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="moco: InfoNCE temperature.")
 @training_options("pretrain")
 @common
-def pretrain(data, out, arch, val, val_fraction, resolution, epochs, batch_size, lr, weight_decay, schedule,
-             lr_step_epochs, resume, seed, device, backend, workers, quiet, verbose, as_json):
+def pretrain(data, out, arch, val, val_fraction, objective, moco_queue, moco_momentum, moco_temperature, resolution,
+             epochs, batch_size, lr, weight_decay, schedule, lr_step_epochs, resume, seed, device, backend, workers,
+             quiet, verbose, as_json):
     """Pre-train a model on DATA: a manifest (any format) or a whole dataset dir.
 
     Defaults follow the literature: SGD momentum 0.9, lr 0.1 per 256 images for ResNets (0.01
@@ -481,21 +521,39 @@ def pretrain(data, out, arch, val, val_fraction, resolution, epochs, batch_size,
     metrics.jsonl (per-epoch loss, top-1, lr, img/s) and the final model.pt. Under torchrun
     it trains with DDP.
 
+    --objective moco (labels unread): MoCo v2 (Chen et al. 2020): momentum key encoder
+    (0.999), a queue of 65536 negatives, InfoNCE at temperature 0.2, an MLP projection head
+    (2048-2048-128 for resnet50), two crops with RandomResizedCrop(0.2-1), colour jitter
+    0.4/0.4/0.4/0.1 (p 0.8), grayscale (p 0.2), Gaussian blur (p 0.5) and flips; SGD lr 0.03
+    per 256, weight decay 1e-4, cosine, 200 epochs. Under torchrun: shuffled BatchNorm and
+    the keys of every rank in the queue. OUT also gets model_torchvision.pth (the backbone
+    as a plain torchvision state dict, no fc); finetune --init OUT/model.pt takes it.
+
     \b
     Saves its options to: OUT/filterx-pretrain.yaml
 
     \b
     Examples:
       filterx pretrain subset.jsonl ws/pre --arch resnet50 --resolution 112
+      filterx pretrain subset.jsonl ws/moco --objective moco --arch resnet50
       torchrun --nproc_per_node 8 -m filterx pretrain ws/subset ws/pre
     """
     from filterx.train.pretrain import PretrainConfig, pretrain as run
 
     setup(quiet, verbose)
+    given = _given(workers=workers, val_fraction=val_fraction, epochs=epochs, batch_size=batch_size, lr=lr,
+                   weight_decay=weight_decay, schedule=schedule, lr_step_epochs=lr_step_epochs)
+    if objective == "moco":
+        from filterx.train.moco_pretrain import MOCO_DEFAULTS
+
+        ctx = click.get_current_context()
+        for key, value in MOCO_DEFAULTS.items():  # what the run takes is what its options file says
+            if ctx.params.get(key) is None:
+                ctx.params[key] = value
+        given = {**MOCO_DEFAULTS, **given}
     cfg = PretrainConfig(data, out, arch=arch, resolution=resolution, seed=seed, device=device, backend=backend,
-                         resume=resume, val=val, quiet=quiet,
-                         **_given(workers=workers, val_fraction=val_fraction, epochs=epochs, batch_size=batch_size,
-                                  lr=lr, weight_decay=weight_decay, schedule=schedule, lr_step_epochs=lr_step_epochs))
+                         resume=resume, val=val, quiet=quiet, objective=objective, moco_queue=moco_queue,
+                         moco_momentum=moco_momentum, moco_temperature=moco_temperature, **given)
     finish_rank0(run(cfg), as_json, inside(out, "pretrain"))
 
 

@@ -8,6 +8,7 @@ the same code runs under ``torchrun`` and without it.
 
     total = all_reduce_sum(torch.stack([loss_sum, count]))   # same device as the input
     parts = all_gather_object(my_ids)                       # a list, one entry per rank
+    keys = all_gather_cat(my_keys)                          # (B x ranks, d), rank order
     barrier()
 """
 
@@ -44,6 +45,17 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     buf = move(t, group_device())
     dist.all_reduce(buf, op=dist.ReduceOp.SUM)
     return move(buf, t.device)
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``t`` concatenated along dim 0 in rank order, on ``t``'s device (``t``
+    itself for one process). Every rank must give the same shape and dtype; no gradient."""
+    if not is_distributed():
+        return t
+    buf = move(t, group_device()).contiguous()
+    parts = [torch.empty_like(buf) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, buf)
+    return move(torch.cat(parts), t.device)
 
 
 def all_gather_object(obj) -> list:

@@ -38,7 +38,7 @@ import filterx
 from filterx.io import atomic
 from filterx.core import collectives
 from filterx.core.faults import crash_point
-from filterx.decode.loader import LoaderConfig, load_batches
+from filterx.decode.loader import LoaderConfig, load_batches, samples_per_rank
 from filterx.core.progress import progress
 from filterx.core.runtime import init_distributed, load_marked_dict, resolve_device
 from filterx.train.data import TrainingData
@@ -435,3 +435,12 @@ class TrainSummary:
                 parts.append(f"test_top1 {f['test_top1']:.1%} (last epoch)")
         parts.append(f"saved to {self.model} (checkpoint.pt and metrics.jsonl beside it)")
         return "; ".join(parts)
+
+
+# Settings of a pre-training run that --resume may change (the rest must match the checkpoint).
+PRETRAIN_SOFT_SETTINGS = ("epochs", "workers", "backend", "device", "save_every", "batch_size", "data", "val")
+
+
+def epoch_images(count: int, world_size: int) -> int:
+    """Images an epoch feeds over all ranks (for the progress bar; padding included)."""
+    return samples_per_rank(count, world_size) * world_size

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from filterx.models.archs import StageLayout, backbone_modules, model_stages
+from filterx.models.archs import StageLayout, backbone_modules, head_name, model_stages
 
 
 def stage_index(layout: StageLayout, name: str) -> int | None:
@@ -88,16 +88,19 @@ def load_stages(model: nn.Module, arch: str, state_dict: dict[str, torch.Tensor]
                 init_blocks: int | None) -> list[str]:
     """Copy the stem and the first ``init_blocks`` stages of ``state_dict`` into ``model`` (a
     fresh ``arch``), everything when None; the rest keeps its fresh values. Returns the keys
-    copied. The state dict must hold exactly the model's keys."""
-    if init_blocks is None:
-        model.load_state_dict(state_dict)
-        return sorted(state_dict)
-    layout = check_blocks(arch, init_blocks, None, has_init=True)
+    copied. The state dict must hold exactly the model's keys, or all but the head's (a
+    self-supervised backbone, ``pretrain --objective moco``: the new head replaces it anyway)."""
+    head = head_name(model) + "."
     own = set(model.state_dict())
-    missing, unexpected = sorted(own - set(state_dict)), sorted(set(state_dict) - own)
+    missing = sorted(k for k in own - set(state_dict) if not k.startswith(head))
+    unexpected = sorted(set(state_dict) - own)
     if missing or unexpected:
         raise ValueError(f"the init checkpoint does not match a {arch}: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
+    if init_blocks is None:
+        model.load_state_dict(state_dict, strict=False)
+        return sorted(state_dict)
+    layout = check_blocks(arch, init_blocks, None, has_init=True)
     keep = {k: v for k, v in state_dict.items() if stage_index(layout, k) <= init_blocks}
     model.load_state_dict(keep, strict=False)
     return sorted(keep)

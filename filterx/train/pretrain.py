@@ -42,9 +42,9 @@ from filterx.decode.loader import LoaderConfig, load_batches, resolve_backend, s
 from filterx.models.archs import build_model, list_models
 from filterx.core.runtime import seed_everything
 from filterx.train.common import (
-    CHECKPOINT, CHECKPOINT_FORMAT, SCHEDULES, Run, Runtime, Schedule, TrainSummary, resume_from,
-    config_dict, default_workers, evaluate, finish, fit, prepare_model, setup_runtime,
-    supervised_step, teardown_runtime, to_input, topk_correct, wrap_ddp,
+    CHECKPOINT, CHECKPOINT_FORMAT, PRETRAIN_SOFT_SETTINGS as SOFT_SETTINGS, SCHEDULES, Run, Runtime, Schedule,
+    TrainSummary, resume_from, config_dict, default_workers, epoch_images, evaluate, finish, fit, prepare_model,
+    setup_runtime, supervised_step, teardown_runtime, to_input, topk_correct, wrap_ddp,
 )
 from filterx.train.data import (  # noqa: F401  (resolve_training_data: re-exported for callers)
     TrainingData, batches_per_epoch, held_out_split, resolve_training_data, usable_batches,
@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 # Settings a resumed run may change without a ValueError (it warns that results will differ).
 # Paths may move between runs: the data's fingerprint and count (train_data) must not change.
-SOFT_SETTINGS = ("epochs", "workers", "backend", "device", "save_every", "batch_size", "data", "val")
+OBJECTIVES = ("supervised", "moco")
 
 
 @dataclass(frozen=True)
@@ -86,8 +86,17 @@ class PretrainConfig:
     resume: bool = False  # continue from out/checkpoint.pt
     save_every: int = 0  # also keep epoch_NNNN.pt every this many epochs
     quiet: bool = False
+    # objective "moco": MoCo v2 without labels (filterx.train.moco_pretrain; its defaults: MOCO_DEFAULTS)
+    objective: str = "supervised"
+    moco_queue: int | None = None  # negatives; None: 65536, less for a small dataset
+    moco_momentum: float = 0.999  # key encoder EMA
+    moco_temperature: float = 0.2
+    moco_dim: int = 128  # projection output
+    moco_bn_group: int = 32  # images per BatchNorm group (shuffled BN)
 
     def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}; valid: {', '.join(OBJECTIVES)}")
         if self.arch not in list_models():
             raise ValueError(f"unknown arch {self.arch!r}; valid: {', '.join(list_models())}")
         if self.schedule not in SCHEDULES:
@@ -115,7 +124,12 @@ def default_lr(arch: str) -> float:
 
 def pretrain(cfg: PretrainConfig) -> TrainSummary:
     """Train ``cfg.arch`` from scratch on ``cfg.data``; see the module doc. Returns the summary
-    (per-epoch history: loss, train_top1, lr, img_s, val_top1/val_top5/val_loss when evaluating)."""
+    (per-epoch history: loss, train_top1, lr, img_s, val_top1/val_top5/val_loss when evaluating).
+    ``objective="moco"``: self-supervised, see :mod:`filterx.train.moco_pretrain`."""
+    if cfg.objective == "moco":
+        from filterx.train.moco_pretrain import pretrain_moco
+
+        return pretrain_moco(cfg)
     t0 = time.perf_counter()
     out = Path(cfg.out)
     data = resolve_training_data(cfg.data)
@@ -218,6 +232,3 @@ def _pretrain(cfg: PretrainConfig, rt: Runtime, out: Path, train: TrainingData, 
                         time.perf_counter() - t0, list(run.history))
 
 
-def epoch_images(count: int, world_size: int) -> int:
-    """Images an epoch feeds over all ranks (for the progress bar; padding included)."""
-    return samples_per_rank(count, world_size) * world_size

@@ -1,0 +1,205 @@
+"""The MoCo-v2 two-crop augmentation, batched on the training device and seeded.
+
+Chen et al. 2020 ("Improved baselines with momentum contrastive learning"), per view:
+
+    RandomResizedCrop(R, scale=(0.2, 1.0))          aspect ratio 3/4 - 4/3
+    RandomApply(ColorJitter(0.4, 0.4, 0.4, 0.1), p=0.8)   the four in a random order
+    RandomGrayscale(p=0.2)
+    RandomApply(GaussianBlur(sigma in [0.1, 2.0]), p=0.5)
+    RandomHorizontalFlip()
+    Normalize(ImageNet mean, std)
+
+Here it runs on whole batches of float images in [0, 1] (B, 3, S, S) already on the device
+(the loader's resize + center crop of the full short side, S = R / 0.875), with every random
+draw taken from a ``torch.Generator`` on the CPU, so a batch's views are a function of that
+generator's seed alone (what exact resumption needs). Differences from the torchvision
+pipeline: the crop is resampled bilinearly with ``grid_sample`` (no antialiasing; the crop is
+shrunk by at most S / R = 1.14), the flip is folded into the crop, and the blur's sigma is
+given for 224 px and scaled with R (sigma 0.1-2.0 px at 224, 0.05-1.0 at 112).
+
+    gen = torch.Generator().manual_seed(step_seed)
+    q, k = two_crops(images01, 112, gen)      # (B, 3, 112, 112) each, normalised
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from filterx.decode.loader import IMAGENET_MEAN, IMAGENET_STD
+
+_GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+
+
+@dataclass(frozen=True)
+class MocoAugment:
+    """The MoCo-v2 recipe's parameters (the defaults are the paper's)."""
+
+    scale: tuple[float, float] = (0.2, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # at 224 px, scaled with the output size
+    blur_p: float = 0.5
+    flip_p: float = 0.5
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+def crop_boxes(n: int, size: int, aug: MocoAugment, gen: torch.Generator) -> torch.Tensor:
+    """(n, 4) float boxes (x0, y0, w, h) in pixels of a square ``size`` image, drawn as
+    torchvision's RandomResizedCrop does: up to 10 tries of (area, log-aspect), the first that
+    fits, else the whole image."""
+    area = size * size
+    tries = 10
+    a = torch.empty(n, tries).uniform_(aug.scale[0], aug.scale[1], generator=gen) * area
+    logr = torch.empty(n, tries).uniform_(math.log(aug.ratio[0]), math.log(aug.ratio[1]), generator=gen)
+    w = torch.sqrt(a * torch.exp(logr)).round()
+    h = torch.sqrt(a / torch.exp(logr)).round()
+    fits = (w <= size) & (h <= size) & (w > 0) & (h > 0)
+    first = torch.where(fits.any(1), fits.float().argmax(1), torch.full((n,), -1))
+    rows = torch.arange(n)
+    w = torch.where(first >= 0, w[rows, first.clamp_min(0)], torch.full((n,), float(size)))
+    h = torch.where(first >= 0, h[rows, first.clamp_min(0)], torch.full((n,), float(size)))
+    u = torch.rand(n, 2, generator=gen)
+    x0 = torch.floor(u[:, 0] * (size - w + 1))
+    y0 = torch.floor(u[:, 1] * (size - h + 1))
+    return torch.stack([x0, y0, w, h], 1)
+
+
+def resized_crops(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, out: int) -> torch.Tensor:
+    """Bilinear crops ``boxes`` (n, 4: x0, y0, w, h in pixels) of ``images`` (n, 3, S, S)
+    resized to ``out`` x ``out``, mirrored where ``flips`` (n,) bool."""
+    n, _, s, _ = images.shape
+    b = boxes.to(images.device, images.dtype)
+    sx, sy = b[:, 2] / s, b[:, 3] / s
+    cx = (b[:, 0] + b[:, 2] / 2) / s * 2 - 1
+    cy = (b[:, 1] + b[:, 3] / 2) / s * 2 - 1
+    sign = 1.0 - 2.0 * flips.to(images.device, images.dtype)
+    theta = torch.zeros(n, 2, 3, dtype=images.dtype, device=images.device)
+    theta[:, 0, 0], theta[:, 0, 2] = sx * sign, cx
+    theta[:, 1, 1], theta[:, 1, 2] = sy, cy
+    grid = F.affine_grid(theta, [n, 3, out, out], align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """(n, 1, H, W) luma of (n, 3, H, W) RGB."""
+    w = torch.tensor(_GRAY, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x * w).sum(1, keepdim=True)
+
+
+def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(1)
+    maxc, _ = x.max(1)
+    minc, _ = x.min(1)
+    eqc = maxc == minc
+    cr = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = cr / torch.where(eqc, ones, maxc)
+    cr_div = torch.where(eqc, ones, cr)
+    rc, gc, bc = (maxc - r) / cr_div, (maxc - g) / cr_div, (maxc - b) / cr_div
+    hr = (maxc == r) * (bc - gc)
+    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
+    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
+    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
+    return torch.stack((h, s, maxc), 1)
+
+
+def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    h, s, v = x.unbind(1)
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.to(torch.int64) % 6
+    p = (v * (1.0 - s)).clamp(0.0, 1.0)
+    q = (v * (1.0 - s * f)).clamp(0.0, 1.0)
+    t = (v * (1.0 - s * (1.0 - f))).clamp(0.0, 1.0)
+    mask = i.unsqueeze(1) == torch.arange(6, device=i.device).view(1, -1, 1, 1)
+    a1 = torch.stack((v, q, p, p, t, v), 1)
+    a2 = torch.stack((t, v, v, q, p, p), 1)
+    a3 = torch.stack((p, p, t, v, v, q), 1)
+    a4 = torch.stack((a1, a2, a3), 1)  # (n, 3, 6, H, W)
+    return torch.einsum("nijk,nxijk->nxjk", mask.to(x.dtype), a4)
+
+
+def _jitter_op(x: torch.Tensor, op: int, f: torch.Tensor) -> torch.Tensor:
+    """One of torchvision's colour adjustments with a factor per image (n,)."""
+    f = f.to(x.device, x.dtype).view(-1, 1, 1, 1)
+    if op == 0:  # brightness: blend with black
+        return (x * f).clamp(0, 1)
+    if op == 1:  # contrast: blend with the image's mean luma
+        mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
+        return (f * x + (1 - f) * mean).clamp(0, 1)
+    if op == 2:  # saturation: blend with the luma
+        return (f * x + (1 - f) * grayscale(x)).clamp(0, 1)
+    hsv = _rgb_to_hsv(x)
+    hsv[:, 0] = torch.fmod(hsv[:, 0] + f.view(-1, 1, 1) + 1.0, 1.0)
+    return _hsv_to_rgb(hsv)
+
+
+def color_jitter(x: torch.Tensor, aug: MocoAugment, gen: torch.Generator) -> torch.Tensor:
+    """ColorJitter applied with probability ``jitter_p`` per image, its four adjustments in an
+    order drawn per image (as torchvision draws one per call)."""
+    n = x.shape[0]
+    apply = torch.rand(n, generator=gen) < aug.jitter_p
+    b, c, s, h = aug.jitter
+    factors = torch.stack([torch.empty(n).uniform_(1 - b, 1 + b, generator=gen),
+                           torch.empty(n).uniform_(1 - c, 1 + c, generator=gen),
+                           torch.empty(n).uniform_(1 - s, 1 + s, generator=gen),
+                           torch.empty(n).uniform_(-h, h, generator=gen)], 1)
+    order = torch.argsort(torch.rand(n, 4, generator=gen), dim=1)
+    x = x.clone()
+    for k in range(4):
+        for op in range(4):
+            rows = torch.nonzero(apply & (order[:, k] == op)).flatten()
+            if len(rows):
+                idx = rows.to(x.device)
+                x[idx] = _jitter_op(x[idx], op, factors[rows, op])
+    return x
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur of each image (n, 3, H, W) with its own ``sigma`` (n,) in
+    pixels; kernel radius ceil(3 max sigma), reflected borders."""
+    n, ch, hgt, wid = x.shape
+    radius = max(1, min(int(math.ceil(3 * float(sigma.max()))), min(hgt, wid) - 1))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-0.5 * (t.view(1, -1) / sigma.to(x.device, x.dtype).view(-1, 1)) ** 2)
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(ch, 0)  # (n*3, 2r+1)
+    y = F.pad(x.reshape(1, n * ch, hgt, wid), (radius, radius, radius, radius), mode="reflect")
+    y = F.conv2d(y, k.view(n * ch, 1, 1, -1), groups=n * ch)
+    y = F.conv2d(y, k.view(n * ch, 1, -1, 1), groups=n * ch)
+    return y.view(n, ch, hgt, wid)
+
+
+def moco_view(images: torch.Tensor, out: int, gen: torch.Generator, aug: MocoAugment = MocoAugment()) -> torch.Tensor:
+    """One augmented, normalised view (n, 3, out, out) of float images in [0, 1] (n, 3, S, S)."""
+    n, _, s, s2 = images.shape
+    if s != s2:
+        raise ValueError(f"moco_view takes square images, got {s}x{s2}")
+    boxes = crop_boxes(n, s, aug, gen)
+    flips = torch.rand(n, generator=gen) < aug.flip_p
+    x = resized_crops(images, boxes, flips, out)
+    x = color_jitter(x, aug, gen)
+    gray = torch.rand(n, generator=gen) < aug.gray_p
+    if gray.any():
+        idx = torch.nonzero(gray).flatten().to(x.device)
+        x[idx] = grayscale(x[idx]).expand(-1, 3, -1, -1)
+    blur = torch.rand(n, generator=gen) < aug.blur_p
+    sigma = torch.empty(n).uniform_(aug.blur_sigma[0], aug.blur_sigma[1], generator=gen) * (out / 224)
+    if blur.any():
+        idx = torch.nonzero(blur).flatten()
+        x[idx.to(x.device)] = gaussian_blur(x[idx.to(x.device)], sigma[idx])
+    mean = torch.tensor(aug.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(aug.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def two_crops(images: torch.Tensor, out: int, gen: torch.Generator,
+              aug: MocoAugment = MocoAugment()) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query view, key view) of the same images, independently augmented."""
+    return moco_view(images, out, gen, aug), moco_view(images, out, gen, aug)
