@@ -22,6 +22,11 @@ drawn per rank. Gradients are averaged by DDP, rank 0 logs and saves. On CUDA Ba
 (``sync_bn``); torch has no CPU SyncBatchNorm, so on the CPU each rank normalises with its own
 batch and only networks without BatchNorm (``alexnet_lrn``) match a one-process run exactly.
 
+Adversarially robust training (``adv_eps > 0``): every augmented batch is replaced by its PGD
+adversarial examples (:mod:`filterx.adversarial`: pixel space, model in eval mode for the
+attack, 2.5 eps / steps) before the step, and the held-out data is also scored under the same
+attack (``val_robust_top1``, ``val_robust_loss``).
+
 See :mod:`filterx.train_common` for the output files and how resumption stays exact, and
 :mod:`filterx.train_finetune` for fine-tuning and domain adaptation.
 """
