@@ -1,6 +1,6 @@
 """PGD adversarial training (Madry et al. 2018), as the robustness library implements it.
 
-    x_adv = pgd_attack(model, x, y, eps=3.0, norm="l2", steps=7, step_size=default_step_size(3.0, 7))
+    x_adv = pgd_attack(pixel_model, x, y, eps=3.0, norm="l2", steps=7, step_size=default_step_size(3.0, 7))
     attack = Attack(eps=3.0, norm="l2", steps=7)       # for the trainer: normalised images in and out
     x_adv_normalised = attack(model, batch.images, labels)
 
@@ -9,7 +9,7 @@ C x H x W values of an image, or L-infinity), so the epsilons of the literature 
 eps 1 and 3 at 224 px in the robust-transfer studies; L-inf 8/255 in Madry et al.'s CIFAR-10
 models). filterx's loaders hand out images already normalised with the ImageNet mean/std, so
 :class:`Attack` maps a batch back to pixels, attacks ``InputNormalize(model)`` there and
-normalises the result again; the model itself never sees pixels.
+normalises the result again, so the model is fed normalised images as in standard training.
 
 As in the robustness library (``AttackerModel.forward`` with ``make_adv=True``): the model is
 put in eval mode for the attack (BatchNorm uses its running statistics, dropout is off) and
@@ -37,8 +37,8 @@ STEP_RULE = 2.5  # step size = STEP_RULE * eps / steps
 
 
 def default_step_size(eps: float, steps: int) -> float:
-    """The robustness literature's PGD step size: 2.5 * eps / steps (so that the steps can walk
-    from one side of the ball to the other and back)."""
+    """The robustness literature's PGD step size: 2.5 * eps / steps (the steps together cover
+    2.5 eps, more than the ball's diameter, so the boundary is reachable from any start)."""
     return STEP_RULE * eps / steps
 
 

@@ -113,7 +113,9 @@ def test_perturbation_stays_in_the_ball_and_in_pixel_range(norm, eps):
     assert torch.equal(adv[-1], x[-1])
     assert all(p.grad is None for p in model.parameters())
     # the trainer's wrapper: normalised in and out, the ball measured in pixels
-    pix = Attack(eps, norm, 5)(model, normalise(x), y) * STD + MEAN
+    out = Attack(eps, norm, 5)(model, normalise(x).contiguous(memory_format=torch.channels_last), y)
+    assert out.is_contiguous(memory_format=torch.channels_last)  # CUDA training feeds channels_last
+    pix = out * STD + MEAN
     d = (pix - x).flatten(1)
     size = d.norm(dim=1) if norm == "l2" else d.abs().amax(dim=1)
     assert float(size.max()) <= eps * (1 + 1e-4) and float(pix.min()) >= -1e-6 and float(pix.max()) <= 1 + 1e-6
