@@ -227,18 +227,21 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Te
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: TrainingData, *, resolution: int, backend: str, batch_size: int,
-             workers: int, rt: Runtime, prefix: str = "val") -> dict:
+             workers: int, rt: Runtime, prefix: str = "val", attack: Callable | None = None) -> dict:
     """Top-1 (and top-5 with >= 5 classes) accuracy and mean loss of ``model`` over the
     labelled samples of ``data`` (center crops), each rank reading its share; exact under DDP
-    (the padding the loader adds to even out ranks is removed by sample id)."""
+    (the padding the loader adds to even out ranks is removed by sample id). With ``attack``
+    (``attack(model, x, y) -> x_adv``, e.g. :class:`filterx.train.adversarial.Attack`) also the
+    top-1 and loss on the attacked images (``{prefix}_robust_top1``, ``{prefix}_robust_loss``)."""
     was_training = model.training
     model.eval()
     cfg = LoaderConfig(resolution=resolution, backend=backend, device=rt.device, batch_size=batch_size,
                        workers=workers, train=False, shuffle=False)
-    ids, top1, top5, losses = [], [], [], []
+    ids, top1, top5, losses, robust_top1, robust_losses = [], [], [], [], [], []
     for b in load_batches(data.tars, cfg, rank=rt.rank, world_size=rt.world_size, ids=data.ids):
+        x = to_input(b.images, rt)
         with autocast(rt):
-            logits = model(to_input(b.images, rt)).float()
+            logits = model(x).float()
         y = b.labels.to(logits.device)
         keep = y >= 0
         logits, y = logits[keep], y[keep]
@@ -246,11 +249,18 @@ def evaluate(model: nn.Module, data: TrainingData, *, resolution: int, backend: 
         top1.append(topk_correct(logits, y, 1).cpu().numpy())
         top5.append(topk_correct(logits, y, 5).cpu().numpy())
         losses.append(F.cross_entropy(logits, y, reduction="none").cpu().numpy())
+        if attack is not None:
+            x_adv = attack(model, x[keep], y)  # grad-enabled inside; the model stays in eval mode
+            with autocast(rt):
+                adv_logits = model(x_adv).float()
+            robust_top1.append(topk_correct(adv_logits, y, 1).cpu().numpy())
+            robust_losses.append(F.cross_entropy(adv_logits, y, reduction="none").cpu().numpy())
     model.train(was_training)
-    parts = [np.concatenate(a) if a else np.zeros(0) for a in (ids, top1, top5, losses)]
+    parts = [np.concatenate(a) if a else np.zeros(0)
+             for a in (ids, top1, top5, losses, robust_top1, robust_losses)]
     if rt.world_size > 1:
         gathered = collectives.all_gather_object(parts)
-        parts = [np.concatenate([g[i] for g in gathered]) for i in range(4)]
+        parts = [np.concatenate([g[i] for g in gathered]) for i in range(len(parts))]
     ids_all, first = np.unique(parts[0].astype(np.int64), return_index=True)
     n = len(ids_all)
     out = {f"{prefix}_top1": float(parts[1][first].mean()) if n else float("nan"),
@@ -258,6 +268,9 @@ def evaluate(model: nn.Module, data: TrainingData, *, resolution: int, backend: 
            f"{prefix}_count": n}
     if data.num_classes >= 5:
         out[f"{prefix}_top5"] = float(parts[2][first].mean()) if n else float("nan")
+    if attack is not None:
+        out[f"{prefix}_robust_top1"] = float(parts[4][first].mean()) if n else float("nan")
+        out[f"{prefix}_robust_loss"] = float(parts[5][first].mean()) if n else float("nan")
     return out
 
 
@@ -426,6 +439,8 @@ class TrainSummary:
         best = self.best("val_top1")
         if best:
             parts.append(f"val_top1 {f['val_top1']:.1%} (best {best[0]:.1%} at epoch {best[1]})")
+        if "val_robust_top1" in f:
+            parts.append(f"val_robust_top1 {f['val_robust_top1']:.1%} under the training attack")
         if "test_top1" in f:  # reported at the epoch validation chose, never its own best
             at = next((r for r in self.history if r["epoch"] == best[1]), None) if best else None
             if at is not None and "test_top1" in at:
@@ -437,7 +452,8 @@ class TrainSummary:
         return "; ".join(parts)
 
 
-# Settings of a pre-training run that --resume may change (the rest must match the checkpoint).
+# Settings a resumed pre-training run may change without a ValueError (it warns that results will
+# differ). Paths may move between runs: the data's fingerprint and count (train_data) must not change.
 PRETRAIN_SOFT_SETTINGS = ("epochs", "workers", "backend", "device", "save_every", "batch_size", "data", "val")
 
 

@@ -22,6 +22,12 @@ drawn per rank. Gradients are averaged by DDP, rank 0 logs and saves. On CUDA Ba
 (``sync_bn``); torch has no CPU SyncBatchNorm, so on the CPU each rank normalises with its own
 batch and only networks without BatchNorm (``alexnet_lrn``) match a one-process run exactly.
 
+Adversarially robust training (``adv_eps > 0``): every augmented batch is replaced by its PGD
+adversarial examples (:mod:`filterx.train.adversarial`: pixel space, model in eval mode for the
+attack, 2.5 eps / steps) before the step, and the held-out data is also scored under the same
+attack (``val_robust_top1``, ``val_robust_loss``).
+
+
 See :mod:`filterx.train.common` for the output files and how resumption stays exact, and
 :mod:`filterx.train.finetune` for fine-tuning and domain adaptation.
 """
@@ -40,6 +46,7 @@ import torch.nn as nn
 from filterx.io import atomic
 from filterx.decode.loader import LoaderConfig, load_batches, resolve_backend, samples_per_rank
 from filterx.models.archs import build_model, list_models
+from filterx.train.adversarial import DEFAULT_STEPS, Attack, check_attack
 from filterx.core.runtime import seed_everything
 from filterx.train.common import (
     CHECKPOINT, CHECKPOINT_FORMAT, PRETRAIN_SOFT_SETTINGS as SOFT_SETTINGS, SCHEDULES, Run, Runtime, Schedule,
@@ -53,8 +60,6 @@ from filterx.train.finetune import FinetuneConfig, finetune  # noqa: F401  (one 
 
 log = logging.getLogger(__name__)
 
-# Settings a resumed run may change without a ValueError (it warns that results will differ).
-# Paths may move between runs: the data's fingerprint and count (train_data) must not change.
 OBJECTIVES = ("supervised", "moco")
 
 
@@ -93,6 +98,11 @@ class PretrainConfig:
     moco_temperature: float = 0.2
     moco_dim: int = 128  # projection output
     moco_bn_group: int = 32  # images per BatchNorm group (shuffled BN)
+    # PGD adversarial training (filterx.train.adversarial): eps in pixels [0, 1]; 0: standard training
+    adv_eps: float = 0.0
+    adv_norm: str = "l2"  # l2 | linf
+    adv_steps: int = DEFAULT_STEPS
+    adv_step_size: float | None = None  # None: 2.5 * eps / steps
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -110,6 +120,10 @@ class PretrainConfig:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.val is not None and self.val_fraction > 0:
             raise ValueError("give either val (a dataset to evaluate on) or val_fraction, not both")
+        check_attack(self.adv_eps, self.adv_norm, self.adv_steps, self.adv_step_size)
+        if self.adv_eps > 0 and self.objective != "supervised":
+            raise ValueError(f"adversarial training (adv_eps {self.adv_eps}) attacks a classifier's labels; "
+                             f"objective {self.objective!r} has none: use objective supervised")
 
 
 # lr at a global batch of 256 of the recipe each arch comes from; ResNets: DEFAULT_LR.
@@ -170,7 +184,10 @@ def _pretrain(cfg: PretrainConfig, rt: Runtime, out: Path, train: TrainingData, 
     schedule = Schedule(cfg.schedule, steps, steps * cfg.epochs, cfg.lr_step_epochs, cfg.lr_gamma,
                         warmup_steps=steps * cfg.warmup_epochs)
     sched = schedule.scheduler(opt)
-    settings = {**config_dict(cfg), "lr": lr_256, "world_size": rt.world_size, "global_batch": global_batch,
+    attack = Attack(cfg.adv_eps, cfg.adv_norm, cfg.adv_steps, cfg.adv_step_size) if cfg.adv_eps > 0 else None
+    # adv_* only for adversarial runs: a standard run's settings stay those of earlier versions (resumable)
+    plain = {k: v for k, v in config_dict(cfg).items() if attack is not None or not k.startswith("adv_")}
+    settings = {**plain, "lr": lr_256, "world_size": rt.world_size, "global_batch": global_batch,
                 "train_data": train.identity()}  # lr: the one used, whether given or the arch's
 
     start_epoch, history = resume_from(out, cfg.resume, settings, SOFT_SETTINGS + ("world_size",),
@@ -190,7 +207,10 @@ def _pretrain(cfg: PretrainConfig, rt: Runtime, out: Path, train: TrainingData, 
                 "top5": zero.clone()}
         for b in usable_batches(batches, steps):
             y = b.labels.to(rt.device, non_blocking=True)
-            loss, logits = supervised_step(ddp, opt, to_input(b.images, rt), y, rt, cfg.label_smoothing)
+            x = to_input(b.images, rt)
+            if attack is not None:  # on the augmented batch itself; the plain module: no DDP hooks
+                x = attack(model, x, y)
+            loss, logits = supervised_step(ddp, opt, x, y, rt, cfg.label_smoothing)
             sched.step()
             with torch.no_grad():
                 keep = y >= 0
@@ -214,14 +234,15 @@ def _pretrain(cfg: PretrainConfig, rt: Runtime, out: Path, train: TrainingData, 
             return {}
         val_backend = resolve_backend(cfg.backend, subset=val.ids is not None)
         return evaluate(model, val, resolution=cfg.resolution, backend=val_backend,
-                        batch_size=cfg.batch_size, workers=cfg.workers, rt=rt, prefix="val")
+                        batch_size=cfg.batch_size, workers=cfg.workers, rt=rt, prefix="val", attack=attack)
 
     def payload() -> dict:
         return {"filterx_checkpoint": CHECKPOINT_FORMAT, "kind": "pretrain", "arch": cfg.arch,
                 "model_kwargs": dict(cfg.model_options), "num_classes": train.num_classes,
                 "class_names": list(train.class_names), "resolution": cfg.resolution,
                 "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "settings": settings}
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "settings": settings,
+                "adversarial": attack.settings() if attack is not None else None}
 
     samples = epoch_images(train.count, rt.world_size)
     run = Run(out, "pretrain", cfg.epochs, samples, train_epoch, summarize, evaluate_epoch, payload,
