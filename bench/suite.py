@@ -64,6 +64,9 @@ register_suite("influence", "bench.bench_influence",
 register_suite("trainer", "bench.bench_trainer", "pre-training step throughput")
 register_suite("scorers", "bench.bench_scorers", "each scorer's samples/s on precomputed embeddings")
 register_suite("kmeans", "bench.bench_kmeans", "FAISS k-means against filterx's torch k-means")
+register_suite("selection", "bench.bench_selection",
+               "precision of each method's selection at 6% and 12% on pools with a known relevant "
+               "part (easy, medium, hard), per encoder, against scikit-learn references")
 register_suite("gpu", "bench.bench_gpu",
                "the first-GPU check (< 8 min): nvJPEG decode, embed, k-means, Triton kernels, "
                "pretrain + NCCL collectives")
@@ -345,6 +348,16 @@ def format_markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+class Rows(list):
+    """What a suite's ``run`` may return instead of a plain list: its rows plus ``notes``,
+    lines about the setup (sizes, what was not run) printed under the table and written to
+    the results files."""
+
+    def __init__(self, rows=(), notes=()):
+        super().__init__(rows)
+        self.notes = [str(n) for n in notes]
+
+
 @dataclass
 class SuiteResult:
     suite: Suite
@@ -354,6 +367,7 @@ class SuiteResult:
     seconds: float = 0.0
     files: tuple[Path, ...] = ()
     options: dict = field(default_factory=dict)  # the options its run() received
+    notes: list = field(default_factory=list)  # Rows.notes, when the suite gave some
 
 
 def run_suite(suite: Suite, quick: bool, options: dict) -> SuiteResult:
@@ -394,7 +408,8 @@ def run_suite(suite: Suite, quick: bool, options: dict) -> SuiteResult:
         traceback.print_exc()
         return SuiteResult(suite, "failed", error=f"{type(exc).__name__}: {exc}",
                            seconds=time.perf_counter() - t0)
-    return SuiteResult(suite, "ok", rows=rows, seconds=time.perf_counter() - t0, options=used)
+    return SuiteResult(suite, "ok", rows=list(rows), seconds=time.perf_counter() - t0, options=used,
+                       notes=list(getattr(rows, "notes", [])))
 
 
 def _jsonable(v):
@@ -423,6 +438,8 @@ def write_results(out_dir: Path, result: SuiteResult, machine: dict, command: st
     doc = {"suite": result.suite.name, "description": result.suite.description,
            "command": command, "quick": quick, "options": result.options, "machine": machine,
            "seconds": round(result.seconds, 1), "rows": result.rows}
+    if result.notes:
+        doc["notes"] = result.notes
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     atomic.write_text(json_path, json.dumps(_jsonable(doc), indent=1) + "\n")
     m = machine
@@ -440,6 +457,8 @@ def write_results(out_dir: Path, result: SuiteResult, machine: dict, command: st
     if not m.get("gpu"):
         md.insert(-3, "- CPU run: compare the ratio columns; absolute img/s depend on the load "
                       "of a shared machine.")
+    if result.notes:
+        md += ["Notes:", "", *(f"- {n}" for n in result.notes), ""]
     atomic.write_text(md_path, "\n".join(md))
     return json_path, md_path
 
@@ -507,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
         res = run_suite(suite, args.quick, options)
         if res.status == "ok":
             print(format_table(res.rows))
+            for note in res.notes:
+                print(f"  {note}")
             if not args.no_write:
                 res.files = write_results(args.out, res, machine, command, args.quick, when)
         else:

@@ -220,3 +220,92 @@ def test_gpu_check_cpu_dry_run_runs_every_part(tmp_path):
     assert coll["reduced"] == [1.0, 2.0, 3.0, 4.0] and coll["agree"]
     md = path.with_suffix(".md").read_text()
     assert "DRY RUN" in md and all(f"## {p}: ok" in md for p in parts)
+
+
+# ---------------------------------------------------------------- the selection suite
+
+
+def test_suite_rows_carry_notes_into_the_table_and_files(tmp_path, monkeypatch, capsys):
+    (tmp_path / "fake_notes.py").write_text(
+        "from bench.suite import Rows\n"
+        "def run(quick):\n"
+        "    return Rows([{'method': 'a', 'p': 0.5}], ['pool of 10 images', 'not run: b'])\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(suite, "SUITES", {})
+    suite.register_suite("notes", "fake_notes", "rows with notes")
+    out = tmp_path / "results"
+    assert suite.main(["--suite", "notes", "--out", str(out)]) == 0
+    assert "  pool of 10 images\n  not run: b" in capsys.readouterr().out
+    doc = _results(out)["notes"]
+    assert doc["rows"] == [{"method": "a", "p": 0.5}] and doc["notes"] == ["pool of 10 images", "not run: b"]
+    md = next(out.glob("notes_*.md")).read_text()
+    assert "Notes:\n\n- pool of 10 images\n- not run: b" in md
+
+
+def test_selection_references_are_out_of_sample_and_find_target_like_rows():
+    from bench.selection_pools import knn_scores, kmeans_scores, logistic_scores, relevant_mask
+
+    rng = np.random.default_rng(0)
+    target = rng.normal(0, 1, (60, 8)) + 4.0
+    relevant = np.zeros(300, dtype=bool)
+    relevant[:30] = True
+    pool = rng.normal(0, 1, (300, 8))
+    pool[relevant] += 4.0
+    for scores in (logistic_scores(pool, target, folds=3), kmeans_scores(pool, target, k=5)["min"],
+                   kmeans_scores(pool, target, k=5)["avg"], knn_scores(pool, target, k=5)):
+        assert scores.shape == (300,) and scores.dtype == np.float32 and np.isfinite(scores).all()
+        top = np.argsort(-scores)[:30]
+        assert relevant[top].mean() >= 0.9
+    # cross-fitted: each fold's rows are scored by a model fitted on the target and the other
+    # folds only (refitted here by hand for the first fold)
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import KFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    scores = logistic_scores(pool, target, folds=3, seed=0)
+    train, test = next(KFold(3, shuffle=True, random_state=0).split(pool))
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, class_weight="balanced"))
+    model.fit(np.concatenate([pool[train], target]), np.r_[np.zeros(len(train)), np.ones(len(target))])
+    np.testing.assert_allclose(scores[test], model.decision_function(pool[test]), rtol=1e-4, atol=1e-4)
+    assert relevant_mask(np.array([0, 1, 2, -1]), ["digit_0", "photo_cat", "digit_4"]).tolist() == \
+        [True, False, True, False]
+
+
+def test_selection_suite_covers_the_registry_and_refuses_unknown_encoders():
+    from bench import bench_selection
+    from filterx.scorers import list_scorers
+
+    run = {m for _, m, _ in bench_selection.variants()}
+    assert run | set(bench_selection.NOT_RUN) == set(list_scorers())
+    assert not run & set(bench_selection.NOT_RUN)
+    with pytest.raises(ValueError, match="unknown encoders .*nope.*valid: target, backbone"):
+        bench_selection.run(True, encoders="target,nope")
+
+
+@pytest.mark.slow
+def test_selection_suite_end_to_end_at_a_tiny_size(tmp_path):
+    """The whole chain on tiny pools (~80 s with both encoders on 2 loaded cores)."""
+    from bench import bench_selection
+
+    rows = bench_selection.run(True, per_class=6, digits_per_class=3, target_per_class=8, epochs=1,
+                               work=str(tmp_path / "work"))
+    by_key = {(r["method"], r["encoder"]): r for r in rows}
+    cols = [f"{p}@{b}%" for p in ("easy", "medium", "hard") for b in (6, 12)]
+    labels = [label for label, _, _ in bench_selection.variants()]
+    for enc in bench_selection.ENCODERS:
+        for label in labels:
+            row = by_key[(label, enc)]
+            assert all(0.0 <= row[c] <= 1.0 for c in cols), row
+            assert row["seconds"] >= 0
+    refs = [r for r in rows if r["encoder"].startswith("pixels")]
+    assert len(refs) == 4 and all(0.0 <= r[c] <= 1.0 for r in refs for c in cols)
+    expected, best = by_key[("random (expected)", "-")], by_key[("best possible", "-")]
+    # tiny pools: 6 images per photo/texture class, 3 per digit class, 15 relevant of 135-150
+    assert expected["easy@6%"] == pytest.approx(15 / 135) and expected["hard@6%"] == pytest.approx(15 / 150)
+    assert best["easy@6%"] == 1.0 and best["hard@12%"] == pytest.approx(15 / 18)
+    assert all(r[c] <= best[c] + 1e-9 for r in rows for c in cols)
+    # where the relevant part is drawn like the target, some method finds it far above random
+    assert max(r["easy@6%"] for r in rows if r["encoder"] != "-") >= 4 * expected["easy@6%"]
+    assert any("not run: class-mask" in n for n in rows.notes)
+    assert any(n.startswith("pools (images, relevant, share): easy 135, 15") for n in rows.notes)

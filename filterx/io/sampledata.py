@@ -35,6 +35,7 @@ PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "cat", "hubble_deep_field"
 TEXTURES = ("stripes", "grating", "checker", "dots", "rings", "noise_blobs", "plaid",
             "zigzag", "gradient", "speckle")
 TARGET_DIGITS = (0, 1, 2, 3, 4)
+DIGIT_STYLES = ("paper", "camera")  # the pool's default style; the target's style
 
 
 @dataclass(frozen=True)
@@ -47,17 +48,31 @@ class SampleData:
 
 def make_sample_data(out: str | Path, *, per_class: int = 100, target_per_class: int = 60,
                      digits: bool = True, photos: int = len(PHOTOS), textures: int = len(TEXTURES),
-                     size_range: tuple[int, int] = (64, 96), seed: int = 0, quality: int = 90) -> SampleData:
+                     size_range: tuple[int, int] = (64, 96), seed: int = 0, quality: int = 90,
+                     digit_style: str = "paper", pool_digits: tuple[int, ...] = tuple(range(10)),
+                     digits_per_class: int | None = None) -> SampleData:
     """Write the sample pool and target as JPEG ImageFolder trees under ``out``.
 
     ``out/source/<class>/*.jpg`` and ``out/target/<class>/*.jpg``; a ``sample_data.json``
     beside them records the relevant classes. Deterministic for a given seed.
+
+    ``digit_style``: how the pool digits are drawn, "paper" (the default: dark ink on light
+    paper) or "camera" (the target's style; still from the pool's half of the handwriting, so
+    no image in common with the target). ``pool_digits``: which digit classes the pool has;
+    ``digits_per_class``: images per pool digit class (default ``per_class``). The digit split
+    depends on the seed only, so pools made with other values of these and a target made by
+    another call with the same seed never share a handwritten glyph.
     """
     from PIL import Image
 
+    if digit_style not in DIGIT_STYLES:
+        raise ValueError(f"unknown digit_style {digit_style!r}; valid: {', '.join(DIGIT_STYLES)}")
+    bad = [d for d in pool_digits if d not in range(10)]
+    if bad:
+        raise ValueError(f"pool_digits must lie in 0-9, got {bad}")
     out = Path(out)
     rng = np.random.default_rng(seed)
-    pool_digits, target_digits = _split_digits(rng)
+    pool_bank, target_bank = _split_digits(rng)
 
     def save(arr: np.ndarray, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,9 +82,9 @@ def make_sample_data(out: str | Path, *, per_class: int = 100, target_per_class:
         return int(rng.integers(size_range[0], size_range[1] + 1))
 
     if digits:
-        for d in range(10):
-            for i in range(per_class):
-                save(_render_digit(pool_digits[d], rng, size(), style="paper"),
+        for d in pool_digits:
+            for i in range(per_class if digits_per_class is None else digits_per_class):
+                save(_render_digit(pool_bank[d], rng, size(), style=digit_style),
                      out / "source" / f"digit_{d}" / f"d{d}_{i:04d}.jpg")
     for name in PHOTOS[:photos]:
         photo = _photo(name)
@@ -80,10 +95,10 @@ def make_sample_data(out: str | Path, *, per_class: int = 100, target_per_class:
             save(_texture(kind, rng, size()), out / "source" / f"texture_{kind}" / f"{kind}_{i:04d}.jpg")
     for d in TARGET_DIGITS:
         for i in range(target_per_class):
-            save(_render_digit(target_digits[d], rng, size(), style="camera"),
+            save(_render_digit(target_bank[d], rng, size(), style="camera"),
                  out / "target" / f"digit_{d}" / f"t{d}_{i:04d}.jpg")
-    relevant = tuple(f"digit_{d}" for d in TARGET_DIGITS) if digits else ()
-    domain = tuple(f"digit_{d}" for d in range(10)) if digits else ()
+    relevant = tuple(f"digit_{d}" for d in TARGET_DIGITS if d in pool_digits) if digits else ()
+    domain = tuple(f"digit_{d}" for d in pool_digits) if digits else ()
     (out / "sample_data.json").write_text(json.dumps(
         {"relevant_classes": list(relevant), "domain_classes": list(domain), "seed": seed}))
     return SampleData(out / "source", out / "target", relevant, domain)

@@ -1,0 +1,255 @@
+"""selection: the precision of each method's selection on pools with a known relevant part.
+
+    python -m bench --suite selection [--quick] [--opt selection.backbone=SPEC] [--opt selection.work=DIR]
+
+Three pools at three difficulties (``bench/selection_pools.py``: easy, medium, hard), one
+target shared by them (the demo's: 300 digits 0-4 in a "camera" style). filterx's own chain
+runs on each, through its library functions, in a temporary directory: ``shard`` the pools and
+the target, train the encoders on the target, ``embed`` every pool, ``score`` with every
+method of the scorer registry, ``select`` 6 % and 12 % of the pool. A row's precision is the
+share of the selection that is in the relevant part (pool images of the target's classes).
+
+Encoders (both available offline): ``target``, a ResNet-18 trained on the target's 270
+training images (the demo's settings: 64 px, 20 epochs); ``backbone``, a frozen backbone spec
+(default ``torchvision:resnet18:none``, a seeded random init at 224 px) with a linear probe on
+the target as its head (``train-encoder --backbone SPEC --probe-only``). Give
+``--opt selection.backbone=torchvision:resnet50:IMAGENET1K_V2@FILE`` where weights are at hand.
+
+Plain references, computed with scikit-learn on the same pools' 16x16 RGB pixels, out of
+sample: a logistic target-vs-pool classifier cross-fitted over 5 folds of the pool, k-means
+(k = 50) min and mean distance and 10-NN mean distance to the target's training split.
+
+Every method runs with the same settings on the three pools (the demo's variants plus the
+pool-level methods' defaults); nothing is tuned to a pool. The whole-class filters
+(class-mask, hard-classes) remove classes by a list of names or by the pool's own labels; they
+are not selectors of a relevant part and are listed as not run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.selection_pools import POOLS, make_pool, make_target, pixel_features, reference_scores, relevant_mask
+from bench.suite import Rows, option_tuple
+
+BUDGETS = (0.06, 0.12)
+DEFAULT_BACKBONE = "torchvision:resnet18:none"
+ENCODERS = ("target", "backbone")
+# Pool-level methods at their defaults; the demo's variants come first (filterx.demo.VARIANTS).
+EXTRA_VARIANTS = (
+    ("knn-target (k=10)", "knn-target", {}),
+    ("pool-clusters", "pool-clusters", {}),
+)
+NOT_RUN = {
+    "class-mask": "removes classes named by the user (with the ground truth's names it is an oracle)",
+    "hard-classes": "removes the pool classes a probe on the pool's own labels finds hardest; "
+                    "it does not look at the target",
+}
+SIZES = {True: {"per_class": 50, "digits_per_class": 25}, False: {"per_class": 150, "digits_per_class": 75}}
+
+
+def variants() -> tuple[tuple[str, str, dict], ...]:
+    from filterx.demo import VARIANTS
+
+    return tuple(VARIANTS) + EXTRA_VARIANTS
+
+
+def _log(msg: str) -> None:
+    print(f"[selection] {msg}", flush=True)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+@contextlib.contextmanager
+def _workdir(work):
+    if work:
+        path = Path(work).expanduser().resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+    else:
+        with tempfile.TemporaryDirectory(prefix="filterx-selection-") as tmp:
+            yield Path(tmp)
+
+
+def precision_at(relevant: np.ndarray, ids: np.ndarray) -> float:
+    """Share of the selected ``ids`` that are relevant (0.0 for an empty selection)."""
+    return float(relevant[np.asarray(ids, dtype=np.int64)].mean()) if len(ids) else 0.0
+
+
+def _row(method: str, encoder: str, values: dict, seconds: float | None) -> dict:
+    row = {"method": method, "encoder": encoder}
+    for pool in POOLS:
+        for b in BUDGETS:
+            row[f"{pool}@{round(b * 100)}%"] = values.get((pool, b))
+    row["seconds"] = None if seconds is None else round(seconds, 1)
+    return row
+
+
+def _train_encoders(root: Path, target: Path, chosen, *, backbone: str, epochs: int, resolution: int,
+                    seed: int, device: str) -> dict[str, dict]:
+    from filterx.encoder import EncoderConfig, train_encoder
+    from filterx.probe import ProbeConfig, train_probe
+
+    out = {}
+    for key in chosen:
+        t = time.perf_counter()
+        path = root / f"encoder-{key}.pt"
+        if key == "target":
+            s = train_encoder(EncoderConfig(target, path, arch="resnet18", resolution=resolution, epochs=epochs,
+                                            batch_size=64, device=device, seed=seed, quiet=True))
+            label = f"resnet18 trained on target ({resolution} px, {epochs} ep)"
+        else:
+            s = train_probe(ProbeConfig(target, path, backbone=backbone, seed=seed, device=device, quiet=True))
+            label = f"{backbone} + probe"
+        out[key] = {"path": path, "label": label, "val_acc": s.val_acc, "seconds": time.perf_counter() - t}
+        _log(f"encoder {label}: held-out accuracy {s.val_acc:.1%} ({out[key]['seconds']:.0f}s)")
+    return out
+
+
+def _filterx_rows(pools: dict, target: Path, encoders: dict, *, seed: int, device: str) -> list[dict]:
+    from filterx.embed import EmbedConfig, embed
+    from filterx.manifest import read_manifest
+    from filterx.score import ScoreConfig, score
+    from filterx.select import SelectConfig, select
+
+    rows = []
+    for key, enc in encoders.items():
+        for name, pool in pools.items():
+            t = time.perf_counter()
+            embed(EmbedConfig(pool["ds"], enc["path"], device=device, quiet=True))
+            enc.setdefault("embed_seconds", 0.0)
+            enc["embed_seconds"] += time.perf_counter() - t
+        _log(f"encoder {key}: embedded the pools ({enc['embed_seconds']:.0f}s)")
+        for label, method, params in variants():
+            values, seconds = {}, 0.0
+            for name, pool in pools.items():
+                t = time.perf_counter()
+                stored = f"{key}-{_slug(label)}"
+                score(ScoreConfig(method, pool["ds"], target, enc["path"], dict(params), seed, name=stored,
+                                  device=device, quiet=True))
+                for b in BUDGETS:
+                    manifest = pool["ds"] / "manifests" / f"{stored}-{round(b * 100)}.jsonl"
+                    select(SelectConfig(pool["ds"], stored, manifest, fraction=b, quiet=True))
+                    values[(name, b)] = precision_at(pool["relevant"], read_manifest(manifest).ids)
+                seconds += time.perf_counter() - t
+            rows.append(_row(label, key, values, seconds))
+            _log(f"{key} {label}: " + ", ".join(f"{p}@{round(b * 100)}% {v:.2f}" for (p, b), v in values.items())
+                 + f" ({seconds:.1f}s)")
+    return rows
+
+
+def _reference_rows(pools: dict, target: Path, train_ids: np.ndarray, *, seed: int) -> list[dict]:
+    from filterx.dataset import Dataset
+    from filterx.select import select_ids
+
+    def images(ds):  # the original JPEGs shard read (paths are relative to its source root)
+        return [Path(ds.attrs["source_root"]) / p for p in ds.paths]
+
+    target_px = pixel_features([images(Dataset.open(target))[i] for i in train_ids])
+    values: dict[str, dict] = {}
+    seconds: dict[str, float] = {}
+    for name, pool in pools.items():
+        t = time.perf_counter()
+        pool_px = pixel_features(images(Dataset.open(pool["ds"])))
+        feature_s = time.perf_counter() - t
+        for label, scores in reference_scores(pool_px, target_px, seed=seed).items():
+            for b in BUDGETS:
+                values.setdefault(label, {})[(name, b)] = precision_at(pool["relevant"], select_ids(scores, fraction=b))
+        # the four references share the features and are fitted together: the time is theirs together
+        seconds[name] = time.perf_counter() - t - feature_s
+    total = sum(seconds.values())
+    return [_row(label, f"pixels {16}x{16} (sklearn)", v, total if i == 0 else None)
+            for i, (label, v) in enumerate(values.items())]
+
+
+def run(quick: bool, *, per_class: int | None = None, digits_per_class: int | None = None,
+        target_per_class: int = 60, epochs: int = 20, resolution: int = 64, backbone: str = DEFAULT_BACKBONE,
+        encoders=ENCODERS, references: bool = True, seed: int = 0, device: str = "auto", work: str | None = None,
+        threads: int = 1):
+    """The table: one row per (method, encoder) and per reference; columns are the precision
+    at each budget on each pool. Sizes: ``SIZES[quick]`` unless ``per_class`` /
+    ``digits_per_class`` are given.
+
+    ``threads``: torch's intra-op threads while the suite runs (restored after). One by
+    default: on the shared 2-core development machine, two made the domain classifier's
+    small steps 5-10x slower (16 s against 3.2 s for the linear one on 900 x 512 embeddings,
+    96 s against 8.8 s for the MLP; threads waiting for each other).
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        return _run(quick, per_class=per_class, digits_per_class=digits_per_class,
+                    target_per_class=target_per_class, epochs=epochs, resolution=resolution, backbone=backbone,
+                    encoders=encoders, references=references, seed=seed, device=device, work=work,
+                    threads=int(threads))
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(quick: bool, *, per_class, digits_per_class, target_per_class, epochs, resolution, backbone, encoders,
+         references, seed, device, work, threads) -> Rows:
+    from filterx.dataset import Dataset
+    from filterx.encoder import read_encoder_file
+    from filterx.scorers import list_scorers
+    from filterx.shard import ShardConfig, shard
+
+    chosen = option_tuple(encoders)
+    bad = [e for e in chosen if e not in ENCODERS]
+    if bad or not chosen:
+        raise ValueError(f"unknown encoders {bad or '(none)'}; valid: {', '.join(ENCODERS)}")
+    sizes = dict(SIZES[bool(quick)])
+    sizes.update({k: v for k, v in (("per_class", per_class), ("digits_per_class", digits_per_class))
+                  if v is not None})
+    unknown = sorted(set(list_scorers()) - {m for _, m, _ in variants()} - set(NOT_RUN))
+    if unknown:
+        raise RuntimeError(f"scorers {unknown} are registered but neither benchmarked nor listed in NOT_RUN")
+    t0 = time.perf_counter()
+    with _workdir(work) as root:
+        target = root / "target"
+        make_target(root / "raw-target", target_per_class=target_per_class, seed=seed)
+        shard(ShardConfig(root / "raw-target" / "target", target, shard_size=500, workers=2, quiet=True))
+        pools = {}
+        for name in POOLS:
+            src = make_pool(root / f"raw-{name}", name, seed=seed, **sizes)
+            shard(ShardConfig(src, root / name, shard_size=500, workers=2, quiet=True))
+            ds = Dataset.open(root / name)
+            relevant = relevant_mask(ds.labels, [c.name for c in ds.classes])
+            pools[name] = {"ds": root / name, "relevant": relevant, "size": int(ds.num_samples)}
+        data_s = time.perf_counter() - t0
+        _log("pools " + ", ".join(f"{n} {p['size']} ({p['relevant'].sum()} relevant)" for n, p in pools.items())
+             + f"; made and sharded in {data_s:.0f}s")
+        encs = _train_encoders(root, target, chosen, backbone=backbone, epochs=epochs, resolution=resolution,
+                               seed=seed, device=device)
+        rows = _filterx_rows(pools, target, encs, seed=seed, device=device)
+        split = read_encoder_file(next(iter(encs.values()))["path"])
+        train_ids = np.asarray(split["train_ids"], dtype=np.int64)
+        if references:
+            rows += _reference_rows(pools, target, train_ids, seed=seed)
+        expected = {(n, b): float(p["relevant"].mean()) for n, p in pools.items() for b in BUDGETS}
+        best = {(n, b): min(1.0, p["relevant"].sum() / max(round(b * p["size"]), 1))
+                for n, p in pools.items() for b in BUDGETS}
+        rows.append(_row("random (expected)", "-", expected, None))
+        rows.append(_row("best possible", "-", best, None))
+        n_target = len(Dataset.open(target).labels)
+    total = time.perf_counter() - t0
+    notes = [f"pools (images, relevant, share): " + "; ".join(
+                 f"{n} {p['size']}, {int(p['relevant'].sum())}, {p['relevant'].mean():.1%}" for n, p in pools.items())
+             + f" (per_class {sizes['per_class']} for photos and textures, {sizes['digits_per_class']} per digit class)",
+             f"target: {n_target} images of digits 0-4 ({len(train_ids)} in the encoders' training split, "
+             f"which the references use too)",
+             *(f"encoder {e['label']}: held-out accuracy {e['val_acc']:.1%}; trained in {e['seconds']:.0f}s, "
+               f"pools embedded in {e['embed_seconds']:.0f}s" for e in encs.values()),
+             "seconds: score + select over the three pools (references: fitting and scoring, all four together)",
+             *(f"not run: {m}: {why}" for m, why in NOT_RUN.items()),
+             f"wall time {total:.0f}s (data {data_s:.0f}s), {threads} torch thread(s), seed {seed}"]
+    return Rows(rows, notes)
