@@ -41,7 +41,7 @@ from bench.suite import Rows, option_tuple
 BUDGETS = (0.06, 0.12)
 DEFAULT_BACKBONE = "torchvision:resnet18:none"
 ENCODERS = ("target", "backbone")
-# Pool-level methods at their defaults; the demo's variants come first (filterx.demo.VARIANTS).
+# Pool-level methods at their defaults; the demo's variants come first (filterx.stages.demo.VARIANTS).
 EXTRA_VARIANTS = (
     ("knn-target (k=10)", "knn-target", {}),
     ("pool-clusters", "pool-clusters", {}),
@@ -55,7 +55,7 @@ SIZES = {True: {"per_class": 50, "digits_per_class": 25}, False: {"per_class": 1
 
 
 def variants() -> tuple[tuple[str, str, dict], ...]:
-    from filterx.demo import VARIANTS
+    from filterx.stages.demo import VARIANTS
 
     return tuple(VARIANTS) + EXTRA_VARIANTS
 
@@ -95,8 +95,8 @@ def _row(method: str, encoder: str, values: dict, seconds: float | None) -> dict
 
 def _train_encoders(root: Path, target: Path, chosen, *, backbone: str, epochs: int, resolution: int,
                     seed: int, device: str) -> dict[str, dict]:
-    from filterx.encoder import EncoderConfig, train_encoder
-    from filterx.probe import ProbeConfig, train_probe
+    from filterx.models.encoder import EncoderConfig, train_encoder
+    from filterx.stages.probe import ProbeConfig, train_probe
 
     out = {}
     for key in chosen:
@@ -115,10 +115,10 @@ def _train_encoders(root: Path, target: Path, chosen, *, backbone: str, epochs: 
 
 
 def _filterx_rows(pools: dict, target: Path, encoders: dict, *, seed: int, device: str) -> list[dict]:
-    from filterx.embed import EmbedConfig, embed
-    from filterx.manifest import read_manifest
-    from filterx.score import ScoreConfig, score
-    from filterx.select import SelectConfig, select
+    from filterx.stages.embed import EmbedConfig, embed
+    from filterx.io.manifest import read_manifest
+    from filterx.stages.score import ScoreConfig, score
+    from filterx.stages.select import SelectConfig, select
 
     rows = []
     for key, enc in encoders.items():
@@ -147,8 +147,8 @@ def _filterx_rows(pools: dict, target: Path, encoders: dict, *, seed: int, devic
 
 
 def _reference_rows(pools: dict, target: Path, train_ids: np.ndarray, *, seed: int) -> list[dict]:
-    from filterx.dataset import Dataset
-    from filterx.select import select_ids
+    from filterx.io.dataset import Dataset
+    from filterx.stages.select import select_ids
 
     def images(ds):  # the original JPEGs shard read (paths are relative to its source root)
         return [Path(ds.attrs["source_root"]) / p for p in ds.paths]
@@ -198,10 +198,10 @@ def run(quick: bool, *, per_class: int | None = None, digits_per_class: int | No
 
 def _run(quick: bool, *, per_class, digits_per_class, target_per_class, epochs, resolution, backbone, encoders,
          references, seed, device, work, threads) -> Rows:
-    from filterx.dataset import Dataset
-    from filterx.encoder import read_encoder_file
+    from filterx.io.dataset import Dataset
+    from filterx.models.encoder import read_encoder_file
     from filterx.scorers import list_scorers
-    from filterx.shard import ShardConfig, shard
+    from filterx.stages.shard import ShardConfig, shard
 
     chosen = option_tuple(encoders)
     bad = [e for e in chosen if e not in ENCODERS]

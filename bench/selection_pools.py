@@ -1,7 +1,7 @@
 """The selection benchmark's pools (a known relevant part at three difficulties) and its plain
 references (scikit-learn on 16x16 pixels, cross-fitted).
 
-Every pool is drawn by ``filterx.sampledata.make_sample_data`` with one seed, so pools and
+Every pool is drawn by ``filterx.io.sampledata.make_sample_data`` with one seed, so pools and
 target share the seed's split of the handwritten digits: the pool's digits come from one half
 of each class, the target's from the other, and no glyph is in both. The target (made once,
 shared by the three pools) is the demo's: digits 0-4 "photographed by another camera".
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from filterx.sampledata import TARGET_DIGITS
+from filterx.io.sampledata import TARGET_DIGITS
 
 POOLS: dict[str, dict] = {
     "easy": {"digit_style": "camera", "pool_digits": TARGET_DIGITS},
@@ -36,7 +36,7 @@ REFERENCE_K = 50  # k-means clusters over the target's pixels: the demo's cluste
 
 def make_pool(out: Path, pool: str, *, per_class: int, digits_per_class: int, seed: int) -> Path:
     """Write pool ``pool`` as an ImageFolder tree; returns ``out/source``."""
-    from filterx.sampledata import make_sample_data
+    from filterx.io.sampledata import make_sample_data
 
     if pool not in POOLS:
         raise ValueError(f"unknown pool {pool!r}; valid: {', '.join(POOLS)}")
@@ -47,7 +47,7 @@ def make_pool(out: Path, pool: str, *, per_class: int, digits_per_class: int, se
 
 def make_target(out: Path, *, target_per_class: int, seed: int) -> Path:
     """Write the shared target (digits 0-4 in the camera style) as an ImageFolder tree."""
-    from filterx.sampledata import make_sample_data
+    from filterx.io.sampledata import make_sample_data
 
     return make_sample_data(out, digits=False, photos=0, textures=0, target_per_class=target_per_class,
                             seed=seed).target

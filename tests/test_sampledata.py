@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from filterx.sampledata import make_sample_data
+from filterx.io.sampledata import make_sample_data
 
 
 def _mean_rgb(folder) -> np.ndarray:
