@@ -402,3 +402,11 @@ def _load_probe(info: dict, path: str | Path, device: str) -> Encoder:
                          f"{info['backbone']['spec']} now gives {bb.tag}; retrain the probe")
     model, head = backbones.with_head(bb, info["state_dict"]["fc.weight"], info["state_dict"]["fc.bias"])
     return Encoder(model, bb.features, head, info)
+
+
+def encoder_target_split(target: Dataset, info: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(train ids, held-out ids) of ``target``: the encoder's own split when it was trained on
+    this target (``info``: its file's contents), else every labelled sample and no held-out."""
+    if info.get("target", {}).get("fingerprint") == target.fingerprint:
+        return np.asarray(info["train_ids"], dtype=np.int64), np.asarray(info["val_ids"], dtype=np.int64)
+    return np.flatnonzero(target.labels >= 0), np.zeros(0, dtype=np.int64)

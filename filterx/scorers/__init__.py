@@ -8,6 +8,14 @@ the result into the dataset's scores store.
     def random_scores(inputs: ScoreInputs, *, seed: int) -> np.ndarray: ...
 
     run_scorer("clustering", inputs, seed=0, k=200, distance="min")
+
+Two kinds share the registry. An *array* scorer (the default) receives a ``ScoreInputs`` of
+arrays. A *streaming* scorer (``kind="streaming"``) consumes decoded pixels, shard by shard,
+and receives a :class:`StreamContext` instead: the datasets, the encoder, the decode settings
+and a work store it keeps per-shard results in, so that the orchestrator's re-run resumes it;
+it returns (scored ids, ScoreResult). A scorer may be a *variant* of a method, chosen by one of
+the method's parameters (``influence`` with ``params="last-block"`` is the streaming scorer
+``influence/last-block``): ``resolve_scorer`` picks it, so the score stage names no method.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ _SCORER_MODULES = (
     "filterx.scorers.domain",
     "filterx.scorers.entropy",
     "filterx.scorers.influence",
+    "filterx.scorers.lastblock",
     "filterx.scorers.classlevel",
     "filterx.scorers.pool",
 )
@@ -106,21 +115,62 @@ class Scorer:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
     types: Mapping[str, Any] = field(default_factory=dict)  # parameter -> its annotation
+    kind: str = "array"  # "array": fn(ScoreInputs, ...); "streaming": fn(StreamContext, ...) -> (ids, result)
+    choose_by: tuple[str, Any] | None = None  # (parameter, value of this scorer) that picks among variants
+    check: Callable[[Mapping[str, Any], str], None] | None = None  # (params, candidates) -> raise ValueError
+    variant_of: str | None = None  # the method this scorer is a variant of (not listed on its own)
+
+
+@dataclass(frozen=True)
+class StreamContext:
+    """What a streaming scorer gets instead of arrays.
+
+    source, target: the datasets (``filterx.io.dataset.Dataset``); candidates: "source" or
+    "target-train"; encoder: the encoder file or spec; decode settings for the loader;
+    work: the directory the scorer may keep resumable per-shard work in (pool runs only; the
+    orchestrator holds the run lock and removes it once the scores are stored), or None;
+    key: the facts its work depends on that the orchestrator knows (fingerprints, encoder,
+    seed, decode backend, device type, version): the scorer adds its own and discards work
+    made under another key.
+    """
+
+    source: Any
+    target: Any
+    candidates: str
+    encoder: Any
+    device: str = "cpu"
+    backend: str = "auto"
+    batch_size: int = 64
+    workers: int = 2
+    quiet: bool = False
+    work: Any = None
+    key: Mapping[str, Any] = field(default_factory=dict)
 
 
 _REGISTRY: dict[str, Scorer] = {}
 _loaded = False
 
 
-def register_scorer(name: str, *, needs: tuple[str, ...] = ()) -> Callable:
+def register_scorer(name: str, *, needs: tuple[str, ...] = (), kind: str = "array",
+                    choose_by: tuple[str, Any] | None = None, variant_of: str | None = None,
+                    check: Callable[[Mapping[str, Any], str], None] | None = None) -> Callable:
     """Decorator registering ``fn`` under ``name``.
 
     The keyword-only parameters of ``fn`` other than ``seed`` are the scorer's parameters;
-    their defaults become ``Scorer.defaults``.
+    their defaults become ``Scorer.defaults``. ``kind``: "array" or "streaming" (module
+    docstring). ``choose_by=(param, value)``: the parameter of the method that picks its
+    variants and this scorer's value of it; a variant names its method in ``variant_of``.
+    ``check(params, candidates)``: a scorer's own refusal of a combination (ValueError).
+    ``needs`` of a streaming scorer name the inputs it derives itself, so that the stage asks
+    for the encoder and the target it needs.
     """
     unknown = [n for n in needs if n not in INPUT_FIELDS]
     if unknown:
         raise ValueError(f"scorer {name!r} needs unknown inputs {unknown}; valid: {INPUT_FIELDS}")
+    if kind not in ("array", "streaming"):
+        raise ValueError(f"scorer {name!r}: unknown kind {kind!r}; valid: array, streaming")
+    if variant_of is not None and choose_by is None:
+        raise ValueError(f"variant {name!r} of {variant_of!r} needs choose_by=(parameter, value)")
 
     def wrap(fn: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
         if name in _REGISTRY:
@@ -134,7 +184,8 @@ def register_scorer(name: str, *, needs: tuple[str, ...] = ()) -> Callable:
         doc = (fn.__doc__ or "").strip().splitlines()
         hints = typing.get_type_hints(fn)
         types = {k: hints[k] for k in defaults if k in hints}
-        _REGISTRY[name] = Scorer(name, fn, tuple(needs), defaults, doc[0] if doc else "", types)
+        _REGISTRY[name] = Scorer(name, fn, tuple(needs), defaults, doc[0] if doc else "", types, kind, choose_by,
+                                 check, variant_of)
         return fn
 
     return wrap
@@ -149,9 +200,27 @@ def _load_all() -> None:
 
 
 def list_scorers() -> list[str]:
-    """Names of all registered scorers, sorted."""
+    """Names of all registered methods, sorted (variants are reached through their method)."""
     _load_all()
-    return sorted(_REGISTRY)
+    return sorted(n for n, s in _REGISTRY.items() if s.variant_of is None)
+
+
+def resolve_scorer(method: str, params: Mapping[str, Any]) -> tuple[Scorer, dict[str, Any], dict[str, Any]]:
+    """The scorer that runs ``method`` with ``params``: the method itself, or the variant its
+    choosing parameter names. Returns (scorer, params without the choosing one, {choosing
+    parameter: value} when a variant was chosen, else {})."""
+    base = get_scorer(method)
+    params = dict(params)
+    if base.choose_by is None:
+        return base, params, {}
+    key, own = base.choose_by
+    value = params.pop(key, own)
+    if value == own:
+        return base, params, {}
+    variants = {s.choose_by[1]: s for s in _REGISTRY.values() if s.variant_of == method}
+    if value not in variants:
+        raise ValueError(f"unknown {method} {key} {value!r}; valid: {', '.join(map(str, [own, *variants]))}")
+    return variants[value], params, {key: value}
 
 
 def get_scorer(name: str) -> Scorer:
@@ -244,5 +313,7 @@ __all__ = [
     "get_scorer",
     "run_scorer",
     "resolved_params",
+    "resolve_scorer",
+    "StreamContext",
     "INPUT_FIELDS",
 ]

@@ -39,10 +39,19 @@ LABEL_MODES = ("pseudo", "given")
 ENCODER_WEIGHT_DECAY = 5e-4
 
 
+def check_label_mode(params, candidates: str) -> None:
+    """The pool's labels index the pool's classes, not the target's: never use them as target labels."""
+    if params.get("labels") == "given" and candidates != "target-train":
+        raise ValueError("--labels given uses the candidates' own labels as target classes, so it needs "
+                         "--candidates target-train; to score the pool use --labels pseudo")
+
+
 @register_scorer(
     "influence",
     needs=("source_emb", "target_emb", "target_labels", "target_val_emb", "target_val_labels",
            "head_weight", "head_bias"),
+    choose_by=("params", "head"),  # "last-block": the streaming variant in filterx.scorers.lastblock
+    check=check_label_mode,
 )
 def influence_scores(
     inputs: ScoreInputs,

@@ -6,6 +6,9 @@ computed once and kept in memory (the target is small); the pool streams through
 loader, batch by batch, trunk then ``last_block_influence_scores``, so memory stays bounded
 whatever the pool size.
 
+Registered as the streaming scorer ``influence/last-block``, the variant of ``influence`` that
+``--params last-block`` chooses (:func:`last_block_scores`, called with a StreamContext).
+
 The pool pass is resumable. With ``work`` (a ``filterx.io.rowstore`` work store, which
 ``filterx.stages.score`` keeps at DATASET/scores.zarr/.work-<name>), s_test is stored once solved and
 each shard's scores as soon as the shard is scored (rows, then its done flag); a run killed
@@ -17,10 +20,12 @@ gives bit-identical scores to an uninterrupted one on the same machine and threa
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -35,7 +40,8 @@ from filterx.math.influence import (
 )
 from filterx.decode.loader import Batch, LoaderConfig, load_batches
 from filterx.core.progress import progress
-from filterx.scorers import ScoreResult
+from filterx.scorers import ScoreResult, StreamContext, register_scorer
+from filterx.scorers.influence import ENCODER_WEIGHT_DECAY, check_label_mode
 
 log = logging.getLogger("filterx.math.influence")
 TRUNK = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")
@@ -181,3 +187,55 @@ def last_block_influence(source: Dataset, target: Dataset, enc: Encoder, *, trai
         scores = store.rows()
     attrs = {"shards_scored": len(todo), "shards_reused": reused, **solve}
     return np.arange(source.num_samples), ScoreResult(scores, attrs=attrs)
+
+
+_SOLVER_KEYS = ("solver", "damping", "weight_decay", "cg_tol", "cg_max_iter", "lissa_scale", "lissa_depth",
+                "lissa_repeats", "lissa_batch_size")
+
+
+@register_scorer(
+    "influence/last-block", kind="streaming", variant_of="influence", choose_by=("params", "last-block"),
+    needs=("target_labels", "target_val_labels", "head_weight", "head_bias"), check=check_label_mode,
+)
+def last_block_scores(
+    ctx: StreamContext,
+    *,
+    seed: int,
+    solver: str = "cg",
+    damping: float = 0.01,
+    weight_decay: float = ENCODER_WEIGHT_DECAY,
+    labels: str = "pseudo",
+    val_classes: Sequence[int] | None = None,
+    cg_tol: float = 1e-6,
+    cg_max_iter: int = 1000,
+    lissa_scale: float | None = None,
+    lissa_depth: int = 5000,
+    lissa_repeats: int = 1,
+    lissa_batch_size: int = 256,
+    curvature: str = "gauss-newton",
+) -> tuple[np.ndarray, ScoreResult]:
+    """Influence over the encoder's last block and head, from pixels (parameters as influence's;
+    curvature: "gauss-newton" or "hessian" for the block's solve)."""
+    from filterx.models.encoder import encoder_target_split, load_encoder
+
+    params = dict(solver=solver, damping=damping, weight_decay=weight_decay, labels=labels, val_classes=val_classes,
+                  cg_tol=cg_tol, cg_max_iter=cg_max_iter, lissa_scale=lissa_scale, lissa_depth=lissa_depth,
+                  lissa_repeats=lissa_repeats, lissa_batch_size=lissa_batch_size, curvature=curvature)
+    enc = load_encoder(ctx.encoder, ctx.device)
+    train_ids, val_ids = encoder_target_split(ctx.target, enc.info)
+    options = SolverOptions(seed=seed, **{k: params[k] for k in _SOLVER_KEYS})
+    batch_size = min(ctx.batch_size, 64)
+    work_key = None
+    if ctx.work is not None:
+        split = hashlib.sha256(np.asarray(train_ids, np.int64).tobytes() + b"|"
+                               + np.asarray(val_ids, np.int64).tobytes())
+        # the decode backend and the device type change the last bits, and the compute batch size
+        # which samples share a kernel call; the loader's workers do not (shard_aligned_batches)
+        work_key = json.loads(json.dumps({
+            **ctx.key, "target_split": split.hexdigest()[:16], "params": params, "solver_options": asdict(options),
+            "batch_size": batch_size}, default=str))
+    return last_block_influence(
+        ctx.source, ctx.target, enc, train_ids=train_ids, val_ids=val_ids, options=options, labels=labels,
+        candidates=ctx.candidates, val_classes=None if val_classes is None else tuple(val_classes),
+        curvature=curvature, backend=ctx.backend, device=ctx.device, batch_size=batch_size, workers=ctx.workers,
+        quiet=ctx.quiet, work=ctx.work, work_key=work_key)

@@ -3,13 +3,15 @@
     DATASET/scores.zarr/<name>    (N,) float32, aligned to sample ids, NaN where not scored
                                   attrs: method, params, encoder, seed, filterx version, ...
     DATASET/reports/scores-<name>-<table>.csv   tables a scorer returns (e.g. per-class accuracy)
-    DATASET/scores.zarr/.work-<name>/   while ``--params last-block`` scores the pool: s_test and
-                                  the scores of each finished shard, so a killed run resumes;
+    DATASET/scores.zarr/.work-<name>/   while a streaming scorer (influence --params last-block)
+                                  scores the pool: its per-shard work, so a killed run resumes;
                                   removed once <name> is stored; not a score (list_scores)
 
-``score`` loads what the scorer ``needs`` (embeddings, the target split, the classifier head,
-labels, class metadata), embedding any dataset whose embeddings for the encoder are missing.
-The scorer itself only sees arrays.
+``score`` names no method: the registry resolves the method (or the variant a parameter
+chooses), and ``score`` loads what an array scorer ``needs`` (embeddings, the target split, the
+classifier head, labels, class metadata), embedding any dataset whose embeddings for the
+encoder are missing; the scorer itself only sees arrays. A streaming scorer gets a
+StreamContext (datasets, encoder, decode settings, its work store) instead.
 
 Candidates: the pool (``candidates="source"``) or the target's own training split
 (``"target-train"``, for influence "data dropout"): the latter scores are stored with the
@@ -18,7 +20,6 @@ target dataset, NaN on its validation split.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -33,7 +34,9 @@ from filterx.io import atomic
 from filterx.io.dataset import Dataset
 from filterx.io.scores import ensure_scores_root, list_scores, read_scores, work_path, write_scores, write_table  # noqa: F401
 from filterx.core.faults import crash_point
-from filterx.scorers import ScoreInputs, check_params, get_scorer, resolved_params, run_scorer
+from filterx.scorers import (
+    ScoreInputs, ScoreResult, StreamContext, check_params, resolve_scorer, resolved_params, run_scorer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,15 +89,9 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
     from filterx.core.runtime import dist_info, resolve_device
 
     t0 = time.perf_counter()
-    scorer = get_scorer(cfg.method)
-    cfg_params = dict(cfg.params)
-    # influence's parameter block is chosen here: the head works on arrays (the registry),
-    # the last block needs pixels (filterx.scorers.lastblock).
-    block = cfg_params.pop("params", "head") if cfg.method == "influence" else "head"
-    curvature = cfg_params.pop("curvature", "gauss-newton") if block == "last-block" else None
-    if block not in ("head", "last-block"):
-        raise ValueError(f"unknown influence parameters {block!r}; valid: head, last-block")
-    cfg_params = check_params(cfg.method, cfg_params)  # before anything is embedded
+    # the method, or the variant one of its parameters chooses (influence --params last-block)
+    scorer, cfg_params, chosen = resolve_scorer(cfg.method, cfg.params)
+    cfg_params = check_params(scorer.name, cfg_params)  # before anything is embedded
     needs = set(scorer.needs)
     if cfg.candidates == "target-train":
         needs |= {"target_emb"}
@@ -108,13 +105,11 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
         trained = _recorded_weight_decay(enc_file)
         if trained is not None:
             cfg_params["weight_decay"] = trained
-    params = resolved_params(cfg.method, **cfg_params)
+    params = resolved_params(scorer.name, **cfg_params)
     if cfg.candidates not in CANDIDATES:
         raise ValueError(f"unknown candidates {cfg.candidates!r}; valid: {', '.join(CANDIDATES)}")
-    if cfg.method == "influence" and params.get("labels") == "given" and cfg.candidates != "target-train":
-        # the pool's labels index the pool's classes, not the target's: never use them as target labels
-        raise ValueError("--labels given uses the candidates' own labels as target classes, so it needs "
-                         "--candidates target-train; to score the pool use --labels pseudo")
+    if scorer.check is not None:
+        scorer.check(params, cfg.candidates)
     if needs & _EMB_INPUTS and cfg.encoder is None:
         raise ValueError(f"--method {cfg.method} needs --encoder (make one with: filterx train-encoder TARGET OUT)")
     if (needs & _TARGET_INPUTS or cfg.candidates == "target-train") and cfg.target is None:
@@ -125,21 +120,25 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
 
     name = cfg.name or cfg.method
     # Under torchrun every rank embeds its share of what is missing; rank 0 alone scores and
-    # writes (the last-block pass runs on rank 0 only: the other ranks have nothing to do).
+    # writes (a streaming scorer runs on rank 0 only: the other ranks have nothing to do).
     rank = dist_info().rank
     if rank != 0:
-        if block != "last-block":
+        if scorer.kind == "array":
             _gather_inputs(cfg, needs, source, target, device, enc_file)
         return ScoreSummary(cfg.source, name, 0, source.num_samples, time.perf_counter() - t0, {}, rank)
     # Locked from the start: a second run writing the same scores is refused at once, not
-    # after it has embedded (and the last-block work store is this run's until removed below).
-    with atomic.run_lock((target if cfg.candidates == "target-train" else source).root, f"score-{name}"):
-        if block == "last-block":
-            scored_ds, scored_ids, result, enc_info = _last_block(cfg, params, curvature, source, target, device)
-            params = {**params, "params": "last-block", "curvature": curvature}
+    # after it has embedded (and a streaming scorer's work store is this run's until removed below).
+    scored_ds = target if cfg.candidates == "target-train" else source
+    with atomic.run_lock(scored_ds.root, f"score-{name}"):
+        if scorer.kind == "streaming":
+            ctx = _stream_context(cfg, name, source, target, device, enc_file)
+            scored_ids, result = scorer.fn(ctx, seed=cfg.seed, **cfg_params)
+            result = result if isinstance(result, ScoreResult) else ScoreResult(np.asarray(result, np.float32))
+            enc_info = {"path": _encoder_name(cfg.encoder), "tag": enc_file.get("tag"), "arch": enc_file.get("arch")}
         else:
             inputs, scored_ds, scored_ids, enc_info = _gather_inputs(cfg, needs, source, target, device, enc_file)
-            result = run_scorer(cfg.method, inputs, seed=cfg.seed, **cfg_params)
+            result = run_scorer(scorer.name, inputs, seed=cfg.seed, **cfg_params)
+        params = {**params, **chosen}
         full = np.full(scored_ds.num_samples, np.nan, dtype=np.float32)
         full[scored_ids] = result.scores
         crash_point("score.solved")
@@ -165,6 +164,7 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
 def _gather_inputs(cfg: ScoreConfig, needs: set, source: Dataset, target: Dataset | None, device: str,
                    enc_file: dict | None):
     """Load what the scorer needs; returns (inputs, dataset scored, its scored ids, encoder info)."""
+    from filterx.models.encoder import encoder_target_split
     from filterx.stages.embed import ensure_embeddings, read_embeddings
 
     enc_info = None
@@ -179,7 +179,7 @@ def _gather_inputs(cfg: ScoreConfig, needs: set, source: Dataset, target: Datase
             arrays["head_weight"] = info["state_dict"]["fc.weight"].float().numpy()
             arrays["head_bias"] = info["state_dict"]["fc.bias"].float().numpy()
         if target is not None:
-            train_ids, val_ids = _target_split(target, info)
+            train_ids, val_ids = encoder_target_split(target, info)
             if info.get("target", {}).get("fingerprint") not in (None, target.fingerprint):
                 log.warning("encoder %s was trained on another target (%s), not %s",
                             cfg.encoder, info["target"].get("root"), target.root)
@@ -213,61 +213,23 @@ def _gather_inputs(cfg: ScoreConfig, needs: set, source: Dataset, target: Datase
     return inputs, scored_ds, scored_ids, enc_info
 
 
-def _last_block(cfg: ScoreConfig, params: dict, curvature: str, source: Dataset, target: Dataset, device: str):
-    """Influence over the encoder's last block + head, from pixels (filterx.scorers.lastblock).
-
-    The pool pass keeps its work in ``work_path(source, name)``, keyed by everything the
-    scores depend on (``_work_key``), so that a killed run resumes where it stopped.
-    """
-    from filterx.models.encoder import load_encoder
-    from filterx.math.influence import SolverOptions
-    from filterx.scorers.lastblock import last_block_influence
-
-    enc = load_encoder(cfg.encoder, device)
-    train_ids, val_ids = _target_split(target, enc.info)
-    solver_keys = {"solver", "damping", "weight_decay", "cg_tol", "cg_max_iter", "lissa_scale", "lissa_depth",
-                   "lissa_repeats", "lissa_batch_size"}
-    options = SolverOptions(seed=cfg.seed, **{k: v for k, v in params.items() if k in solver_keys})
-    val_classes = params.get("val_classes")
-    batch_size = min(cfg.batch_size, 64)
-    work = work_key = None
-    if cfg.candidates == "source":
-        ensure_scores_root(source)  # before the work store inside it: creating the root replaces the folder
-        work = work_path(source, cfg.name or cfg.method)
-        work_key = _work_key(cfg, params, curvature, options, source, target, enc.tag, train_ids, val_ids,
-                             device, batch_size)
-    ids, result = last_block_influence(
-        source, target, enc, train_ids=train_ids, val_ids=val_ids, options=options, labels=params["labels"],
-        candidates=cfg.candidates, val_classes=None if val_classes is None else tuple(val_classes),
-        curvature=curvature, backend=cfg.backend, device=device, batch_size=batch_size,
-        workers=cfg.workers, quiet=cfg.quiet, work=work, work_key=work_key)
-    scored_ds = target if cfg.candidates == "target-train" else source
-    enc_info = {"path": _encoder_name(cfg.encoder), "tag": enc.tag, "arch": enc.info["arch"]}
-    return scored_ds, ids, result, enc_info
-
-
-def _work_key(cfg: ScoreConfig, params: dict, curvature: str, options, source: Dataset, target: Dataset,
-              encoder_tag: str, train_ids: np.ndarray, val_ids: np.ndarray, device: str, batch_size: int) -> dict:
-    """Everything last-block pool scores depend on: a work store with another key is stale.
-
-    The decode backend (resolved) and the device type change the last bits, and the compute
-    batch size which samples share a kernel call; the loader's workers do not (fixed compute
-    batches, filterx.scorers.lastblock.shard_aligned_batches).
-    """
-    from dataclasses import asdict
-
+def _stream_context(cfg: ScoreConfig, name: str, source: Dataset, target: Dataset, device: str,
+                    enc_file: dict) -> StreamContext:
+    """A streaming scorer's view of this run; pool runs get a work store to resume from,
+    keyed by the facts of the run this stage knows (the scorer adds its own)."""
     import torch
 
     from filterx.decode.loader import resolve_backend
 
-    split = hashlib.sha256(np.asarray(train_ids, np.int64).tobytes() + b"|" + np.asarray(val_ids, np.int64).tobytes())
-    return _jsonable({
-        "source_fingerprint": source.fingerprint, "target_fingerprint": target.fingerprint,
-        "encoder_tag": encoder_tag, "target_split": split.hexdigest()[:16], "params": params,
-        "curvature": curvature, "solver_options": asdict(options), "labels": params.get("labels"),
-        "val_classes": params.get("val_classes"), "seed": cfg.seed, "backend": resolve_backend(cfg.backend),
-        "device": torch.device(device).type, "batch_size": batch_size, "filterx_version": filterx.__version__,
-    })
+    work, key = None, {}
+    if cfg.candidates == "source":
+        ensure_scores_root(source)  # before the work store inside it: creating the root replaces the folder
+        work = work_path(source, name)
+        key = {"source_fingerprint": source.fingerprint, "target_fingerprint": target.fingerprint,
+               "encoder_tag": enc_file.get("tag"), "seed": cfg.seed, "backend": resolve_backend(cfg.backend),
+               "device": torch.device(device).type, "filterx_version": filterx.__version__}
+    return StreamContext(source, target, cfg.candidates, cfg.encoder, device=device, backend=cfg.backend,
+                         batch_size=cfg.batch_size, workers=cfg.workers, quiet=cfg.quiet, work=work, key=key)
 
 
 def _encoder_name(encoder) -> str:
@@ -290,13 +252,6 @@ def _decoded(emb: np.ndarray, ids: np.ndarray, ds: Dataset) -> np.ndarray:
         log.warning("%d samples of %s could not be decoded by embed (listed in its embeddings' .bad dir); "
                     "they are left out and score NaN", int((~ok).sum()), ds.root)
     return ids[ok]
-
-
-def _target_split(target: Dataset, info: dict) -> tuple[np.ndarray, np.ndarray]:
-    """The encoder's own train/val split when it was trained on this target, else all/none."""
-    if info.get("target", {}).get("fingerprint") == target.fingerprint:
-        return np.asarray(info["train_ids"], dtype=np.int64), np.asarray(info["val_ids"], dtype=np.int64)
-    return np.flatnonzero(target.labels >= 0), np.zeros(0, dtype=np.int64)
 
 
 def _jsonable(obj):
