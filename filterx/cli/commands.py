@@ -21,8 +21,8 @@ import click
 
 from filterx.cli.common import (
     BACKBONE, BACKEND_HELP, DEVICE_HELP, ENCODER, EXISTING_DIR, EXISTING_FILE, TRAINING_DEFAULTS, DefaultOption,
-    ListedOption, RegistryChoice, backend_names, beside, common, finish, finish_rank0, format_names, in_dataset,
-    inside, model_names, plain_json, runtime_options, scorer_names, setup,
+    ListedOption, RegistryChoice, ScoreCommand, backend_names, beside, common, finish, finish_rank0, format_names,
+    in_dataset, inside, model_names, plain_json, runtime_options, scorer_names, setup,
 )
 
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
@@ -288,12 +288,7 @@ def _parse_param(text: str) -> tuple[str, object]:
     return key.strip().replace("-", "_"), value
 
 
-# Options of `score` that map one-to-one onto scorer parameters (only passed when given).
-_SCORER_OPTIONS = ("k", "distance", "order", "model", "classes", "match", "count", "random_control",
-                   "solver", "damping", "labels", "val_classes", "params_", "folds")
-
-
-@main.command(short_help="Score every sample of the pool with a method.")
+@main.command(cls=ScoreCommand, short_help="Score every sample of the pool with a method.")
 @click.option("--method", required=True, type=RegistryChoice("method", scorer_names, "METHOD"), cls=ListedOption,
               help="Scorer.")
 @click.option("--source", required=True, type=EXISTING_DIR, help="Dataset dir of the pool.")
@@ -304,34 +299,6 @@ _SCORER_OPTIONS = ("k", "distance", "order", "model", "classes", "match", "count
 @click.option("--name", metavar="NAME", help="Store the scores under this name; default: the method's.")
 @click.option("--candidates", default="source", show_default=True, type=click.Choice(["source", "target-train"]),
               help="Score the pool, or the target's own training split (influence data dropout).")
-@click.option("--k", type=click.IntRange(1), cls=DefaultOption, show_default="per method",
-              help="clustering: k-means clusters over the target (200); pool-clusters: over the pool "
-                   "(one per 50 images); knn-target: nearest target embeddings (10).")
-@click.option("--distance", type=click.Choice(["min", "avg"]), cls=DefaultOption, show_default="min",
-              help="clustering: distance to the nearest centroid, or mean distance to all.")
-@click.option("--order", type=click.Choice(["high", "low"]), cls=DefaultOption, show_default="high",
-              help="entropy: keep high (active learning) or low entropy first.")
-@click.option("--model", type=click.Choice(["linear", "mlp"]), cls=DefaultOption, show_default="linear",
-              help="domain-cls: classifier on the embeddings.")
-@click.option("--folds", type=click.IntRange(1), cls=DefaultOption, show_default="1",
-              help="domain-cls: cross-fitting folds.")
-@click.option("--classes", metavar="SPEC",
-              help="class-mask: classes to remove: names or wnids, comma-separated, @file or @office31.")
-@click.option("--match", type=click.Choice(["exact", "substring"]), cls=DefaultOption, show_default="exact",
-              help="class-mask: how names match.")
-@click.option("--count", type=click.IntRange(1), help="hard-classes: how many classes to remove.")
-@click.option("--random-control", is_flag=True, default=None,
-              help="class-mask / hard-classes: remove as many random classes instead.")
-@click.option("--solver", type=click.Choice(["lissa", "cg", "exact"]), cls=DefaultOption, show_default="cg",
-              help="influence: inverse-HVP solver.")
-@click.option("--damping", type=float, cls=DefaultOption, show_default="0.01",
-              help="influence: lambda added to the Hessian.")
-@click.option("--labels", type=click.Choice(["pseudo", "given"]), cls=DefaultOption, show_default="pseudo",
-              help="influence: candidate labels, the classifier's or the true ones.")
-@click.option("--val-classes", metavar="I,J,...", cls=DefaultOption, show_default="all",
-              help="influence: target class indexes the validation loss covers.")
-@click.option("--params", "params_", type=click.Choice(["head", "last-block"]), cls=DefaultOption,
-              show_default="head", help="influence: parameters taken over.")
 @click.option("-p", "--param", "extra", multiple=True, metavar="KEY=VALUE",
               help="Any other scorer parameter (repeatable), e.g. -p steps=300.")
 @click.option("--seed", default=0, show_default=True, help="Random seed.")
@@ -362,14 +329,10 @@ def score(method, source, target, encoder, name, candidates, seed, device, backe
     from filterx.stages.score import ScoreConfig, score as run
 
     setup(quiet, verbose)
-    params = {}
-    for key in _SCORER_OPTIONS:
-        value = opts.get(key)
-        if value is not None:
-            pkey = "params" if key == "params_" else key
-            if key == "val_classes":
-                value = tuple(int(v) for v in value.split(",") if v.strip())
-            params[pkey] = value
+    # the method options the registry declares (ScoreCommand), passed only when given
+    params = {key.rstrip("_"): value for key, value in opts.items() if value is not None}
+    if isinstance(params.get("val_classes"), str):
+        params["val_classes"] = tuple(int(v) for v in params["val_classes"].split(",") if v.strip())
     params.update(dict(_parse_param(p) for p in extra))
     cfg = ScoreConfig(method, source, target, encoder, params, seed, name, candidates, device, backend,
                       batch_size, workers, quiet)

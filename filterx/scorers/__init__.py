@@ -119,6 +119,21 @@ class Scorer:
     choose_by: tuple[str, Any] | None = None  # (parameter, value of this scorer) that picks among variants
     check: Callable[[Mapping[str, Any], str], None] | None = None  # (params, candidates) -> raise ValueError
     variant_of: str | None = None  # the method this scorer is a variant of (not listed on its own)
+    options: Mapping[str, Option] = field(default_factory=dict)  # parameters with a `score` option
+
+
+@dataclass(frozen=True)
+class Option:
+    """A scorer parameter that ``filterx score`` offers as an option of its own (``--NAME``):
+    its help (one phrase), its choices (checked with the types by check_params), the lower
+    bound the command line enforces (the scorer checks its own range, with its own message),
+    and the metavar of a list. The type and the default come from the scorer's signature;
+    the other parameters are reached with -p."""
+
+    help: str
+    choices: tuple[str, ...] | None = None
+    min: int | float | None = None
+    metavar: str | None = None
 
 
 @dataclass(frozen=True)
@@ -153,7 +168,8 @@ _loaded = False
 
 def register_scorer(name: str, *, needs: tuple[str, ...] = (), kind: str = "array",
                     choose_by: tuple[str, Any] | None = None, variant_of: str | None = None,
-                    check: Callable[[Mapping[str, Any], str], None] | None = None) -> Callable:
+                    check: Callable[[Mapping[str, Any], str], None] | None = None,
+                    options: Mapping[str, Option] | None = None) -> Callable:
     """Decorator registering ``fn`` under ``name``.
 
     The keyword-only parameters of ``fn`` other than ``seed`` are the scorer's parameters;
@@ -162,7 +178,9 @@ def register_scorer(name: str, *, needs: tuple[str, ...] = (), kind: str = "arra
     variants and this scorer's value of it; a variant names its method in ``variant_of``.
     ``check(params, candidates)``: a scorer's own refusal of a combination (ValueError).
     ``needs`` of a streaming scorer name the inputs it derives itself, so that the stage asks
-    for the encoder and the target it needs.
+    for the encoder and the target it needs. ``options``: the parameters ``filterx score``
+    offers as options of their own (:class:`Option`; the choosing parameter may be one);
+    their choices are checked with the types.
     """
     unknown = [n for n in needs if n not in INPUT_FIELDS]
     if unknown:
@@ -184,8 +202,13 @@ def register_scorer(name: str, *, needs: tuple[str, ...] = (), kind: str = "arra
         doc = (fn.__doc__ or "").strip().splitlines()
         hints = typing.get_type_hints(fn)
         types = {k: hints[k] for k in defaults if k in hints}
+        declared = dict(options or {})
+        chooser = {choose_by[0]} if choose_by else set()
+        stray = sorted(set(declared) - set(defaults) - chooser)
+        if stray:
+            raise ValueError(f"scorer {name!r} declares options {stray} that are not its parameters")
         _REGISTRY[name] = Scorer(name, fn, tuple(needs), defaults, doc[0] if doc else "", types, kind, choose_by,
-                                 check, variant_of)
+                                 check, variant_of, declared)
         return fn
 
     return wrap
@@ -197,6 +220,12 @@ def _load_all() -> None:
         for mod in _SCORER_MODULES:
             importlib.import_module(mod)
         _loaded = True
+
+
+def all_scorers() -> list[Scorer]:
+    """Every registered scorer, variants included, in registration order."""
+    _load_all()
+    return list(_REGISTRY.values())
 
 
 def list_scorers() -> list[str]:
@@ -293,6 +322,9 @@ def check_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
         if not ok:
             want = getattr(kind, "__name__", None) or str(kind).replace("typing.", "")
             raise ValueError(f"method {name!r}: parameter {key} takes {want}, got {value!r}")
+        opt = scorer.options.get(key)
+        if opt is not None and opt.choices is not None and out[key] not in opt.choices:
+            raise ValueError(f"method {name!r}: unknown {key} {out[key]!r}; valid: {', '.join(opt.choices)}")
     return out
 
 
@@ -315,5 +347,7 @@ __all__ = [
     "resolved_params",
     "resolve_scorer",
     "StreamContext",
+    "Option",
+    "all_scorers",
     "INPUT_FIELDS",
 ]

@@ -38,7 +38,7 @@ import torch
 from filterx.io.classes import (
     ABSENT_MODES, MATCH_MODES, AbsentClassesError, absent_entries, describe_matches, match_classes,
 )
-from filterx.scorers import ClassInfo, ScoreInputs, ScoreResult, register_scorer
+from filterx.scorers import ClassInfo, Option, ScoreInputs, ScoreResult, register_scorer
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,10 @@ def _mask_attrs(classes, masked, counts, labels) -> dict:
     }
 
 
-@register_scorer("class-mask", needs=("source_labels", "source_classes"))
+@register_scorer("class-mask", needs=("source_labels", "source_classes"), options={
+    "classes": Option("classes to remove: names or wnids, comma-separated, @file or @office31", metavar="SPEC"),
+    "match": Option("how names match", choices=MATCH_MODES),
+    "random_control": Option("remove as many random classes instead")})
 def class_mask(
     inputs: ScoreInputs,
     *,
@@ -326,7 +329,9 @@ def class_mask(
     return ScoreResult(class_mask_scores(labels, masked), attrs, {"masked_classes": table})
 
 
-@register_scorer("hard-classes", needs=("source_emb", "source_labels", "source_classes"))
+@register_scorer("hard-classes", needs=("source_emb", "source_labels", "source_classes"), options={
+    "count": Option("how many classes to remove", min=1),
+    "random_control": Option("remove as many random classes instead")})
 def hard_classes(
     inputs: ScoreInputs,
     *,

@@ -14,7 +14,7 @@ import logging
 
 import numpy as np
 
-from filterx.scorers import ScoreInputs, ScoreResult, register_scorer
+from filterx.scorers import Option, ScoreInputs, ScoreResult, register_scorer
 
 log = logging.getLogger(__name__)
 DISTANCES = ("min", "avg")
@@ -90,7 +90,10 @@ def centroid_distances(x: np.ndarray, centroids: np.ndarray, *, distance: str, d
     return out
 
 
-@register_scorer("clustering", needs=("source_emb", "target_emb"))
+@register_scorer("clustering", needs=("source_emb", "target_emb"), options={
+    "k": Option("k-means clusters over the target", min=1),
+    "distance": Option("distance to the nearest centroid, or mean distance to all", choices=DISTANCES),
+})
 def clustering_scores(inputs: ScoreInputs, *, seed: int, k: int = 200, distance: str = "min",
                       niter: int = 25, normalize: bool = True, kmeans: str = "auto") -> ScoreResult:
     """Minus the distance of each source image to k-means centroids of the target embeddings."""

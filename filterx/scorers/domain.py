@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from filterx.scorers import ScoreInputs, ScoreResult, register_scorer
+from filterx.scorers import Option, ScoreInputs, ScoreResult, register_scorer
 
 MODELS = ("linear", "mlp")
 STATS_ROWS = 100_000  # rows of each side the standardisation statistics are estimated on
@@ -85,7 +85,9 @@ def domain_logits(net, mean, std, x: np.ndarray, *, device: str = "cpu", block: 
     return out
 
 
-@register_scorer("domain-cls", needs=("source_emb", "target_emb"))
+@register_scorer("domain-cls", needs=("source_emb", "target_emb"), options={
+    "model": Option("classifier on the embeddings", choices=MODELS),
+    "folds": Option("cross-fitting folds", min=1)})
 def domain_scores(inputs: ScoreInputs, *, seed: int, model: str = "linear", hidden: int = 256,
                   steps: int = 500, batch_size: int = 512, lr: float = 1e-3,
                   weight_decay: float = 1e-4, folds: int = 1) -> ScoreResult:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from filterx.scorers import ScoreInputs, register_scorer
+from filterx.scorers import Option, ScoreInputs, register_scorer
 
 ORDERS = ("high", "low")
 
@@ -25,7 +25,8 @@ def head_logits(emb: np.ndarray, weight: np.ndarray, bias: np.ndarray, *, device
         yield i, torch.addmm(b, x, w.T)
 
 
-@register_scorer("entropy", needs=("source_emb", "head_weight", "head_bias"))
+@register_scorer("entropy", needs=("source_emb", "head_weight", "head_bias"), options={
+    "order": Option("keep high (active learning) or low entropy first", choices=ORDERS)})
 def entropy_scores(inputs: ScoreInputs, *, seed: int, order: str = "high") -> np.ndarray:
     """Prediction entropy (nats) of the target classifier; negated for order="low"."""
     from filterx.kernels import softmax_stats

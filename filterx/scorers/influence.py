@@ -28,8 +28,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from filterx.math.influence import SolverOptions, head_influence_scores, head_s_test
-from filterx.scorers import ScoreInputs, ScoreResult, register_scorer
+from filterx.math.influence import SOLVERS, SolverOptions, head_influence_scores, head_s_test
+from filterx.scorers import Option, ScoreInputs, ScoreResult, register_scorer
 
 logger = logging.getLogger("filterx.math.influence")
 
@@ -37,6 +37,13 @@ LABEL_MODES = ("pseudo", "given")
 # The L2 decay train-encoder trains the head with (filterx.models.encoder.EncoderConfig.weight_decay;
 # not imported: scorers sit below the training code; tests/test_influence.py checks they agree).
 ENCODER_WEIGHT_DECAY = 5e-4
+INFLUENCE_OPTIONS = {  # the head and the last-block scorers share them
+    "params": Option("parameters taken over"),
+    "solver": Option("inverse-HVP solver", choices=SOLVERS),
+    "damping": Option("lambda added to the Hessian", min=0.0),
+    "labels": Option("candidate labels, the classifier's or the true ones", choices=LABEL_MODES),
+    "val_classes": Option("target class indexes the validation loss covers", metavar="I,J,..."),
+}
 
 
 def check_label_mode(params, candidates: str) -> None:
@@ -52,6 +59,7 @@ def check_label_mode(params, candidates: str) -> None:
            "head_weight", "head_bias"),
     choose_by=("params", "head"),  # "last-block": the streaming variant in filterx.scorers.lastblock
     check=check_label_mode,
+    options=INFLUENCE_OPTIONS,
 )
 def influence_scores(
     inputs: ScoreInputs,

@@ -41,7 +41,7 @@ from filterx.math.influence import (
 from filterx.decode.loader import Batch, LoaderConfig, load_batches
 from filterx.core.progress import progress
 from filterx.scorers import ScoreResult, StreamContext, register_scorer
-from filterx.scorers.influence import ENCODER_WEIGHT_DECAY, check_label_mode
+from filterx.scorers.influence import ENCODER_WEIGHT_DECAY, INFLUENCE_OPTIONS, check_label_mode
 
 log = logging.getLogger("filterx.math.influence")
 TRUNK = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")
@@ -196,6 +196,7 @@ _SOLVER_KEYS = ("solver", "damping", "weight_decay", "cg_tol", "cg_max_iter", "l
 @register_scorer(
     "influence/last-block", kind="streaming", variant_of="influence", choose_by=("params", "last-block"),
     needs=("target_labels", "target_val_labels", "head_weight", "head_bias"), check=check_label_mode,
+    options={k: v for k, v in INFLUENCE_OPTIONS.items() if k != "params"},
 )
 def last_block_scores(
     ctx: StreamContext,

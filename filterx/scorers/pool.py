@@ -27,7 +27,7 @@ import logging
 
 import numpy as np
 
-from filterx.scorers import ScoreInputs, ScoreResult, register_scorer
+from filterx.scorers import Option, ScoreInputs, ScoreResult, register_scorer
 from filterx.scorers.clustering import KMEANS, _faiss_has_gpu, fit_centroids, l2_normalize
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,8 @@ def _check_target(target: np.ndarray, name: str) -> np.ndarray:
     return target
 
 
-@register_scorer("knn-target", needs=("source_emb", "target_emb"))
+@register_scorer("knn-target", needs=("source_emb", "target_emb"), options={
+    "k": Option("nearest target embeddings", min=1)})
 def knn_target_scores(inputs: ScoreInputs, *, seed: int, k: int = 10, normalize: bool = True) -> ScoreResult:
     """Minus the mean Euclidean distance of each pool image to its k nearest target embeddings."""
     if k < 1:
@@ -125,7 +126,8 @@ def nearest_cluster(x: np.ndarray, centroids: np.ndarray, *, block: int = BLOCK)
     return idx[:, 0], d2[:, 0]
 
 
-@register_scorer("pool-clusters", needs=("source_emb", "target_emb"))
+@register_scorer("pool-clusters", needs=("source_emb", "target_emb"), options={
+    "k": Option("k-means clusters over the pool (default: one per 50 images)", min=1)})
 def pool_cluster_scores(inputs: ScoreInputs, *, seed: int, k: int | None = None, niter: int = 20,
                         normalize: bool = True, kmeans: str = "auto") -> ScoreResult:
     """Pool k-means clusters nearest to some target embedding first (DataComp's image-based filter)."""
