@@ -37,11 +37,20 @@ LABEL_MODES = ("pseudo", "given")
 # The L2 decay train-encoder trains the head with (filterx.models.encoder.EncoderConfig.weight_decay;
 # not imported: scorers sit below the training code; tests/test_influence.py checks they agree).
 ENCODER_WEIGHT_DECAY = 5e-4
+# What a score means, stored with every influence score (attrs["result"]["ranks"]).
+RANKS = {
+    "pseudo": ("the help each candidate, labelled with the head's own prediction, would give the target "
+               "classifier's validation loss; an image the head classifies confidently scores near 0 however "
+               "target-like it is: a measure of help to the classifier, not of relevance to the target"),
+    "given": "the help each candidate, with its own label, gives the target classifier's validation loss",
+}
 INFLUENCE_OPTIONS = {  # the head and the last-block scorers share them
     "params": Option("parameters taken over"),
     "solver": Option("inverse-HVP solver", choices=SOLVERS),
     "damping": Option("lambda added to the Hessian", min=0.0),
-    "labels": Option("candidate labels, the classifier's or the true ones", choices=LABEL_MODES),
+    "labels": Option("candidate labels, the classifier's or the true ones (pseudo ranks the pool by help to the "
+                     "classifier, near 0 for images it already classifies confidently: not by relevance)",
+                     choices=LABEL_MODES),
     "val_classes": Option("target class indexes the validation loss covers", metavar="I,J,..."),
 }
 
@@ -126,7 +135,7 @@ def influence_scores(
         val_classes=None if val_classes is None else tuple(int(c) for c in val_classes),
         options=options, device=device,
     )
-    attrs = {**result.summary(), "weight_decay": float(weight_decay), "label_smoothing": 0.0}
+    attrs = {**result.summary(), "weight_decay": float(weight_decay), "label_smoothing": 0.0, "ranks": RANKS[labels]}
     logger.info("influence solve: %s", attrs)
     scores = head_influence_scores(
         inputs.source_emb, weight, bias, result.s_test, labels=given,

@@ -41,7 +41,7 @@ from filterx.math.influence import (
 from filterx.decode.loader import Batch, LoaderConfig, load_batches
 from filterx.core.progress import progress
 from filterx.scorers import ScoreResult, StreamContext, register_scorer
-from filterx.scorers.influence import ENCODER_WEIGHT_DECAY, INFLUENCE_OPTIONS, check_label_mode
+from filterx.scorers.influence import ENCODER_WEIGHT_DECAY, INFLUENCE_OPTIONS, RANKS, check_label_mode
 
 log = logging.getLogger("filterx.math.influence")
 TRUNK = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")
@@ -235,8 +235,9 @@ def last_block_scores(
         work_key = json.loads(json.dumps({
             **ctx.key, "target_split": split.hexdigest()[:16], "params": params, "solver_options": asdict(options),
             "batch_size": batch_size}, default=str))
-    return last_block_influence(
+    ids, result = last_block_influence(
         ctx.source, ctx.target, enc, train_ids=train_ids, val_ids=val_ids, options=options, labels=labels,
         candidates=ctx.candidates, val_classes=None if val_classes is None else tuple(val_classes),
         curvature=curvature, backend=ctx.backend, device=ctx.device, batch_size=batch_size, workers=ctx.workers,
         quiet=ctx.quiet, work=ctx.work, work_key=work_key)
+    return ids, replace(result, attrs={**result.attrs, "ranks": RANKS[labels]})
