@@ -95,7 +95,7 @@ def _row(method: str, encoder: str, values: dict, seconds: float | None) -> dict
 
 def _train_encoders(root: Path, target: Path, chosen, *, backbone: str, epochs: int, resolution: int,
                     seed: int, device: str) -> dict[str, dict]:
-    from filterx.models.encoder import EncoderConfig, train_encoder
+    from filterx.train.encoder import EncoderConfig, train_encoder
     from filterx.stages.probe import ProbeConfig, train_probe
 
     out = {}

@@ -128,7 +128,7 @@ def sample_dirs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def encoder_file(sample_dirs, tmp_path_factory) -> Path:
     """A ResNet-18 trained briefly on the tiny target (32 px): enough for the plumbing."""
-    from filterx.models.encoder import EncoderConfig, train_encoder
+    from filterx.train.encoder import EncoderConfig, train_encoder
 
     out = tmp_path_factory.mktemp("enc") / "encoder.pt"
     train_encoder(EncoderConfig(sample_dirs[1], out, resolution=32, epochs=2, batch_size=16, backend="pil",

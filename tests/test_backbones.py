@@ -21,7 +21,8 @@ from filterx.models import backbones
 from filterx.cli.commands import main
 from filterx.io.dataset import Dataset
 from filterx.stages.embed import read_embeddings
-from filterx.models.encoder import load_encoder, read_encoder_file, stratified_split
+from filterx.models.encoder import load_encoder, read_encoder_file
+from filterx.math.splits import stratified_split
 from filterx.decode.loader import LoaderConfig, load_batches
 
 RUN = ("--device", "cpu", "--backend", "pil", "--workers", "0", "-q")

@@ -31,7 +31,8 @@ import pytest
 from clirun import one_line, run as run_cli
 from filterx.io.classes import preset_entries
 from filterx.io.dataset import Dataset
-from filterx.models.encoder import EncoderConfig, read_encoder_file, train_encoder
+from filterx.models.encoder import read_encoder_file
+from filterx.train.encoder import EncoderConfig, train_encoder
 from filterx.stages.score import ScoreConfig, read_scores, score, write_scores
 from filterx.stages.shard import ShardConfig, shard
 

@@ -172,7 +172,7 @@ def test_embed_and_target_train_scores_save_to_the_dataset_that_was_written(samp
 
 
 def test_train_encoder_saves_its_options_beside_the_file(sample_dirs, tmp_path):
-    from filterx.models.encoder import EncoderSummary
+    from filterx.train.encoder import EncoderSummary
 
     out = tmp_path / "enc.pt"
     summary = ok("train-encoder", sample_dirs[1], out, "--resolution", 64, "--epochs", 1, "--batch-size", 32,

@@ -287,7 +287,7 @@ def test_scorer_scores_follow_the_definition():
 
 
 def test_scorer_default_objective_is_train_encoders():
-    from filterx.models.encoder import EncoderConfig
+    from filterx.train.encoder import EncoderConfig
     from filterx.scorers import get_scorer
 
     assert get_scorer("influence").defaults["weight_decay"] == EncoderConfig.weight_decay == 5e-4

@@ -12,7 +12,9 @@ import torchvision.transforms.v2.functional as TF
 
 from clirun import one_line, run
 from filterx.io.dataset import Dataset
-from filterx.models.encoder import decode_dataset, load_encoder, stratified_split
+from filterx.models.encoder import load_encoder
+from filterx.train.encoder import decode_dataset
+from filterx.math.splits import stratified_split
 from filterx.stages.moco_encoder import MocoEncoderConfig, frozen_features, train_moco_encoder
 from filterx.decode.loader import Batch
 from filterx.train.moco import MoCo, GroupedBN, bn_groups, default_queue_size, info_nce

@@ -20,9 +20,9 @@ from pathlib import Path
 import click
 
 from filterx.cli.common import (
-    BACKBONE, BACKEND_HELP, DEVICE_HELP, ENCODER, EXISTING_DIR, EXISTING_FILE, TRAINING_DEFAULTS, DefaultOption,
-    ListedOption, RegistryChoice, ScoreCommand, backend_names, beside, common, finish, finish_rank0, format_names,
-    in_dataset, inside, model_names, plain_json, runtime_options, scorer_names, setup,
+    BACKBONE, BACKEND_HELP, DEVICE_HELP, ENCODER, EXISTING_DIR, TRAINING_DEFAULTS, DefaultOption, ListedOption,
+    RegistryChoice, ScoreCommand, backend_names, beside, common, encoder_arch_names, finish, finish_rank0,
+    format_names, in_dataset, inside, model_names, plain_json, runtime_options, scorer_names, setup,
 )
 
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
@@ -150,7 +150,7 @@ def shard(src, out, shard_size, resize_short, workers, num_classes, quiet, verbo
 @main.command("train-encoder", short_help="Train the target encoder (a ResNet, or a probe on a backbone) -> OUT.")
 @click.argument("target", type=EXISTING_DIR)
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--arch", default="resnet18", show_default=True, type=click.Choice(["resnet18", "resnet34", "resnet50"]),
+@click.option("--arch", default="resnet18", show_default=True, type=RegistryChoice("arch", encoder_arch_names),
               help="torchvision ResNet, trained from scratch.")
 @click.option("--resolution", default="112", show_default=True, type=click.Choice(["224", "112", "64"]),
               help="Input size in pixels; 64 is for tiny CPU runs such as the demo.")
@@ -216,7 +216,7 @@ def train_encoder(target, out, arch, resolution, epochs, lr, weight_decay, val_f
                           backend=backend, device=device, batch_size=batch_size, workers=workers, quiet=quiet)
         finish(train_probe(cfg), as_json, beside(out))
         return
-    from filterx.models.encoder import EncoderConfig, train_encoder as run
+    from filterx.train.encoder import EncoderConfig, train_encoder as run
 
     cfg = EncoderConfig(target, out, arch, int(resolution), epochs, batch_size, lr, weight_decay=weight_decay,
                         val_fraction=val_fraction, backend=backend, device=device, workers=workers, seed=seed,

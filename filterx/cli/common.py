@@ -412,6 +412,12 @@ def scorer_names():
     return list_scorers()
 
 
+def encoder_arch_names():
+    from filterx.models.encoder import ARCHS
+
+    return list(ARCHS)
+
+
 def model_names():
     from filterx.models.archs import list_models
 

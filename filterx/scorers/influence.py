@@ -34,7 +34,7 @@ from filterx.scorers import Option, ScoreInputs, ScoreResult, register_scorer
 logger = logging.getLogger("filterx.math.influence")
 
 LABEL_MODES = ("pseudo", "given")
-# The L2 decay train-encoder trains the head with (filterx.models.encoder.EncoderConfig.weight_decay;
+# The L2 decay train-encoder trains the head with (filterx.train.encoder.EncoderConfig.weight_decay;
 # not imported: scorers sit below the training code; tests/test_influence.py checks they agree).
 ENCODER_WEIGHT_DECAY = 5e-4
 # What a score means, stored with every influence score (attrs["result"]["ranks"]).

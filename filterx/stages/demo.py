@@ -76,7 +76,8 @@ class DemoSummary:
 
 def run_demo(cfg: DemoConfig) -> DemoSummary:
     from filterx.io.dataset import Dataset, is_dataset
-    from filterx.models.encoder import EncoderConfig, read_encoder_file, train_encoder
+    from filterx.models.encoder import read_encoder_file
+    from filterx.train.encoder import EncoderConfig, train_encoder
     from filterx.io.manifest import read_manifest
     from filterx.io.sampledata import make_sample_data
     from filterx.stages.score import ScoreConfig, score

@@ -31,8 +31,9 @@ import torch
 import filterx
 from filterx.io import atomic
 from filterx.io.dataset import Dataset
-from filterx.models.encoder import ARCHS, ENCODER_FORMAT, center_crop, check_held_out, decode_dataset, empty_classes, \
-    state_tag, stratified_split
+from filterx.models.encoder import ARCHS, ENCODER_FORMAT, state_tag
+from filterx.train.encoder import center_crop, check_held_out, decode_dataset, empty_classes
+from filterx.math.splits import stratified_split
 from filterx.decode.loader import IMAGENET_MEAN, IMAGENET_STD, load_batches, resolve_backend
 from filterx.train.moco import default_queue_size
 from filterx.stages.probe import _accuracy, fit_linear_probe

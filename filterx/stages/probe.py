@@ -2,7 +2,7 @@
 
 The target is embedded with the backbone (``filterx.stages.embed``; the embeddings are stored with
 the target, so that ``score`` reuses exactly the features the probe was fitted on), split
-with train-encoder's seeded stratified split (``filterx.models.encoder.stratified_split``, with its
+with train-encoder's seeded stratified split (``filterx.math.splits.stratified_split``, with its
 held-out checks), and a multinomial logistic regression is fitted on the training part:
 
     minimise  R(W, b) = mean_j CE(W x_j + b, y_j) + (wd / 2) (||W||² + ||b||²)
@@ -32,7 +32,9 @@ from filterx.io import atomic
 from filterx.models import backbones
 from filterx.io.dataset import Dataset
 from filterx.stages.embed import ensure_embeddings, read_embeddings
-from filterx.models.encoder import ENCODER_FORMAT, check_held_out, empty_classes, stratified_split
+from filterx.models.encoder import ENCODER_FORMAT
+from filterx.train.encoder import check_held_out, empty_classes
+from filterx.math.splits import stratified_split
 
 log = logging.getLogger(__name__)
 

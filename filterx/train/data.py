@@ -98,9 +98,9 @@ def resolve_training_data(source: str | Path) -> TrainingData:
 def held_out_split(data: TrainingData, fraction: float, seed: int,
                    what: str = "evaluation") -> tuple[TrainingData, TrainingData]:
     """(train, held-out): ``fraction`` of every class held out (seeded, stratified; see
-    ``filterx.models.encoder.stratified_split``). ``what`` names the held-out part in the error raised
+    ``filterx.math.splits.stratified_split``). ``what`` names the held-out part in the error raised
     when it would be empty (every class has a single image)."""
-    from filterx.models.encoder import stratified_split
+    from filterx.math.splits import stratified_split
 
     train_pos, val_pos = stratified_split(data.labels, fraction, seed)
     if len(val_pos) == 0:
