@@ -151,7 +151,7 @@ class MoCo(nn.Module):
             return k, k
         import torch.distributed as dist
 
-        rank, world = dist.get_rank(), dist.get_world_size()
+        rank = dist.get_rank()
         everything = collectives.all_gather_cat(im_k)
         n = len(im_k)
         perm = torch.randperm(len(everything), generator=gen).to(im_k.device)

@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 
 from filterx.io import atomic
-from filterx.decode.loader import LoaderConfig, load_batches, resolve_backend, samples_per_rank
+from filterx.decode.loader import LoaderConfig, load_batches, resolve_backend
 from filterx.models.archs import build_model, list_models
 from filterx.train.adversarial import DEFAULT_STEPS, Attack, check_attack
 from filterx.core.runtime import seed_everything
