@@ -19,20 +19,21 @@ import torch.nn as nn
 
 from filterx.io.dataset import Dataset
 from filterx.core.runtime import load_marked_dict
+from filterx.models.archs import build_model, list_models
 
 log = logging.getLogger(__name__)
 
-ARCHS = ("resnet18", "resnet34", "resnet50")
+# Encoders are the trainer registry's ResNets (filterx.models.archs): one registry of models.
+ARCHS = tuple(name for name in list_models() if name.startswith("resnet"))
 ENCODER_FORMAT = 1
 
 
 def build_resnet(arch: str, num_classes: int) -> nn.Module:
-    """An untrained torchvision ResNet with a ``num_classes`` head (no downloads)."""
-    import torchvision
-
+    """An untrained torchvision ResNet with a ``num_classes`` head (no downloads), built by the
+    model registry."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
-    return getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+    return build_model(arch, num_classes)
 
 
 def split_features_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
