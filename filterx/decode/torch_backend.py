@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import math
 import re
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -127,8 +126,8 @@ class _SampleStream(IterableDataset):
             f = files.get(ref.tar) or files.setdefault(ref.tar, open(self.tars[ref.tar], "rb"))
             label = -1
             try:
-                data = _read(f, ref.jpg, self.tars[ref.tar])
-                label = int(_read(f, ref.cls, self.tars[ref.tar])) if ref.cls else -1
+                data = tario.read_member(f, ref.jpg, self.tars[ref.tar])
+                label = int(tario.read_member(f, ref.cls, self.tars[ref.tar])) if ref.cls else -1
                 if self.raw:
                     yield ref.sample_id, torch.frombuffer(bytearray(data), dtype=torch.uint8), label, ""
                     continue
@@ -149,14 +148,6 @@ def _reason(e: BaseException) -> str:
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
     first = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the member's bytes", first)
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
-
-
-def _read(f, e: tario.MemberEntry, tar: Path) -> bytes:
-    f.seek(e.offset)
-    data = f.read(e.size)
-    if len(data) != e.size:
-        raise ValueError(f"{tar}: member {e.key}.{e.ext} is truncated")
-    return data
 
 
 def _collate_raw(items):

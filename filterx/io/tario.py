@@ -197,15 +197,21 @@ def tar_size_bounds(data_end: int) -> tuple[int, int]:
     return least, -(-least // record) * record
 
 
+def read_member(f, e: MemberEntry, tar_path: str | os.PathLike) -> bytes:
+    """The data of member ``e`` from ``f``, the open tar ``tar_path``, by offset (no tar
+    parsing): the one reader of member bytes; ValueError naming the member when it is cut short."""
+    f.seek(e.offset)
+    data = f.read(e.size)
+    if len(data) != e.size:
+        raise ValueError(f"{tar_path}: member {e.key}.{e.ext} is truncated")
+    return data
+
+
 def read_members(tar_path: str | os.PathLike, entries: Iterable[MemberEntry]) -> Iterator[tuple[MemberEntry, bytes]]:
     """Read the data of the given members by offset (no tar parsing)."""
     with open(tar_path, "rb") as f:
         for e in entries:
-            f.seek(e.offset)
-            data = f.read(e.size)
-            if len(data) != e.size:
-                raise ValueError(f"{tar_path}: member {e.key}.{e.ext} is truncated")
-            yield e, data
+            yield e, read_member(f, e, tar_path)
 
 
 def sample_members(image: bytes, label: int, meta: dict) -> dict[str, bytes]:
