@@ -268,6 +268,40 @@ def runtime_options(fn=None, *, batch_size: int = 128):
     return fn
 
 
+def runner_options(fn=None, *, actors: bool = True):
+    """--runner/--address (and --actors), for the commands that map shards over workers."""
+    if fn is None:
+        return lambda f: runner_options(f, actors=actors)
+    fn = click.option("--address", metavar="ADDR",
+                      help="--runner ray: the cluster to join: auto (the one `ray start` made on this node) or "
+                           "HOST:PORT; default: $RAY_ADDRESS, else a cluster started on this node, else a new one "
+                           "here.")(fn)
+    if actors:
+        fn = click.option("--actors", default=0, show_default=True, type=click.IntRange(0),
+                          help="--runner ray: embedding actors; 0: one per GPU of the cluster (without GPUs: "
+                               "its CPUs / max(1, --workers)).")(fn)
+    fn = click.option("--runner", type=RegistryChoice("runner", runner_names), default=None,
+                      cls=DefaultOption, show_default="local; torchrun under torchrun",
+                      help="What maps the shards over workers: this machine, torchrun's ranks, or a Ray "
+                           "cluster (README: Several machines).")(fn)
+    return fn
+
+
+def runner_names() -> list[str]:
+    from filterx.runners import list_runners
+
+    return list_runners()
+
+
+def check_runner(runner, address, actors: int = 0) -> None:
+    """Ray's options only with --runner ray: a usage error, before any work."""
+    if runner != "ray":
+        if address is not None:
+            raise click.UsageError(f"--address {address} names a Ray cluster; add --runner ray")
+        if actors:
+            raise click.UsageError("--actors counts Ray actors; add --runner ray")
+
+
 def backend_names() -> list[str]:
     from filterx.decode.backends import list_backends
 
