@@ -239,6 +239,22 @@ def test_ray_shard_with_a_killed_actor_mid_tar_is_bit_identical(cluster, image_f
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]  # the killed writer's partial tar is gone
 
 
+def test_ray_score_embeds_on_actors_and_scores_as_local(cluster, sample_dirs, encoder_file, tmp_path):
+    from filterx.io.dataset import Dataset
+    from filterx.stages.score import ScoreConfig, read_scores, score
+
+    got = {}
+    for runner in ("local", "ray"):
+        for d in (0, 1):
+            shutil.copytree(sample_dirs[d], tmp_path / runner / ("source", "target")[d])
+        src, tgt = tmp_path / runner / "source", tmp_path / runner / "target"
+        score(ScoreConfig("domain-cls", src, tgt, encoder_file, seed=0, device="cpu", backend="pil", workers=0,
+                          batch_size=16, quiet=True, runner=runner))
+        got[runner] = read_scores(Dataset.open(src), "domain-cls")[0]
+    assert np.isfinite(got["ray"]).all()
+    np.testing.assert_array_equal(got["ray"], got["local"])
+
+
 def _cli(*args, crash: str | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != ENV}
     if crash:
@@ -278,3 +294,20 @@ def test_ray_shard_killed_driver_keeps_the_finished_tars(cluster, image_folder, 
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert {name: (out / "shards" / name).stat().st_mtime_ns for name in kept} == kept  # not written again
     assert_same_files(ref, out)
+
+
+def test_torchrun_ranks_share_the_shard_passes_and_give_the_same_dataset(image_folder, dataset_dir, tmp_path):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "ranks"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "filterx", "shard", str(image_folder), str(out), "--shard-size", "5", "--workers", "1", "-q", "--json"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(run.stdout)["num_shards"] == 6  # one summary: rank 0's
+    assert sorted(p.name for p in out.glob(".filterx-shard*.lock")) == [".filterx-shard-rank0.lock",
+                                                                        ".filterx-shard-rank1.lock"]
+    assert_same_files(dataset_dir, out)

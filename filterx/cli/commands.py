@@ -141,7 +141,7 @@ def shard(src, out, shard_size, resize_short, workers, num_classes, runner, addr
     Example:
       filterx shard ~/data/imagenet/train ws/source --shard-size 1000
       filterx shard train_list.txt ws/source --num-classes 1000
-      filterx shard /shared/imagenet/train /shared/ws/source --runner ray --address auto
+      filterx shard /nfs/train /nfs/ws/source --runner ray --address auto
     """
     from filterx.stages.shard import ShardConfig, shard as run
 
@@ -273,7 +273,7 @@ def embed(dataset, encoder, device, backend, batch_size, workers, runner, actors
       filterx embed ws/source --encoder torchvision:resnet50:IMAGENET1K_V2
       torchrun --nproc_per_node 8 -m filterx embed ws/source \\
           --encoder ws/encoder.pt
-      filterx embed /shared/ws/source --encoder /shared/ws/encoder.pt \\
+      filterx embed /nfs/ws/source --encoder /nfs/ws/encoder.pt \\
           --runner ray --address auto
     """
     from filterx.stages.embed import EmbedConfig, embed as run

@@ -126,7 +126,9 @@ def _load_config(ctx: click.Context, param, value):
 
 
 # Not part of what a run computes: left out of saved configs.
-_NOT_SAVED = ("quiet", "verbose", "as_json")
+# How a run was run, not what it computed (outputs are the same under every runner): a saved
+# file repeats the run anywhere, without joining the cluster it ran on.
+_NOT_SAVED = ("quiet", "verbose", "as_json", "runner", "address", "actors")
 # Options holding a class spec, where "@path" names a file.
 _CLASS_SPECS = ("classes", "relevant_classes")
 # pretrain / finetune options left unset take their value from PretrainConfig / FinetuneConfig;
@@ -281,9 +283,9 @@ def runner_options(fn=None, *, actors: bool = True):
                           help="--runner ray: embedding actors; 0: one per GPU of the cluster (without GPUs: "
                                "its CPUs / max(1, --workers)).")(fn)
     fn = click.option("--runner", type=RegistryChoice("runner", runner_names), default=None,
-                      cls=DefaultOption, show_default="local; torchrun under torchrun",
                       help="What maps the shards over workers: this machine, torchrun's ranks, or a Ray "
-                           "cluster (README: Several machines).")(fn)
+                           "cluster (README: Several machines). Default: local; torchrun under torchrun. "
+                           "Not saved with the options: the outputs are the same under every runner.")(fn)
     return fn
 
 
