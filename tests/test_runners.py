@@ -239,6 +239,7 @@ def test_ray_shard_with_a_killed_actor_mid_tar_is_bit_identical(cluster, image_f
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]  # the killed writer's partial tar is gone
 
 
+@pytest.mark.slow  # ~90 s on 2 loaded cores: two full score runs (embedding + domain classifier) each
 def test_ray_score_embeds_on_actors_and_scores_as_local(cluster, sample_dirs, encoder_file, tmp_path):
     from filterx.io.dataset import Dataset
     from filterx.stages.score import ScoreConfig, read_scores, score
