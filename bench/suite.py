@@ -67,6 +67,8 @@ register_suite("kmeans", "bench.bench_kmeans", "FAISS k-means against filterx's 
 register_suite("selection", "bench.bench_selection",
                "precision of each method's selection at 6% and 12% on pools with a known relevant "
                "part (easy, medium, hard), per encoder, against scikit-learn references")
+register_suite("ray", "bench.bench_ray",
+               "shard and embed with --runner ray against --runner local on this machine (ratio, one run)")
 register_suite("gpu", "bench.bench_gpu",
                "the first-GPU check (< 8 min): nvJPEG decode, embed, k-means, Triton kernels, "
                "pretrain + NCCL collectives")

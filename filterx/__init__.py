@@ -4,7 +4,7 @@ Stages (each a library function with a thin ``filterx`` command over it):
 shard -> train-encoder -> embed -> score -> select -> pretrain / finetune.
 
 The subpackages are layers; each imports only from the ones below it (tests/test_layers.py):
-core, kernels, math, io, decode, models, scorers, train, stages, report, cli.
+core, runners, kernels, math, io, decode, models, scorers, train, stages, report, cli.
 """
 
 import sys as _sys

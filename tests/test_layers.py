@@ -12,7 +12,7 @@ import filterx
 PACKAGE = Path(filterx.__file__).resolve().parent
 
 # Bottom to top. A module of layer i may import filterx modules of layers 0..i.
-LAYERS = ("core", "kernels", "math", "io", "decode", "models", "scorers", "train", "stages", "report", "cli")
+LAYERS = ("core", "runners", "kernels", "math", "io", "decode", "models", "scorers", "train", "stages", "report", "cli")
 # Top-level modules outside the layers: the package itself (it enables portable numerics),
 # ``python -m filterx``, and the public import path of the manifest reader.
 FACADES = {"filterx": "core", "filterx.__main__": "cli", "filterx.manifest": "io"}

@@ -21,8 +21,9 @@ import click
 
 from filterx.cli.common import (
     BACKBONE, BACKEND_HELP, DEVICE_HELP, ENCODER, EXISTING_DIR, TRAINING_DEFAULTS, DefaultOption, ListedOption,
-    RegistryChoice, ScoreCommand, backend_names, beside, common, encoder_arch_names, finish, finish_rank0,
-    format_names, in_dataset, inside, model_names, plain_json, runtime_options, scorer_names, setup,
+    RegistryChoice, ScoreCommand, backend_names, beside, check_runner, common, encoder_arch_names, finish,
+    finish_rank0, format_names, in_dataset, inside, model_names, plain_json, runner_options, runtime_options,
+    scorer_names, setup,
 )
 
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
@@ -114,12 +115,14 @@ def main():
 @click.option("--resize-short", type=click.IntRange(8), default=None, metavar="PIXELS",
               help="Re-encode every image with its short side shrunk to this (e.g. 128 for a 112-px "
                    "pool); default: keep the original bytes.")
-@click.option("--workers", default=0, show_default=True, type=click.IntRange(0), help="Processes; 0 = one per core.")
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(0),
+              help="Processes; 0 = one per core (--runner ray: actors; 0 = one per CPU of the cluster).")
 @click.option("--num-classes", type=click.IntRange(1), default=None, metavar="N",
               help="List files with integer labels: there are N classes (labels 0..N-1). Needed when a "
                    "label is >= the number of labelled lines, which is otherwise refused as a typo.")
+@runner_options(actors=False)
 @common
-def shard(src, out, shard_size, resize_short, workers, num_classes, quiet, verbose, as_json):
+def shard(src, out, shard_size, resize_short, workers, num_classes, runner, address, quiet, verbose, as_json):
     """Turn an ImageFolder tree or a list file into a dataset dir.
 
     SRC is a folder with one sub-folder of images per class, or a text file of
@@ -139,12 +142,14 @@ def shard(src, out, shard_size, resize_short, workers, num_classes, quiet, verbo
     Example:
       filterx shard ~/data/imagenet/train ws/source --shard-size 1000
       filterx shard train_list.txt ws/source --num-classes 1000
+      filterx shard /nfs/train /nfs/ws/source --runner ray --address auto
     """
     from filterx.stages.shard import ShardConfig, shard as run
 
+    check_runner(runner, address)
     setup(quiet, verbose)
-    summary = run(ShardConfig(src, out, shard_size, resize_short, workers, quiet, num_classes))
-    finish(summary, as_json, inside(out, "shard"))
+    summary = run(ShardConfig(src, out, shard_size, resize_short, workers, quiet, num_classes, runner, address))
+    finish_rank0(summary, as_json, inside(out, "shard"))
 
 
 @main.command("train-encoder", short_help="Train the target encoder (a ResNet, or a probe on a backbone) -> OUT.")
@@ -249,14 +254,16 @@ def _train_moco_encoder(opts: dict) -> None:
               help="Encoder file from train-encoder, or a backbone spec, e.g. torchvision:resnet50:IMAGENET1K_V2 "
                    "or timm:MODEL@weights.safetensors (README: Encoders).")
 @runtime_options
+@runner_options
 @common
-def embed(dataset, encoder, device, backend, batch_size, workers, quiet, verbose, as_json):
+def embed(dataset, encoder, device, backend, batch_size, workers, runner, actors, address, quiet, verbose, as_json):
     """Compute encoder features for every sample of DATASET.
 
     Writes DATASET/embeddings/<encoder tag>.zarr (float16, one chunk per shard). A killed
     run re-run finishes only the shards not done; under torchrun the shards are split across
-    ranks. `filterx score` embeds what it needs by itself: run this on its own to embed ahead
-    of time or on several GPUs.
+    ranks, with --runner ray over Ray actors (one per GPU, each holding the model; one shard
+    per task). `filterx score` embeds what it needs by itself: run this on its own to embed
+    ahead of time or on several GPUs.
 
     \b
     Saves its options to: DATASET/configs/embed-<encoder tag>.yaml
@@ -267,11 +274,14 @@ def embed(dataset, encoder, device, backend, batch_size, workers, quiet, verbose
       filterx embed ws/source --encoder torchvision:resnet50:IMAGENET1K_V2
       torchrun --nproc_per_node 8 -m filterx embed ws/source \\
           --encoder ws/encoder.pt
+      filterx embed /nfs/ws/source --encoder /nfs/ws/encoder.pt \\
+          --runner ray --address auto
     """
     from filterx.stages.embed import EmbedConfig, embed as run
 
+    check_runner(runner, address, actors)
     setup(quiet, verbose)
-    summary = run(EmbedConfig(dataset, encoder, backend, device, batch_size, workers, quiet))
+    summary = run(EmbedConfig(dataset, encoder, backend, device, batch_size, workers, quiet, runner, address, actors))
     if summary.rank == 0:
         tag = summary.path.name.removesuffix(".zarr")
         finish(summary, as_json, in_dataset(summary.path.parent.parent, "embed", tag))
@@ -303,16 +313,18 @@ def _parse_param(text: str) -> tuple[str, object]:
               help="Any other scorer parameter (repeatable), e.g. -p steps=300.")
 @click.option("--seed", default=0, show_default=True, help="Random seed.")
 @runtime_options
+@runner_options
 @common
 def score(method, source, target, encoder, name, candidates, seed, device, backend, batch_size, workers, extra,
-          quiet, verbose, as_json, **opts):
+          runner, actors, address, quiet, verbose, as_json, **opts):
     """Score every sample of the pool with a method; store the scores with the pool.
 
     Writes SOURCE/scores.zarr/NAME, one float32 per sample (NaN: not scored); higher =
     keep first. With --candidates target-train the scores go to TARGET instead. Embeds the
     pool and the target first if their embeddings for the encoder are missing. Options that
     belong to one method are listed with its name; `-p KEY=VALUE` passes any other scorer
-    parameter.
+    parameter. --runner applies to the embedding it does; the scoring itself (including the
+    pixel pass of --params last-block influence) runs in this process.
 
     \b
     Saves its options to: SOURCE/configs/score-NAME.yaml
@@ -328,6 +340,7 @@ def score(method, source, target, encoder, name, candidates, seed, device, backe
     """
     from filterx.stages.score import ScoreConfig, score as run
 
+    check_runner(runner, address, actors)
     setup(quiet, verbose)
     # the method options the registry declares (ScoreCommand), passed only when given
     params = {key.rstrip("_"): value for key, value in opts.items() if value is not None}
@@ -335,7 +348,7 @@ def score(method, source, target, encoder, name, candidates, seed, device, backe
         params["val_classes"] = tuple(int(v) for v in params["val_classes"].split(",") if v.strip())
     params.update(dict(_parse_param(p) for p in extra))
     cfg = ScoreConfig(method, source, target, encoder, params, seed, name, candidates, device, backend,
-                      batch_size, workers, quiet)
+                      batch_size, workers, quiet, runner, address, actors)
     summary = run(cfg)
     if summary.rank == 0:  # under torchrun the other ranks only embedded their share
         finish(summary, as_json, in_dataset(summary.dataset, "score", summary.name))

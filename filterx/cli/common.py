@@ -126,7 +126,9 @@ def _load_config(ctx: click.Context, param, value):
 
 
 # Not part of what a run computes: left out of saved configs.
-_NOT_SAVED = ("quiet", "verbose", "as_json")
+# How a run was run, not what it computed (outputs are the same under every runner): a saved
+# file repeats the run anywhere, without joining the cluster it ran on.
+_NOT_SAVED = ("quiet", "verbose", "as_json", "runner", "address", "actors")
 # Options holding a class spec, where "@path" names a file.
 _CLASS_SPECS = ("classes", "relevant_classes")
 # pretrain / finetune options left unset take their value from PretrainConfig / FinetuneConfig;
@@ -266,6 +268,40 @@ def runtime_options(fn=None, *, batch_size: int = 128):
     fn = click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
                       help=DEVICE_HELP)(fn)
     return fn
+
+
+def runner_options(fn=None, *, actors: bool = True):
+    """--runner/--address (and --actors), for the commands that map shards over workers."""
+    if fn is None:
+        return lambda f: runner_options(f, actors=actors)
+    fn = click.option("--address", metavar="ADDR",
+                      help="--runner ray: the cluster to join: auto (the one `ray start` made on this node) or "
+                           "HOST:PORT; default: $RAY_ADDRESS, else a cluster started on this node, else a new one "
+                           "here.")(fn)
+    if actors:
+        fn = click.option("--actors", default=0, show_default=True, type=click.IntRange(0),
+                          help="--runner ray: embedding actors; 0: one per GPU of the cluster (without GPUs: "
+                               "its CPUs / max(1, --workers)).")(fn)
+    fn = click.option("--runner", type=RegistryChoice("runner", runner_names), default=None,
+                      help="What maps the shards over workers: this machine, torchrun's ranks, or a Ray "
+                           "cluster (README: Several machines). Default: local; torchrun under torchrun. "
+                           "Not saved with the options: the outputs are the same under every runner.")(fn)
+    return fn
+
+
+def runner_names() -> list[str]:
+    from filterx.runners import list_runners
+
+    return list_runners()
+
+
+def check_runner(runner, address, actors: int = 0) -> None:
+    """Ray's options only with --runner ray: a usage error, before any work."""
+    if runner != "ray":
+        if address is not None:
+            raise click.UsageError(f"--address {address} names a Ray cluster; add --runner ray")
+        if actors:
+            raise click.UsageError("--actors counts Ray actors; add --runner ray")
 
 
 def backend_names() -> list[str]:

@@ -13,6 +13,8 @@
     report.plot     report: a plot is written
     train.step      pretrain/finetune: an optimiser step is taken (mid-epoch)
     train.epoch     pretrain/finetune: an epoch's checkpoint is saved
+    runner.unit     a runner has a unit's result (in the driver: on Ray a worker's outputs are
+                    written, and the driver dies with its actors)
 
 Without the variable ``crash_point`` costs one dict lookup.
 """
@@ -25,7 +27,7 @@ import os
 ENV = "FILTERX_CRASH_AT"
 CRASH_EXIT = 75
 POINTS = ("commit", "shard.tar", "embed.shard", "score.solved", "influence.shard", "select.tar",
-          "report.plot", "train.step", "train.epoch")
+          "report.plot", "train.step", "train.epoch", "runner.unit")
 
 _passed: dict[str, int] = {}
 

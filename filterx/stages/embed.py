@@ -12,9 +12,10 @@
 Rows of a shard are written first and its ``done`` flag after them, so a run killed at any
 point leaves every shard either done (all rows written) or not done; a re-run embeds only the
 shards that are not done (the store is a ``filterx.io.rowstore``; one made for another version
-of the dataset is refused with a ValueError, never overwritten). Under ``torchrun`` the undone shards are dealt to ranks
-round-robin; each rank writes only its own shards' chunks, so no two processes ever write
-the same file.
+of the dataset is refused with a ValueError, never overwritten). A runner maps the undone
+shards over workers (``filterx.runners``): this process, the ranks of a torchrun (round-robin),
+or Ray actors that each hold the model (one shard per task). A worker writes its own shards'
+chunks and done flags, so no two processes ever write the same file and no pixels travel.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +34,7 @@ from filterx.io.dataset import Dataset
 from filterx.models.encoder import Encoder, load_encoder
 from filterx.core.faults import crash_point
 from filterx.decode.loader import LoaderConfig, SkipBadSamples, load_batches
-from filterx.core.progress import progress
-from filterx.core.runtime import init_distributed, resolve_device
+from filterx.runners import Runner, Work, get_runner
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,9 @@ class EmbedConfig:
     batch_size: int = 128
     workers: int = 2
     quiet: bool = False
+    runner: str | None = None  # filterx.runners name; None: local, or torchrun under torchrun
+    address: str | None = None  # ray: the cluster
+    actors: int = 0  # ray: embedding actors; 0: one per GPU (CPUs / workers without GPUs)
 
 
 @dataclass(frozen=True)
@@ -106,66 +109,110 @@ def _layout(ds: Dataset, enc: Encoder) -> rowstore.RowLayout:
                                "feature_dim": dim})
 
 
-def _open_store(ds: Dataset, enc: Encoder, rank: int) -> rowstore.RowStore:
+def _open_store(ds: Dataset, enc: Encoder, runner: Runner) -> rowstore.RowStore:
     """Create the store once (rank 0, atomically), then open it for writing on every rank."""
     path = ds.embeddings_path(enc.tag)
     layout = _layout(ds, enc)
-    if rank == 0 and not rowstore.exists(path):
+    if runner.is_main and not rowstore.exists(path):
         rowstore.create(path, layout)
-    _barrier()
+    runner.barrier()
     return rowstore.open_rows(path, layout, on_mismatch="raise", hint="embed")
 
 
-def _barrier() -> None:
-    from filterx.core import collectives
+def embed(cfg: EmbedConfig, runner: Runner | None = None) -> EmbedSummary:
+    """Embed every shard of ``cfg.dataset`` not yet done with ``cfg.encoder``.
 
-    collectives.barrier()
-
-
-def embed(cfg: EmbedConfig) -> EmbedSummary:
-    """Embed every shard of ``cfg.dataset`` not yet done with ``cfg.encoder``."""
+    runner: what maps the shards (default: ``cfg.runner``, see filterx.runners).
+    """
     t0 = time.perf_counter()
-    device = resolve_device(cfg.device)
-    info = init_distributed(device)
+    runner = runner or get_runner(cfg.runner, cfg.address, cfg.actors)
+    device = runner.start(cfg.device)
     ds = Dataset.open(cfg.dataset)
-    if info.world_size > 1 and device.startswith("cuda"):
-        device = f"cuda:{info.local_rank}"
-    enc = load_encoder(cfg.encoder, device)
-    if info.is_main:
+    # The workers of an in-process runner use this model; others load their own (the driver
+    # needs only the tag and the feature size, so it keeps its copy on the CPU).
+    enc = load_encoder(cfg.encoder, device if runner.in_process else "cpu")
+    if runner.is_main:
         ds.ensure_indexes()
-    _barrier()
+    runner.barrier()
     # locked before the store is opened: a second run reads the done mask only once it may write
-    with atomic.run_lock(ds.embeddings_path(enc.tag).parent, f"embed-{enc.tag}-rank{info.rank}"):
-        store = _open_store(ds, enc, info.rank)
+    with atomic.run_lock(ds.embeddings_path(enc.tag).parent, f"embed-{enc.tag}-rank{runner.rank}"):
+        store = _open_store(ds, enc, runner)
         done = store.done()
-        mine = store.undone()[info.rank :: info.world_size]
-        samples, bad = _embed_shards(ds, enc, store, mine, cfg, device)
-    _barrier()
-    return EmbedSummary(ds.embeddings_path(enc.tag), len(mine), int(done.sum()), samples,
-                        time.perf_counter() - t0, info.rank, info.world_size, bad)
+        undone = store.undone()
+        lcfg = LoaderConfig(resolution=enc.resolution, backend=cfg.backend, device=device,
+                            batch_size=cfg.batch_size, workers=cfg.workers,
+                            mean=tuple(enc.info["mean"]), std=tuple(enc.info["std"]),
+                            crop_fraction=enc.crop_fraction)
+        job = EmbedJob(ds.root, cfg.encoder, enc.tag, device, lcfg)
+        work = Work(f"embed {ds.name}", undone, EmbedFactory(job, enc), [ds.shard_counts[s] for s in undone],
+                    whole_list=True, cpus=max(1, cfg.workers), gpus=1 if device.startswith("cuda") else 0,
+                    quiet=cfg.quiet)
+        results = [r for _, r in runner.map(work)]
+    runner.barrier()
+    return EmbedSummary(ds.embeddings_path(enc.tag), len(results), int(done.sum()), sum(r[0] for r in results),
+                        time.perf_counter() - t0, runner.rank, runner.world_size, sum(r[1] for r in results))
 
 
-def _embed_shards(ds: Dataset, enc: Encoder, store: rowstore.RowStore, shards: list[int], cfg: EmbedConfig,
-                  device: str) -> int:
-    if not shards:
-        return 0, 0
-    features = enc.features
-    on_gpu = device.startswith("cuda")
-    if on_gpu:
-        features = features.to(memory_format=torch.channels_last)
-    lcfg = LoaderConfig(resolution=enc.resolution, backend=cfg.backend, device=device,
-                        batch_size=cfg.batch_size, workers=cfg.workers,
-                        mean=tuple(enc.info["mean"]), std=tuple(enc.info["std"]),
-                        crop_fraction=enc.crop_fraction)
+@dataclass(frozen=True)
+class EmbedJob:
+    """What an embedding worker needs, wherever it runs (small and picklable)."""
+
+    dataset: Path
+    encoder: Path | str
+    tag: str
+    device: str
+    loader: LoaderConfig
+
+
+@dataclass(frozen=True)
+class EmbedFactory:
+    """Builds an ``EmbedWorker``; ``loaded``, the driver's model, is used where the worker runs
+    in the driver's process and is never pickled (an actor loads its own copy onto its device)."""
+
+    job: EmbedJob
+    loaded: Encoder | None = field(default=None, compare=False, repr=False)
+
+    def __call__(self) -> "EmbedWorker":
+        return EmbedWorker(self.job, self.loaded)
+
+    def __reduce__(self):
+        return EmbedFactory, (self.job,)
+
+
+class EmbedWorker:
+    """Holds the encoder and the open store; embeds lists of shards (a Worker of filterx.runners)."""
+
+    def __init__(self, job: EmbedJob, encoder: Encoder | None = None):
+        self.job = job
+        self.enc = encoder if encoder is not None else load_encoder(job.encoder, job.device)
+        if self.enc.tag != job.tag:
+            raise ValueError(f"encoder {job.encoder} has tag {self.enc.tag} here but {job.tag} where the run "
+                             "started: every node must see the same encoder file")
+        self.ds = Dataset.open(job.dataset)
+        self.store = rowstore.open_rows(self.ds.embeddings_path(job.tag), _layout(self.ds, self.enc),
+                                        on_mismatch="raise", hint="embed")
+        self.features = self.enc.features
+        if job.device.startswith("cuda"):
+            self.features = self.features.to(memory_format=torch.channels_last)
+
+    def __call__(self, shards: list[int], tick) -> list[tuple[int, int]]:
+        """Embed ``shards`` (decoded as one stream); per shard (images embedded, images bad)."""
+        bad = _embed_shards(self.ds, self.features, self.store, shards, self.job, tick)
+        return [(self.ds.shard_counts[s] - bad.get(s, 0), bad.get(s, 0)) for s in shards]
+
+
+def _embed_shards(ds: Dataset, features, store: rowstore.RowStore, shards: list[int], job: EmbedJob,
+                  tick) -> dict[int, int]:
+    """Rows and done flags of ``shards``; returns the number of undecodable images per shard."""
+    on_gpu = job.device.startswith("cuda")
     collector = store.collector(shards, after_shard=lambda s: crash_point("embed.shard"))
     bad_dir = bad_samples_dir(store.path)
     for s in shards:  # a list left by an earlier, killed run of an undone shard is redone
         atomic.remove(bad_dir / f"{s:06d}.json")
     skipped, bad_by_shard = SkipBadSamples(), {}
     nan_row = np.full((1, *store.layout.row_shape), np.nan, dtype=np.float16)
-    bar = progress(total=int(sum(ds.shard_counts[s] for s in shards)), desc=f"embed {ds.name}", quiet=cfg.quiet)
     with torch.inference_mode():
-        for batch in load_batches([ds.shard_path(s) for s in shards], lcfg, on_error=skipped):
+        for batch in load_batches([ds.shard_path(s) for s in shards], job.loader, on_error=skipped):
             for bad in skipped.take():
                 # listed first, then its NaN row, which may complete the shard and set its done flag
                 shard = int(collector.shard_of[bad.sample_id])
@@ -174,19 +221,18 @@ def _embed_shards(ds: Dataset, enc: Encoder, store: rowstore.RowStore, shards: l
                 bad_dir.mkdir(parents=True, exist_ok=True)
                 atomic.write_text(bad_dir / f"{shard:06d}.json", json.dumps(bad_by_shard[shard], indent=1))
                 collector.add(np.array([bad.sample_id]), nan_row)
-                bar.update(1)
+                tick(1)
             if not len(batch.ids):
                 continue
             x = batch.images.contiguous(memory_format=torch.channels_last) if on_gpu else batch.images
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
                 f = features(x)
             collector.add(batch.ids.numpy(), f.float().cpu().numpy().astype(np.float16))
-            bar.update(len(batch.ids))
-    bar.close()
+            tick(len(batch.ids))
     unfinished = collector.unfinished()
     if unfinished:
         raise RuntimeError(f"shards {unfinished} were not read completely; re-run embed")
-    return int(sum(ds.shard_counts[s] for s in shards)) - len(skipped.bad), len(skipped.bad)
+    return {s: len(rows) for s, rows in bad_by_shard.items()}
 
 
 def ensure_embeddings(dataset: Path, encoder: Path | str, tag: str | None = None, **kwargs) -> str:

@@ -60,6 +60,10 @@ class ScoreConfig:
     batch_size: int = 128
     workers: int = 2
     quiet: bool = False
+    # how the embedding it does is run (filterx.stages.embed); the scoring itself runs here
+    runner: str | None = None
+    address: str | None = None
+    actors: int = 0
 
 
 @dataclass(frozen=True)
@@ -169,7 +173,9 @@ def _gather_inputs(cfg: ScoreConfig, needs: set, source: Dataset, target: Datase
 
     enc_info = None
     emb_kwargs = dict(device=device, backend=cfg.backend, batch_size=cfg.batch_size, workers=cfg.workers,
-                      quiet=cfg.quiet)
+                      quiet=cfg.quiet, runner=cfg.runner, address=cfg.address, actors=cfg.actors)
+    if cfg.runner == "ray":  # the actors' device follows the cluster's GPUs, not this node's
+        emb_kwargs["device"] = cfg.device
     arrays: dict[str, Any] = {}
     train_ids = val_ids = source_ids = None
     if cfg.encoder is not None and needs & _EMB_INPUTS:

@@ -5,7 +5,7 @@ passes, both parallel over worker processes and both resumable:
 
 1. scan: every input is opened and decoded (at 1/8 scale through libjpeg's DCT scaling, so
    this costs a fraction of a full decode) to find corrupt, truncated and non-image files.
-   Results are kept per chunk of inputs under ``OUT/.work/scan``.
+   Results are kept per chunk of inputs under ``OUT/.work/scan`` (the worker writes them).
 2. write: good inputs get dense sample ids in input order and are written into tars of
    ``shard_size`` samples with their original bytes. Only inputs that are not baseline RGB or
    grayscale JPEG (PNG, CMYK JPEG, ...) or all inputs when ``resize_short`` is set are
@@ -14,6 +14,10 @@ passes, both parallel over worker processes and both resumable:
 Finally ``index.zarr`` is written (atomically) and ``shard_report.json`` lists every skipped
 input with its reason. A killed run, re-run with the same arguments, redoes only the chunks
 and shards that were not finished.
+
+Both passes are mapped by a runner (``filterx.runners``): a process pool here (``--workers``),
+the ranks of a torchrun, or the actors of a Ray cluster; every unit (a chunk of inputs, a
+tar) is written by the worker that does it, so the same units give the same files.
 """
 
 from __future__ import annotations
@@ -23,9 +27,7 @@ import io
 import json
 import logging
 import os
-import re
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -35,9 +37,10 @@ import numpy as np
 import filterx
 from filterx.io import atomic, dataset, tario
 from filterx.core.faults import crash_point
-from filterx.core.progress import progress
 from filterx.io.dataset import ClassInfo
+from filterx.runners import Runner, Work, get_runner
 from filterx.stages.shard_inputs import Inputs, list_file, list_image_folder
+from filterx.stages.shard_scan import inspect_image, scan  # noqa: F401  (inspect_image: public here)
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,8 @@ class ShardConfig:
     workers: int = 0  # 0: one per core
     quiet: bool = False
     num_classes: int | None = None  # list files with integer labels: labels are < this
+    runner: str | None = None  # filterx.runners name; None: local, or torchrun under torchrun
+    address: str | None = None  # ray: the cluster
 
 
 @dataclass(frozen=True)
@@ -82,56 +87,6 @@ class ShardSummary:
             f"{self.skipped} bad inputs, re-encoded {self.reencoded}{empty}; "
             f"report: {self.out / dataset.SHARD_REPORT}"
         )
-
-
-# ---------------------------------------------------------------- scan
-
-
-def inspect_image(data: bytes) -> tuple[str, str]:
-    """Classify image bytes as ("copy" | "reencode", "") or ("bad", reason).
-
-    "copy": a baseline RGB or grayscale JPEG every decoder reads as it is.
-    "reencode": a readable image in another format or colour mode (PNG, CMYK JPEG, ...).
-    """
-    from PIL import Image
-
-    if not data:
-        return "bad", "empty file"
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            fmt, mode = im.format, im.mode
-            if fmt == "JPEG":
-                im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
-            im.load()
-    except Exception as exc:  # PIL raises many types for bad data; all mean "unreadable"
-        return "bad", f"unreadable image ({_plain_reason(exc)})"
-    if fmt == "JPEG" and mode in ("RGB", "L"):
-        return "copy", ""
-    return "reencode", f"{fmt} {mode}"
-
-
-_OBJECT_REPR = re.compile(r"\s*<[^<>]*\bat 0x[0-9a-fA-F]+>")
-
-
-def _plain_reason(exc: BaseException) -> str:
-    """``Type: message`` without the reprs of in-memory objects PIL puts in some messages
-    ("cannot identify image file <_io.BytesIO object at 0x7f...>"): a report line must not
-    change from one run to the next."""
-    text = _OBJECT_REPR.sub("", str(exc)).strip()
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _scan_chunk(args: tuple[Path, list[str]]) -> list[tuple[str, str]]:
-    root, paths = args
-    out = []
-    for rel in paths:
-        try:
-            data = (root / rel).read_bytes()
-        except OSError as exc:
-            out.append(("bad", f"cannot read ({exc.strerror or exc})"))
-            continue
-        out.append(inspect_image(data))
-    return out
 
 
 # ---------------------------------------------------------------- write
@@ -197,9 +152,11 @@ class _ShardJob:
     resize_short: int | None
 
 
-def _write_shard(job: _ShardJob) -> int:
+def _write_shard(job: _ShardJob, tick=None) -> int:
     def samples() -> Iterator[tario.TarSample]:
         for i, (rel, label, re) in enumerate(zip(job.rels, job.labels, job.reencode)):
+            if tick is not None and i:
+                tick(1)  # the sample before this one is in the tar
             data = (job.root / rel).read_bytes()
             if re or job.resize_short:
                 data = encode_jpeg(data, job.resize_short)
@@ -209,7 +166,16 @@ def _write_shard(job: _ShardJob) -> int:
             yield tario.TarSample(tario.sample_key(job.first_id + i), tario.sample_members(data, label, meta))
 
     tario.write_tar(job.path, samples())
+    if tick is not None:
+        tick(1)
     return len(job.rels)
+
+
+class _WriteWorker:
+    """Writes units (``_ShardJob``: one tar and its index each); returns their sample counts."""
+
+    def __call__(self, units: list, tick) -> list[int]:
+        return [_write_shard(job, tick) for job in units]
 
 
 def _shard_complete(path: Path, count: int) -> bool:
@@ -225,30 +191,11 @@ def _shard_complete(path: Path, count: int) -> bool:
 # ---------------------------------------------------------------- main
 
 
-def _pool(workers: int):
-    # Workers use PIL only, so the platform's default start method is safe.
-    return ProcessPoolExecutor(workers, initializer=atomic.worker_init)
+def shard(cfg: ShardConfig, runner: Runner | None = None) -> ShardSummary:
+    """Build the dataset dir ``cfg.out`` from ``cfg.src`` (ImageFolder tree or list file).
 
-
-def _map(fn, jobs: list, workers: int, desc: str, unit_counts: list[int], quiet: bool):
-    """Run ``fn`` over ``jobs`` (in-process when workers == 1), yielding (job index, result)."""
-    bar = progress(total=sum(unit_counts), desc=desc, quiet=quiet)
-    try:
-        if workers == 1 or len(jobs) <= 1:
-            for i, job in enumerate(jobs):
-                yield i, fn(job)
-                bar.update(unit_counts[i])
-        else:
-            with _pool(workers) as pool:
-                for i, res in enumerate(pool.map(fn, jobs)):
-                    yield i, res
-                    bar.update(unit_counts[i])
-    finally:
-        bar.close()
-
-
-def shard(cfg: ShardConfig) -> ShardSummary:
-    """Build the dataset dir ``cfg.out`` from ``cfg.src`` (ImageFolder tree or list file)."""
+    runner: what maps the scan and write units (default: ``cfg.runner``, see filterx.runners).
+    """
     t0 = time.perf_counter()
     src, out = Path(cfg.src).expanduser(), Path(cfg.out).expanduser()
     if not src.exists():
@@ -269,8 +216,10 @@ def shard(cfg: ShardConfig) -> ShardSummary:
         inputs = list_image_folder(src)
     else:
         inputs = list_file(src, cfg.num_classes)
+    runner = runner or get_runner(cfg.runner, cfg.address, cfg.workers)
+    runner.start("cpu")
     try:
-        return _shard(cfg, src, out, inputs, t0)
+        return _shard(cfg, src, out, inputs, t0, runner)
     except OSError as exc:
         if exc.errno not in NO_ROOM:
             raise
@@ -279,18 +228,19 @@ def shard(cfg: ShardConfig) -> ShardSummary:
                                  "another OUT, then re-run: finished shards are kept") from None
 
 
-def _shard(cfg: ShardConfig, src: Path, out: Path, inputs: Inputs, t0: float) -> ShardSummary:
+def _shard(cfg: ShardConfig, src: Path, out: Path, inputs: Inputs, t0: float, runner: Runner) -> ShardSummary:
     items, class_names, root = inputs.items, inputs.class_names, inputs.root
     workers = cfg.workers or os.cpu_count() or 1
-    with atomic.run_lock(out, "shard"):
+    with atomic.run_lock(out, runner.lock_name("shard")):
         work = out / WORK
         settings = {"src": str(src.resolve()), "n": len(items), "shard_size": cfg.shard_size,
                     "resize_short": cfg.resize_short}
         if cfg.num_classes is not None:
             settings["num_classes"] = cfg.num_classes
-        _check_settings(out, work, settings)
+        _check_settings(out, work, settings, runner.is_main)
+        runner.barrier()
 
-        statuses = _scan(items, root, work, cfg.shard_size, workers, cfg.quiet)
+        statuses = scan(items, root, work / "scan", cfg.shard_size, workers, cfg.quiet, runner)
         good = [i for i, (st, _) in enumerate(statuses) if st != "bad"]
         bad = inputs.skipped + [{"path": items[i][0], "reason": r}
                                 for i, (st, r) in enumerate(statuses) if st == "bad"]
@@ -299,8 +249,10 @@ def _shard(cfg: ShardConfig, src: Path, out: Path, inputs: Inputs, t0: float) ->
         chunks = [good[i : i + cfg.shard_size] for i in range(0, len(good), cfg.shard_size)]
 
         shards_dir = out / dataset.SHARDS
-        shards_dir.mkdir(parents=True, exist_ok=True)
-        atomic.clean_stale_tmp(shards_dir)
+        if runner.is_main:
+            shards_dir.mkdir(parents=True, exist_ok=True)
+            atomic.clean_stale_tmp(shards_dir)
+        runner.barrier()
         jobs, first = [], 0
         for s, chunk in enumerate(chunks):
             path = shards_dir / f"{dataset.shard_name(s)}.tar"
@@ -309,7 +261,9 @@ def _shard(cfg: ShardConfig, src: Path, out: Path, inputs: Inputs, t0: float) ->
                                       [items[i][1] for i in chunk], class_names,
                                       [statuses[i][0] == "reencode" for i in chunk], cfg.resize_short))
             first += len(chunk)
-        for _ in _map(_write_shard, jobs, workers, "shard: write", [len(j.rels) for j in jobs], cfg.quiet):
+        write = Work("shard: write", jobs, _WriteWorker, [len(j.rels) for j in jobs], processes=workers,
+                     pool_init=atomic.worker_init, quiet=cfg.quiet)
+        for _ in runner.map(write):
             crash_point("shard.tar")
         # Again, now that every tar is written: the workers of a killed run outlive it by up to
         # a second, so at the first clean some were still writing, and they left temporaries of
@@ -325,6 +279,8 @@ def _shard(cfg: ShardConfig, src: Path, out: Path, inputs: Inputs, t0: float) ->
         reencoded = sum(statuses[i][0] == "reencode" for i in good) if not cfg.resize_short else len(good)
         summary = ShardSummary(out, len(good), len(chunks), len(classes), len(bad), reencoded, empty,
                                time.perf_counter() - t0)
+        if not runner.is_main:  # the other ranks wrote their tars; rank 0 finishes
+            return summary
         report = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(summary).items()},
                   "skipped_inputs": bad}
         atomic.write_text(out / dataset.SHARD_REPORT, json.dumps(report, indent=1, ensure_ascii=False))
@@ -343,8 +299,11 @@ def _clean_orphans(directory: Path) -> None:
                     directory, ORPHAN_WAIT_S, ", ".join(left[:5]) + (" ..." if len(left) > 5 else ""))
 
 
-def _check_settings(out: Path, work: Path, settings: dict) -> None:
-    """Refuse to mix a resumed run with different settings, and a dataset dir with a new one."""
+def _check_settings(out: Path, work: Path, settings: dict, write: bool = True) -> None:
+    """Refuse to mix a resumed run with different settings, and a dataset dir with a new one.
+
+    write: record the settings of a new run (rank 0 only: every rank checks).
+    """
     saved = work / "settings.json"
     if saved.is_file():
         if json.loads(saved.read_text()) != settings:
@@ -355,31 +314,9 @@ def _check_settings(out: Path, work: Path, settings: dict) -> None:
         return
     if dataset.is_dataset(out):
         raise ValueError(f"{out} already holds a dataset; choose another output dir or remove it")
-    work.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(saved, json.dumps(settings))
-
-
-def _scan(items, root: Path, work: Path, chunk: int, workers: int, quiet: bool) -> list[tuple[str, str]]:
-    """Scan results for every input, reusing chunks a killed run finished."""
-    scan_dir = work / "scan"
-    scan_dir.mkdir(parents=True, exist_ok=True)
-    atomic.clean_stale_tmp(scan_dir)
-    spans = [(i, min(i + chunk, len(items))) for i in range(0, len(items), chunk)]
-    results: dict[int, list] = {}
-    todo = []
-    for c, (a, b) in enumerate(spans):
-        f = scan_dir / f"{c:06d}.json"
-        if f.is_file():
-            results[c] = [tuple(r) for r in json.loads(f.read_text())]
-        else:
-            todo.append(c)
-    jobs = [(root, [items[i][0] for i in range(*spans[c])]) for c in todo]
-    counts = [spans[c][1] - spans[c][0] for c in todo]
-    for j, res in _map(_scan_chunk, jobs, workers, "shard: scan", counts, quiet):
-        c = todo[j]
-        atomic.write_text(scan_dir / f"{c:06d}.json", json.dumps(res))
-        results[c] = res
-    return [r for c in range(len(spans)) for r in results[c]]
+    if write:
+        work.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(saved, json.dumps(settings))
 
 
 def _class_infos(class_names: list[str]) -> tuple[ClassInfo, ...]:
