@@ -117,3 +117,27 @@ def test_alexnet_fc_dim_and_dropout_options():
     m.train()
     x = torch.randn(3, 3, 32, 32)
     torch.testing.assert_close(m(x), m(x))  # no dropout: train-mode forward is deterministic
+
+
+def test_resnet_width_narrows_every_stage_and_keeps_the_layout():
+    import torch
+
+    from filterx.models.archs import _narrow_resnet, build_model, model_stages
+
+    full = build_model("resnet18", 10)
+    same = _narrow_resnet("resnet18", 10, 64)  # the narrow builder at the published width
+    assert [(n, p.shape) for n, p in same.named_parameters()] == [(n, p.shape) for n, p in full.named_parameters()]
+    narrow = build_model("resnet18", 2, width=16)
+    assert narrow.conv1.out_channels == 16 and narrow.layer4[0].conv1.out_channels == 128
+    assert narrow.fc.in_features == 128 and narrow.filterx_head == "fc"
+    paths = {n.split(".")[0] for n, _ in narrow.named_parameters()}
+    layout = model_stages("resnet18")
+    assert paths <= set(layout.stem) | {p for _, ps in layout.stages for p in ps} | {layout.head}
+    n_full, n_narrow = (sum(p.numel() for p in m.parameters()) for m in (build_model("resnet18", 2), narrow))
+    assert 14 < n_full / n_narrow < 17  # about (64 / 16)^2
+    assert narrow(torch.randn(2, 3, 32, 32)).shape == (2, 2)
+    assert build_model("resnet50", 3, width=8).fc.in_features == 8 * 8 * 4
+    with pytest.raises(ValueError, match="width must be >= 1, got 0"):
+        build_model("resnet18", 2, width=0)
+    with pytest.raises(ValueError, match="bad options"):
+        build_model("alexnet_lrn", 2, width=16)

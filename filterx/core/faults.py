@@ -9,6 +9,7 @@
     embed.shard     embed: a shard's rows and done flag are written
     score.solved    score: the scorer has computed, nothing stored yet
     influence.shard score --params last-block: a shard's scores are stored in the work dir
+    domain.shard    score --method domain-cls --on pixels: a shard's scores are stored in the work dir
     select.tar      select --format wds: a tar of the subset is written
     report.plot     report: a plot is written
     train.step      pretrain/finetune: an optimiser step is taken (mid-epoch)
@@ -26,7 +27,7 @@ import os
 
 ENV = "FILTERX_CRASH_AT"
 CRASH_EXIT = 75
-POINTS = ("commit", "shard.tar", "embed.shard", "score.solved", "influence.shard", "select.tar",
+POINTS = ("commit", "shard.tar", "embed.shard", "score.solved", "influence.shard", "domain.shard", "select.tar",
           "report.plot", "train.step", "train.epoch", "runner.unit")
 
 _passed: dict[str, int] = {}

@@ -74,8 +74,8 @@ def list_models() -> tuple[str, ...]:
 
 def build_model(arch: str, num_classes: int, **kwargs) -> nn.Module:
     """An untrained ``arch`` with a ``num_classes``-way head (float32, CPU). ``kwargs`` go to
-    the architecture (alexnet_lrn: ``dropout``, ``fc_dim``; ResNets: torchvision's, e.g.
-    ``zero_init_residual``)."""
+    the architecture (alexnet_lrn: ``dropout``, ``fc_dim``; ResNets: ``width``, the first
+    stage's channels, 64 as published, and torchvision's, e.g. ``zero_init_residual``)."""
     if arch not in _MODELS:
         raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(list_models())}")
     if num_classes < 1:
@@ -94,12 +94,52 @@ def build_model(arch: str, num_classes: int, **kwargs) -> nn.Module:
 
 
 def _resnet(name: str) -> Callable[..., nn.Module]:
-    def make(num_classes: int, **kwargs) -> nn.Module:
+    def make(num_classes: int, width: int = 64, **kwargs) -> nn.Module:
         import torchvision
 
+        if width != 64:
+            return _narrow_resnet(name, num_classes, width, **kwargs)
         return getattr(torchvision.models, name)(weights=None, num_classes=num_classes, **kwargs)
 
     return make
+
+
+_RESNET_BLOCKS = {"resnet18": ("BasicBlock", (2, 2, 2, 2)), "resnet34": ("BasicBlock", (3, 4, 6, 3)),
+                  "resnet50": ("Bottleneck", (3, 4, 6, 3))}
+
+
+def _narrow_resnet(name: str, num_classes: int, width: int, zero_init_residual: bool = False) -> nn.Module:
+    """torchvision's ``name`` with stage widths (w, 2w, 4w, 8w) instead of (64, 128, 256, 512):
+    the same depth and module names (so the same stages and head), about (w / 64)^2 of the
+    compute; for CPU runs on small images (``width=16``: 1/16 of ResNet-18's multiply-adds)."""
+    import torchvision.models.resnet as tv
+
+    if width < 1:
+        raise ValueError(f"width must be >= 1, got {width}")
+    block, layers = _RESNET_BLOCKS[name]
+    block = getattr(tv, block)
+    model = tv.ResNet.__new__(tv.ResNet)
+    nn.Module.__init__(model)
+    model._norm_layer, model.inplanes, model.dilation, model.groups, model.base_width = nn.BatchNorm2d, width, 1, 1, 64
+    model.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+    model.bn1, model.relu = nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+    model.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+    for i, n in enumerate(layers):
+        setattr(model, f"layer{i + 1}", model._make_layer(block, width << i, n, stride=1 if i == 0 else 2))
+    model.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+    model.fc = nn.Linear((width << 3) * block.expansion, num_classes)
+    for m in model.modules():  # torchvision's initialisation
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+    if zero_init_residual:
+        for m in model.modules():
+            last = getattr(m, "bn3", None) if isinstance(m, tv.Bottleneck) else getattr(m, "bn2", None)
+            if isinstance(m, (tv.Bottleneck, tv.BasicBlock)) and last is not None:
+                nn.init.constant_(last.weight, 0)
+    return model
 
 
 _RESNET_STAGES = tuple((f"layer{i}", (f"layer{i}",)) for i in range(1, 5))

@@ -38,6 +38,7 @@ _SCORER_MODULES = (
     "filterx.scorers.basic",
     "filterx.scorers.clustering",
     "filterx.scorers.domain",
+    "filterx.scorers.domain_pixels",
     "filterx.scorers.entropy",
     "filterx.scorers.influence",
     "filterx.scorers.lastblock",

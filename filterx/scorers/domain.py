@@ -85,7 +85,9 @@ def domain_logits(net, mean, std, x: np.ndarray, *, device: str = "cpu", block: 
     return out
 
 
-@register_scorer("domain-cls", needs=("source_emb", "target_emb"), options={
+@register_scorer("domain-cls", needs=("source_emb", "target_emb"), choose_by=("on", "embeddings"), options={
+    "on": Option("what the classifier reads: the encoder's embeddings (fast) or the images' pixels (a CNN "
+                 "trained from scratch, filterx.scorers.domain_pixels)"),
     "model": Option("classifier on the embeddings", choices=MODELS),
     "folds": Option("cross-fitting folds", min=1)})
 def domain_scores(inputs: ScoreInputs, *, seed: int, model: str = "linear", hidden: int = 256,

@@ -100,12 +100,14 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
     if cfg.candidates == "target-train":
         needs |= {"target_emb"}
     enc_file = None  # the encoder file, read once (weights included) for what follows
-    if cfg.encoder is not None and (needs & _EMB_INPUTS or "weight_decay" in scorer.defaults):
+    if cfg.encoder is not None and needs & _EMB_INPUTS:
         from filterx.models.encoder import read_encoder_file
 
         enc_file = read_encoder_file(cfg.encoder)
-    if "weight_decay" in scorer.defaults and "weight_decay" not in cfg_params and enc_file is not None:
-        # the Hessian is that of the objective the head was trained with: its recorded decay
+    if "head_weight" in needs and "weight_decay" in scorer.defaults and "weight_decay" not in cfg_params \
+            and enc_file is not None:
+        # the Hessian is that of the objective the head was trained with: its recorded decay (a
+        # scorer that trains a classifier of its own, such as domain-cls, keeps its own decay)
         trained = _recorded_weight_decay(enc_file)
         if trained is not None:
             cfg_params["weight_decay"] = trained
@@ -138,7 +140,8 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
             ctx = _stream_context(cfg, name, source, target, device, enc_file)
             scored_ids, result = scorer.fn(ctx, seed=cfg.seed, **cfg_params)
             result = result if isinstance(result, ScoreResult) else ScoreResult(np.asarray(result, np.float32))
-            enc_info = {"path": _encoder_name(cfg.encoder), "tag": enc_file.get("tag"), "arch": enc_file.get("arch")}
+            enc_info = None if enc_file is None else {"path": _encoder_name(cfg.encoder), "tag": enc_file.get("tag"),
+                                                      "arch": enc_file.get("arch")}
         else:
             inputs, scored_ds, scored_ids, enc_info = _gather_inputs(cfg, needs, source, target, device, enc_file)
             result = run_scorer(scorer.name, inputs, seed=cfg.seed, **cfg_params)
@@ -220,7 +223,7 @@ def _gather_inputs(cfg: ScoreConfig, needs: set, source: Dataset, target: Datase
 
 
 def _stream_context(cfg: ScoreConfig, name: str, source: Dataset, target: Dataset, device: str,
-                    enc_file: dict) -> StreamContext:
+                    enc_file: dict | None) -> StreamContext:
     """A streaming scorer's view of this run; pool runs get a work store to resume from,
     keyed by the facts of the run this stage knows (the scorer adds its own)."""
     import torch
@@ -232,7 +235,7 @@ def _stream_context(cfg: ScoreConfig, name: str, source: Dataset, target: Datase
         ensure_scores_root(source)  # before the work store inside it: creating the root replaces the folder
         work = work_path(source, name)
         key = {"source_fingerprint": source.fingerprint, "target_fingerprint": target.fingerprint,
-               "encoder_tag": enc_file.get("tag"), "seed": cfg.seed, "backend": resolve_backend(cfg.backend),
+               "encoder_tag": (enc_file or {}).get("tag"), "seed": cfg.seed, "backend": resolve_backend(cfg.backend),
                "device": torch.device(device).type, "filterx_version": filterx.__version__}
     return StreamContext(source, target, cfg.candidates, cfg.encoder, device=device, backend=cfg.backend,
                          batch_size=cfg.batch_size, workers=cfg.workers, quiet=cfg.quiet, work=work, key=key)

@@ -1,0 +1,279 @@
+"""domain-cls on pixels (``--on pixels``): a CNN trained to tell target images from pool images;
+score = its logit for "target".
+
+The domain classifier of conditional pre-training (Chakraborty et al.): a ResNet-18 (``arch``,
+any ResNet or AlexNet of :mod:`filterx.models.archs`; ``width`` narrows a ResNet for CPU runs)
+trained from scratch on decoded, augmented images (the loader's training transform: random
+resized crop and flip), every batch half pool and half target. Each half is drawn as shuffled
+epochs of its side, so a small target is oversampled, seen once per epoch of its own, while the
+pool goes by. With ``folds > 1`` the pool is split at random and each part is scored by a
+classifier that never trained on it (as domain-cls on embeddings does): on a small pool a CNN
+learns its pool images by heart and would score the target-like ones low for having seen them
+labelled "pool".
+
+Registered as the streaming scorer ``domain-cls/pixels``, the variant of ``domain-cls`` that
+``--on pixels`` chooses (:func:`pixel_domain_scores`, called with a StreamContext); it needs
+``--target``, not an encoder.
+
+Resumable as ``influence --params last-block`` is (:mod:`filterx.scorers.lastblock`): once
+trained, the classifiers' weights are stored in the work store (``ctx.work``, a
+:mod:`filterx.io.rowstore` store keyed by the run's facts and this scorer's parameters); the
+pool is then scored shard by shard, each shard's scores stored as soon as it is done (rows,
+then its done flag). A killed run re-trains nothing once the weights are stored, and scores only
+the shards not done; scoring batches are fixed by the dataset alone
+(:func:`~filterx.scorers.lastblock.shard_aligned_batches`), so the resumed scores are
+bit-identical to an uninterrupted run's on the same machine and thread count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+from dataclasses import replace
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from filterx.core.faults import crash_point
+from filterx.core.progress import progress
+from filterx.decode.loader import LoaderConfig, SkipBadSamples, load_batches
+from filterx.io import rowstore
+from filterx.models.archs import build_model, list_models
+from filterx.scorers import Option, ScoreResult, StreamContext, register_scorer
+from filterx.scorers.lastblock import shard_aligned_batches
+
+log = logging.getLogger(__name__)
+TARGET, POOL = 1, 0
+
+
+def _side_seed(seed: int, fold: int, side: int) -> int:
+    """The loader seed of one side (pool or target) of one fold's training: independent streams."""
+    return int(np.random.SeedSequence([seed, fold, side]).generate_state(1)[0])
+
+
+def balanced_half(tars, cfg: LoaderConfig, half: int, *, ids: np.ndarray | None = None,
+                  on_error=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless (ids (half,) int64, images (half, 3, R, R)) batches from ``tars`` (only ``ids``
+    when given): shuffled epochs one after another (epoch e shuffled and augmented by
+    (cfg.seed, e)), cut into batches of exactly ``half`` images whatever the loader's batch
+    sizes, so a side smaller than the other is oversampled, every image once per epoch."""
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+    have, epoch = 0, 0
+    while True:
+        got = 0
+        for b in load_batches(tars, replace(cfg, epoch=epoch), ids=ids,
+                              **({} if on_error is None else {"on_error": on_error})):
+            pending.append((b.ids, b.images))
+            have += len(b.ids)
+            got += len(b.ids)
+            while have >= half:
+                all_ids, images = torch.cat([i for i, _ in pending]), torch.cat([x for _, x in pending])
+                yield all_ids[:half], images[:half]
+                pending, have = [(all_ids[half:], images[half:])], have - half
+        if got == 0:
+            raise ValueError(f"no image of {tars[0].parent} could be decoded for training")
+        epoch += 1
+
+
+def train_pixel_classifier(source, target, pool_ids: np.ndarray | None, cfg: LoaderConfig, *, arch: str,
+                           width: int | None, steps: int, lr: float, weight_decay: float, seed: int,
+                           fold: int = 0, quiet: bool = True) -> tuple[nn.Module, dict]:
+    """Train a balanced pool (0) vs target (1) classifier on decoded pixels.
+
+    ``source``, ``target``: datasets; ``pool_ids``: the pool samples it may train on (None: all);
+    ``cfg``: the training loader (``train=True``, ``batch_size`` = half a batch). AdamW with a
+    linear warm-up over the first 5% of ``steps``, then cosine decay; bf16 autocast and
+    channels_last on CUDA. Returns (the model in eval mode, training facts: final loss and
+    accuracy over the last tenth of the steps, bad samples skipped).
+    """
+    device = torch.device(cfg.device)
+    torch.manual_seed(seed + fold)
+    model = build_model(arch, 1, **({} if width is None else {"width": width})).to(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: (t + 1) / warm if t < warm else 0.5 * (1 + math.cos(math.pi * (t - warm) / max(1, steps - warm))))
+    half = cfg.batch_size
+    skipped = SkipBadSamples()
+    # the pool read whole (DALI can), the target whole; an id subset goes through a backend that can
+    pool_cfg = replace(cfg, seed=_side_seed(seed, fold, POOL),
+                       backend="auto" if pool_ids is not None and cfg.backend == "dali" else cfg.backend)
+    pool = balanced_half(source.tar_paths(), pool_cfg, half, ids=pool_ids, on_error=skipped)
+    tgt = balanced_half(target.tar_paths(), replace(cfg, seed=_side_seed(seed, fold, TARGET)), half,
+                        on_error=skipped)
+    y = torch.cat([torch.full((half,), float(POOL)), torch.full((half,), float(TARGET))]).to(device)
+    loss_fn = nn.BCEWithLogitsLoss()
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    tail = max(1, steps // 10)
+    losses, correct = [], []
+    model.train()
+    bar = progress(total=steps, desc=f"domain classifier (fold {fold})" if fold else "domain classifier",
+                   quiet=quiet)
+    for step in range(steps):
+        x = torch.cat([next(pool)[1].to(device), next(tgt)[1].to(device)])
+        if cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with amp:
+            logits = model(x).squeeze(1).float()
+        loss = loss_fn(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step >= steps - tail:
+            losses.append(float(loss.detach()))
+            correct.append(float(((logits > 0).float() == y).float().mean()))
+        bar.update(1)
+    bar.close()
+    facts = {"train_loss": float(np.mean(losses)), "train_accuracy": float(np.mean(correct)),
+             "bad_training_samples": len(skipped.bad)}
+    log.info("domain classifier (fold %d): loss %.4f, balanced accuracy %.3f over its last %d steps",
+             fold, facts["train_loss"], facts["train_accuracy"], tail)
+    return model.eval(), facts
+
+
+def _weights_bytes(model: nn.Module) -> np.ndarray:
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return np.frombuffer(buf.getvalue(), dtype=np.uint8)
+
+
+def _load_weights(model: nn.Module, stored: np.ndarray) -> nn.Module:
+    state = torch.load(io.BytesIO(stored.tobytes()), map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def _logits(models: list[nn.Module], fold_of: np.ndarray, ids: np.ndarray, images: torch.Tensor,
+            device: torch.device) -> np.ndarray:
+    """(B,) float32 target logits of a compute batch, each sample by the classifier of its fold."""
+    out = np.empty(len(ids), dtype=np.float32)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    images = images.to(device)
+    if device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    folds = fold_of[ids]
+    with torch.inference_mode(), amp:
+        for f, model in enumerate(models):
+            sel = folds == f
+            if sel.any():
+                out[sel] = model(images[torch.from_numpy(sel).to(device)]).squeeze(1).float().cpu().numpy()
+    return out
+
+
+def check_pixels(params, candidates: str) -> None:
+    """domain-cls on pixels tells the pool from the target: it scores the pool only."""
+    if candidates != "source":
+        raise ValueError(f"domain-cls --on pixels scores the pool (--candidates source), not {candidates!r}")
+
+
+@register_scorer(
+    "domain-cls/pixels", kind="streaming", variant_of="domain-cls", choose_by=("on", "pixels"),
+    needs=("target_labels",), check=check_pixels, options={
+        "arch": Option("with --on pixels, the network", choices=tuple(list_models())),
+        "width": Option("with --on pixels, a ResNet's first-stage channels (64 as published; 16 for CPU runs)",
+                        min=1),
+        "resolution": Option("with --on pixels, the side of the images it sees", min=16),
+        "steps": Option("with --on pixels, training steps (batches of --batch-size, half pool, half target)",
+                        min=1),
+        "folds": Option("cross-fitting folds", min=1)})
+def pixel_domain_scores(
+    ctx: StreamContext,
+    *,
+    seed: int,
+    arch: str = "resnet18",
+    width: int | None = None,
+    resolution: int = 112,
+    steps: int = 2000,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    folds: int = 1,
+) -> tuple[np.ndarray, ScoreResult]:
+    """Logit of "target" from a CNN trained on pixels, balanced batches (arch: any trainer
+    model; width: a narrower ResNet, e.g. 16 for CPU runs; resolution in pixels; batches of
+    --batch-size, half pool and half target)."""
+    problems = [f"{k} must be >= {lo}, got {v}" for k, v, lo in
+                (("steps", steps, 1), ("folds", folds, 1), ("resolution", resolution, 16))
+                if v < lo] + ([f"width must be >= 1, got {width}"] if width is not None and width < 1 else []) \
+        + ([f"lr must be > 0, got {lr}"] if not lr > 0 else [])
+    if arch not in list_models():
+        problems.append(f"unknown arch {arch!r}; valid: {', '.join(list_models())}")
+    if ctx.batch_size < 2 or ctx.batch_size % 2:
+        problems.append(f"--batch-size must be even and >= 2 (half pool, half target), got {ctx.batch_size}")
+    if problems:
+        raise ValueError("domain-cls --on pixels: " + "; ".join(problems))
+    build_model(arch, 1, **({} if width is None else {"width": width}))  # a width the arch refuses fails now
+    source, target = ctx.source, ctx.target
+    if folds > 1 and folds > source.num_samples:
+        raise ValueError(f"domain-cls --on pixels: folds ({folds}) exceeds the pool's {source.num_samples} images")
+    params = dict(arch=arch, width=width, resolution=resolution, steps=steps, lr=lr, weight_decay=weight_decay,
+                  folds=folds)
+    device = torch.device(ctx.device)
+    fold_of = np.random.default_rng(seed).integers(0, folds, source.num_samples) if folds > 1 \
+        else np.zeros(source.num_samples, dtype=np.int64)
+    layout = rowstore.RowLayout("scores", (), "float32", tuple(source.shard_counts), source.fingerprint,
+                                json.loads(json.dumps({**ctx.key, "params": params, "batch_size": ctx.batch_size},
+                                                      default=str)))
+    store = None if ctx.work is None else rowstore.open_rows(ctx.work, layout, on_mismatch="discard")
+    train_cfg = LoaderConfig(resolution=resolution, backend=ctx.backend, device=ctx.device,
+                             batch_size=ctx.batch_size // 2, workers=ctx.workers, train=True, shuffle=True)
+    trained = store is None
+    if store is None:
+        models, facts = [], []
+        for f in range(folds):
+            pool_ids = np.flatnonzero(fold_of != f) if folds > 1 else None
+            model, fact = train_pixel_classifier(source, target, pool_ids, train_cfg, arch=arch, width=width,
+                                                 steps=steps, lr=lr, weight_decay=weight_decay, seed=seed, fold=f,
+                                                 quiet=ctx.quiet)
+            models.append(model)
+            facts.append(fact)
+        weights = {f"classifier_{f}": _weights_bytes(m) for f, m in enumerate(models)}
+        if ctx.work is not None:
+            rowstore.create(ctx.work, layout, arrays=weights, extra_attrs={"training": facts})
+            store = rowstore.open_rows(ctx.work, layout)
+    else:
+        log.info("domain-cls --on pixels: reusing the classifier stored in %s", ctx.work)
+    if store is not None:  # one path for a fresh and a resumed run: the weights as stored
+        facts = store.attrs["training"]
+        weights = {f"classifier_{f}": store.array(f"classifier_{f}") for f in range(folds)}
+    models = [_load_weights(build_model(arch, 1, **({} if width is None else {"width": width})),
+                            weights[f"classifier_{f}"]).to(device) for f in range(folds)]
+
+    todo = list(range(source.num_shards)) if store is None else store.undone()
+    reused = source.num_shards - len(todo)
+    if reused:
+        log.info("domain-cls --on pixels: %d of %d shards already scored in %s; scoring the other %d",
+                 reused, source.num_shards, ctx.work, len(todo))
+    scores = np.full(source.num_samples, np.nan, dtype=np.float32)
+    collector = None if store is None else store.collector(todo, after_shard=lambda s: crash_point("domain.shard"))
+    if todo:
+        eval_cfg = replace(train_cfg, train=False, shuffle=False, batch_size=ctx.batch_size)
+        bar = progress(total=int(sum(source.shard_counts[s] for s in todo)), desc="domain-cls (pixels)",
+                       quiet=ctx.quiet)
+        for ids, images in shard_aligned_batches(load_batches(source.tar_paths(todo), eval_cfg),
+                                                 source.shard_starts, ctx.batch_size):
+            s = _logits(models, fold_of, ids, images, device)
+            if collector is None:
+                scores[ids] = s
+            else:
+                collector.add(ids, s)
+            bar.update(len(ids))
+        bar.close()
+    if store is not None:
+        if collector.unfinished():
+            raise RuntimeError(f"shards {collector.unfinished()} were not read completely; re-run score")
+        scores = store.rows()
+    attrs = {"trained": trained, "shards_scored": len(todo), "shards_reused": reused,
+             "train_loss": float(np.mean([f["train_loss"] for f in facts])),
+             "train_accuracy": float(np.mean([f["train_accuracy"] for f in facts])),
+             "bad_training_samples": int(sum(f["bad_training_samples"] for f in facts)),
+             "mean_source_logit": float(np.nanmean(scores)), "training": facts}
+    return np.arange(source.num_samples), ScoreResult(scores, attrs=attrs)

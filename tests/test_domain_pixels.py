@@ -1,0 +1,201 @@
+"""score --method domain-cls --on pixels: a CNN domain classifier on decoded images. It ranks
+target-like pool images first, trains on balanced batches with the target oversampled, resumes a
+killed pool pass from its work store with bit-identical scores, and refuses bad options in one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+import zarr
+
+from filterx.core.faults import CRASH_EXIT
+from filterx.decode.loader import LoaderConfig
+from filterx.io.dataset import Dataset
+from filterx.scorers import resolve_scorer
+from filterx.scorers.domain_pixels import balanced_half
+from filterx.stages.score import ScoreConfig, list_scores, read_scores, score, work_path
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# 32 px, a ResNet-18 of 1/16 the compute, 30 steps of 16 pool + 16 target images.
+FAST = {"on": "pixels", "resolution": 32, "width": 16, "steps": 30}
+KW = dict(device="cpu", backend="pil", batch_size=32, workers=0, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def camera_dirs(tmp_path_factory):
+    """The tiny sample data with the pool's digits drawn like the target's (the "easy" pool:
+    all 120 pool digits are target-like, the 72 photos and textures are not): (source, target)."""
+    from filterx.io.sampledata import make_sample_data
+    from filterx.stages.shard import ShardConfig, shard
+
+    root = tmp_path_factory.mktemp("camera")
+    data = make_sample_data(root / "data", per_class=12, target_per_class=10, photos=3, textures=3,
+                            size_range=(40, 48), digit_style="camera")
+    shard(ShardConfig(data.source, root / "source", shard_size=40, workers=1, quiet=True))
+    shard(ShardConfig(data.target, root / "target", shard_size=20, workers=1, quiet=True))
+    return root / "source", root / "target"
+
+
+def _digits(ds: Dataset) -> np.ndarray:
+    names = [c.name for c in ds.classes]
+    return np.array([names[label].startswith("digit") for label in ds.labels])
+
+
+def test_target_like_pool_images_score_first(camera_dirs, tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    src = tmp_path / "source"
+    shutil.copytree(camera_dirs[0], src)
+    s = score(ScoreConfig("domain-cls", src, camera_dirs[1], None, dict(FAST), name="dp", **KW))
+    ds = Dataset.open(src)
+    scores, attrs = read_scores(ds, "dp")
+    assert np.isfinite(scores).all() and scores.std() > 0
+    digits = _digits(ds)
+    assert digits.mean() == pytest.approx(0.625)
+    # measured (seed 0, one thread): AUC 0.93, 94% digits among the top quarter against 62% overall
+    assert roc_auc_score(digits, scores) > 0.8
+    top = np.argsort(-scores, kind="stable")[: len(scores) // 4]
+    assert digits[top].mean() > 0.85
+    assert attrs["params"]["on"] == "pixels" and attrs["params"]["width"] == 16 and attrs["encoder"] is None
+    assert s.attrs["trained"] and s.attrs["shards_scored"] == ds.num_shards and s.attrs["shards_reused"] == 0
+    assert 0.5 < s.attrs["train_accuracy"] <= 1.0 and s.attrs["bad_training_samples"] == 0
+    assert not work_path(ds, "dp").exists() and list_scores(ds) == ["dp"]
+
+
+def test_batches_are_balanced_and_the_small_side_oversampled(camera_dirs):
+    target = Dataset.open(camera_dirs[1])
+    cfg = LoaderConfig(resolution=16, backend="pil", batch_size=7, workers=0, train=True, shuffle=True, seed=3)
+    stream = balanced_half(target.tar_paths(), cfg, 16)
+    batches = [next(stream) for _ in range(10)]  # 160 images: 3.2 epochs of the 50 target images
+    assert all(len(ids) == 16 and images.shape == (16, 3, 16, 16) for ids, images in batches)
+    counts = Counter(np.concatenate([ids.numpy() for ids, _ in batches]).tolist())
+    assert set(counts) == set(range(target.num_samples))  # each epoch is a permutation of the target
+    assert set(counts.values()) <= {3, 4}
+    first = np.concatenate([ids.numpy() for ids, _ in batches[:4]])[:50]
+    assert sorted(first.tolist()) == list(range(50)) and first.tolist() != list(range(50))  # shuffled
+
+
+def test_on_chooses_the_variant():
+    scorer, params, chosen = resolve_scorer("domain-cls", {"on": "pixels", "steps": 5})
+    assert scorer.name == "domain-cls/pixels" and scorer.kind == "streaming"
+    assert params == {"steps": 5} and chosen == {"on": "pixels"}
+    assert resolve_scorer("domain-cls", {"on": "embeddings"})[0].name == "domain-cls"
+    with pytest.raises(ValueError, match="unknown domain-cls on 'rgb'; valid: embeddings, pixels"):
+        resolve_scorer("domain-cls", {"on": "rgb"})
+
+
+@pytest.mark.parametrize("params, kw, message", [
+    ({"arch": "vgg"}, {}, "unknown arch 'vgg'; valid: alexnet_lrn, resnet18"),
+    ({"steps": 0}, {}, "steps must be >= 1, got 0"),
+    ({"width": 8, "arch": "alexnet_lrn"}, {}, "bad options {'width': 8} for alexnet_lrn"),
+    ({"model": "mlp"}, {}, r"takes no parameter\(s\) \['model'\]"),
+    ({}, {"batch_size": 15}, "--batch-size must be even and >= 2"),
+    ({}, {"candidates": "target-train"}, "scores the pool"),
+])
+def test_bad_options_give_one_clear_error(camera_dirs, tmp_path, params, kw, message):
+    src = tmp_path / "source"
+    shutil.copytree(camera_dirs[0], src)
+    with pytest.raises(ValueError, match=message):
+        score(ScoreConfig("domain-cls", src, camera_dirs[1], None, {**FAST, **params}, **{**KW, **kw}))
+    assert list_scores(Dataset.open(src)) == []
+
+
+def _cli(source, target, *extra, crash_at=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("FILTERX_CRASH_AT", None)
+    if crash_at:
+        env["FILTERX_CRASH_AT"] = crash_at
+    cmd = [sys.executable, "-m", "filterx", "score", "--method", "domain-cls", "--on", "pixels", "--source",
+           str(source), "--target", str(target), "--resolution", "32", "--width", "8", "--steps", "8",
+           "--backend", "pil", "--device", "cpu", "--batch-size", "16", "--workers", "0", "--json", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def _summary(run) -> dict:
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_killed_pool_pass_resumes_bit_identically_from_the_cli(camera_dirs, tmp_path):
+    clean_src, src = tmp_path / "clean", tmp_path / "source"
+    shutil.copytree(camera_dirs[0], clean_src)
+    shutil.copytree(camera_dirs[0], src)
+    clean = _summary(_cli(clean_src, camera_dirs[1]))
+    assert clean["attrs"]["trained"] and clean["attrs"]["shards_reused"] == 0
+    clean_scores, clean_attrs = read_scores(Dataset.open(clean_src), "domain-cls")
+    assert clean_attrs["params"]["on"] == "pixels" and clean_attrs["params"]["steps"] == 8
+
+    ds = Dataset.open(src)
+    assert ds.num_shards >= 3
+    killed = _cli(src, camera_dirs[1], crash_at="domain.shard:2")
+    assert killed.returncode == CRASH_EXIT, killed.stderr[-3000:]
+    work = work_path(ds, "domain-cls")
+    store = zarr.open_group(work, mode="r")
+    assert store["done"][:].tolist() == [True, True] + [False] * (ds.num_shards - 2)
+    done_rows = sum(ds.shard_counts[:2])
+    np.testing.assert_array_equal(store["scores"][:done_rows], clean_scores[:done_rows])
+    assert np.isnan(store["scores"][done_rows:]).all() and "classifier_0" in store
+    assert list_scores(ds) == []
+
+    resumed = _cli(src, camera_dirs[1])
+    summary = _summary(resumed)
+    assert not summary["attrs"]["trained"] and "reusing the classifier" in resumed.stderr
+    assert summary["attrs"]["shards_reused"] == 2 and summary["attrs"]["shards_scored"] == ds.num_shards - 2
+    scores, _ = read_scores(ds, "domain-cls")
+    np.testing.assert_array_equal(scores, clean_scores)
+    assert summary["attrs"]["train_loss"] == clean["attrs"]["train_loss"]
+    assert not work.exists()
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_other_settings_do_not_reuse_stale_work(camera_dirs, tmp_path, monkeypatch):
+    import filterx.scorers.domain_pixels as dp
+
+    src = tmp_path / "source"
+    shutil.copytree(camera_dirs[0], src)
+    ds = Dataset.open(src)
+    params = {**FAST, "width": 8, "steps": 4}
+
+    def kill(point):
+        raise _Killed
+
+    monkeypatch.setattr(dp, "crash_point", kill)
+    with pytest.raises(_Killed):
+        score(ScoreConfig("domain-cls", src, camera_dirs[1], None, params, **KW))
+    monkeypatch.undo()
+    store = zarr.open_group(work_path(ds, "domain-cls"), mode="r+")
+    assert store["done"][:].sum() == 1
+    store["scores"][: ds.shard_counts[0]] = 1e9  # rows a reuse would carry into the result
+    s = score(ScoreConfig("domain-cls", src, camera_dirs[1], None, {**params, "steps": 5}, **KW))
+    assert s.attrs["trained"] and s.attrs["shards_reused"] == 0 and s.attrs["shards_scored"] == ds.num_shards
+    scores, attrs = read_scores(ds, "domain-cls")
+    assert np.abs(scores).max() < 1e8 and attrs["params"]["steps"] == 5
+
+
+def test_cli_errors_are_one_line(camera_dirs, tmp_path):
+    from click.testing import CliRunner
+
+    from filterx.cli import main
+
+    src = tmp_path / "source"
+    shutil.copytree(camera_dirs[0], src)
+    runner = CliRunner()
+    base = ["score", "--method", "domain-cls", "--source", str(src)]
+    bad_on = runner.invoke(main, [*base, "--target", str(camera_dirs[1]), "--on", "rgb"])
+    assert bad_on.exit_code == 2 and "'rgb' is not one of 'embeddings', 'pixels'" in bad_on.output
+    no_target = runner.invoke(main, [*base, "--on", "pixels"])
+    assert no_target.exit_code != 0 and "needs --target" in no_target.output
+    assert "Traceback" not in no_target.output
+    help_text = runner.invoke(main, ["score", "--help"]).output
+    assert "--on [embeddings|pixels]" in help_text and "--width" in help_text
