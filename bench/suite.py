@@ -64,6 +64,8 @@ register_suite("influence", "bench.bench_influence",
 register_suite("trainer", "bench.bench_trainer", "pre-training step throughput")
 register_suite("scorers", "bench.bench_scorers", "each scorer's samples/s on precomputed embeddings")
 register_suite("kmeans", "bench.bench_kmeans", "FAISS k-means against filterx's torch k-means")
+register_suite("scale", "bench.bench_scale",
+               "every stage's wall time and peak RSS at N = 10k, 100k, 1.28M (synthetic embeddings)")
 register_suite("gpu", "bench.bench_gpu",
                "the first-GPU check (< 8 min): nvJPEG decode, embed, k-means, Triton kernels, "
                "pretrain + NCCL collectives")
