@@ -69,6 +69,8 @@ register_suite("selection", "bench.bench_selection",
                "part (easy, medium, hard), per encoder, against scikit-learn references")
 register_suite("ray", "bench.bench_ray",
                "shard and embed with --runner ray against --runner local on this machine (ratio, one run)")
+register_suite("scale", "bench.bench_scale",
+               "every stage's wall time and peak RSS at N = 10k, 100k, 1.28M (synthetic embeddings)")
 register_suite("gpu", "bench.bench_gpu",
                "the first-GPU check (< 8 min): nvJPEG decode, embed, k-means, Triton kernels, "
                "pretrain + NCCL collectives")

@@ -230,3 +230,18 @@ class ShardCollector:
     def unfinished(self) -> list[int]:
         """The shards not (yet) written: after the last batch, those that were not read completely."""
         return sorted(s for s, n in self.filled.items() if n != self.counts[s])
+
+
+def read_rows(path: str | Path, name: str, *, dtype: str | None = None) -> np.ndarray:
+    """The whole array ``name`` of the store at ``path`` as (N, *row_shape) numpy in ``dtype``
+    (default: the stored dtype), read one chunk (= one shard) at a time into one preallocated
+    array: peak memory is the result plus one chunk, never the result twice (a whole-array
+    read of float16 followed by a float32 cast holds both)."""
+    import zarr
+
+    arr = zarr.open_group(path, mode="r")[name]
+    out = np.empty(arr.shape, dtype=np.dtype(dtype or arr.dtype))
+    step = max(1, int(arr.chunks[0]))
+    for start in range(0, arr.shape[0], step):
+        out[start : start + step] = arr[start : start + step]
+    return out

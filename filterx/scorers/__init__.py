@@ -64,7 +64,10 @@ INPUT_FIELDS = (
 class ScoreInputs:
     """Everything a scorer may read. Arrays are numpy on the host; rows align to sample ids.
 
-    source_emb:        (N, D) float32, embeddings of the pool being scored
+    source_emb:        (N, D) float16 (as stored; the pool's embeddings from the score stage)
+                       or float32, embeddings of the pool being scored. At ImageNet size one
+                       float32 copy is 2.5 GiB: read it in row blocks (filterx.math.blocks),
+                       casting each block, never the whole array
     target_emb:        (M, D) float32, embeddings of the target's training split
     target_labels:     (M,) int64 target class of each target_emb row
     target_val_emb:    (V, D) float32, the target's held-out split (never trained on)

@@ -171,7 +171,7 @@ def fit_linear_probe(
     lr: float = 1e-2,
     device: str = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Multinomial logistic regression on ``x`` (N, D) float32, ``y`` (N,) int64 in [0, C).
+    """Multinomial logistic regression on ``x`` (N, D) float16 or float32, ``y`` (N,) int64 in [0, C).
 
     Trains on ``rows`` (int64 row numbers; all rows when None) without copying them out of
     ``x``: batches are gathered and moved to ``device`` one at a time, so the host keeps the
@@ -183,7 +183,10 @@ def fit_linear_probe(
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1; got {epochs}")
-    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    # float16 rows (the pool as stored) stay float16: each batch is cast on its own, so the
+    # probe holds no float32 copy of the pool (2.5 GiB at 1.28M x 512)
+    x = np.asarray(x)
+    xt = torch.from_numpy(x if x.dtype in (np.float16, np.float32) else x.astype(np.float32))
     yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
     rows_t = torch.arange(len(xt)) if rows is None else torch.from_numpy(np.asarray(rows, np.int64))
     if len(rows_t) == 0:
@@ -203,7 +206,7 @@ def fit_linear_probe(
         perm = rows_t[torch.randperm(n, generator=gen)]
         for i in range(0, n - batch + 1, batch):  # full batches only: equal-weight steps
             idx = perm[i : i + batch]
-            xb = (xt[idx].to(device, non_blocking=True) - mean) / std
+            xb = (xt[idx].to(device, torch.float32, non_blocking=True) - mean) / std
             loss = torch.nn.functional.cross_entropy(lin(xb), yt[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()

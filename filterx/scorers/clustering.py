@@ -14,6 +14,7 @@ import logging
 
 import numpy as np
 
+from filterx.math.blocks import BLOCK, l2_normalize, row_blocks
 from filterx.scorers import Option, ScoreInputs, ScoreResult, register_scorer
 
 log = logging.getLogger(__name__)
@@ -25,12 +26,6 @@ def _faiss_has_gpu() -> bool:
     import faiss
 
     return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit norm (zero rows stay zero); float32."""
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def faiss_kmeans(x: np.ndarray, k: int, *, niter: int = 25, seed: int = 0, gpu: bool | None = None):
@@ -65,12 +60,14 @@ def fit_centroids(x: np.ndarray, k: int, *, niter: int, seed: int, kmeans: str =
 
 
 def centroid_distances(x: np.ndarray, centroids: np.ndarray, *, distance: str, device: str = "cpu",
-                       block: int = 65536) -> np.ndarray:
-    """(N,) float32 min or mean Euclidean distance from each row of ``x`` to the centroids.
+                       block: int = BLOCK, normalize: bool = False) -> np.ndarray:
+    """(N,) float32 min or mean Euclidean distance from each row of ``x`` (N, D), any float
+    dtype, to the (K, D) centroids; rows L2-normalised first when ``normalize``.
 
     min: the nearest-centroid kernel (Triton on CUDA, blocked torch elsewhere) on squared
-    distances, then a square root. avg: mean of Euclidean (not squared) distances, computed in
-    row blocks; the mean of *squared* distances would rank by distance to the centroids' mean.
+    distances, then a square root. avg: mean of Euclidean (not squared) distances; the mean of
+    *squared* distances would rank by distance to the centroids' mean. Both run over row
+    blocks (cast and normalised one at a time): O(N·K·D) time, O(block·(K + D)) extra memory.
     """
     import torch
 
@@ -80,8 +77,8 @@ def centroid_distances(x: np.ndarray, centroids: np.ndarray, *, distance: str, d
         raise ValueError(f"unknown distance {distance!r}; valid: {', '.join(DISTANCES)}")
     c = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32)).to(device)
     out = np.empty(len(x), dtype=np.float32)
-    for i in range(0, len(x), block):
-        xb = torch.from_numpy(np.ascontiguousarray(x[i : i + block], dtype=np.float32)).to(device)
+    for i, xb in row_blocks(x, block, normalize=normalize):
+        xb = torch.from_numpy(xb).to(device)
         if distance == "min":
             d2, _, _ = nearest_centroid(xb, c)
             out[i : i + len(xb)] = d2.clamp_min(0).sqrt().cpu().numpy()
@@ -105,12 +102,12 @@ def clustering_scores(inputs: ScoreInputs, *, seed: int, k: int = 200, distance:
         raise ValueError(f"k must be >= 1, got {k}")
     target = inputs.target_emb
     source = inputs.source_emb
-    if normalize:
-        target, source = l2_normalize(target), l2_normalize(source)
+    if normalize:  # the pool is normalised block by block in centroid_distances
+        target = l2_normalize(target)
     k_used = min(k, len(target))
     if k_used < k:
         log.warning("k=%d is more than the %d target images; using k=%d", k, len(target), k_used)
     centroids, objective, kmeans = fit_centroids(target, k_used, niter=niter, seed=seed, kmeans=kmeans,
                                                  device=inputs.device)
-    dist = centroid_distances(source, centroids, distance=distance, device=inputs.device)
+    dist = centroid_distances(source, centroids, distance=distance, device=inputs.device, normalize=normalize)
     return ScoreResult(-dist, attrs={"k_used": k_used, "kmeans": kmeans, "kmeans_objective": objective})

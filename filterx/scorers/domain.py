@@ -14,33 +14,29 @@ from __future__ import annotations
 
 import numpy as np
 
+from filterx.math.blocks import BLOCK, row_blocks, sample_rows
 from filterx.scorers import Option, ScoreInputs, ScoreResult, register_scorer
 
 MODELS = ("linear", "mlp")
 STATS_ROWS = 100_000  # rows of each side the standardisation statistics are estimated on
 
 
-def sample_rows(x: np.ndarray, max_rows: int, rng: np.random.Generator) -> np.ndarray:
-    """(min(N, max_rows), D) float32: every row of ``x``, or ``max_rows`` drawn without
-    replacement, in row order (an array store reads sorted rows fastest)."""
-    if len(x) <= max_rows:
-        return np.asarray(x[:], dtype=np.float32)
-    return np.asarray(x[np.sort(rng.choice(len(x), max_rows, replace=False))], dtype=np.float32)
-
-
 def standardisation(source: np.ndarray, target: np.ndarray, seed: int,
-                    max_rows: int = STATS_ROWS) -> tuple[np.ndarray, np.ndarray]:
-    """(mean (D,), std (D,)) float32 of the union of a seeded sample of each side."""
+                    max_rows: int = STATS_ROWS, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(mean (D,), std (D,)) float32 of the union of a seeded sample of each side (of
+    ``source[rows]`` when ``rows`` is given)."""
     rng = np.random.default_rng(seed)
-    both = np.concatenate([sample_rows(source, max_rows, rng), sample_rows(target, max_rows, rng)])
+    both = np.concatenate([sample_rows(source, max_rows, rng, rows=rows), sample_rows(target, max_rows, rng)])
     return both.mean(0), both.std(0) + 1e-6
 
 
 def train_domain_classifier(source: np.ndarray, target: np.ndarray, *, model: str = "linear",
                             hidden: int = 256, steps: int = 500, batch_size: int = 512,
                             lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0,
-                            device: str = "cpu"):
-    """Train a balanced binary classifier (target = 1) on (Ns, D) source and (Nt, D) target rows.
+                            device: str = "cpu", rows: np.ndarray | None = None):
+    """Train a balanced binary classifier (target = 1) on (Ns, D) source and (Nt, D) target rows
+    (any float dtype; only ``source[rows]`` when ``rows``, sorted int64, is given: a fold is
+    never copied out of the pool, each batch gathers its own rows).
 
     Returns (module, mean, std): apply as ``module((x - mean) / std)`` -> (B,) target logits.
     """
@@ -51,7 +47,8 @@ def train_domain_classifier(source: np.ndarray, target: np.ndarray, *, model: st
         raise ValueError(f"unknown domain classifier {model!r}; valid: {', '.join(MODELS)}")
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    mean, std = (torch.from_numpy(a).to(device) for a in standardisation(source, target, seed))
+    mean, std = (torch.from_numpy(a).to(device) for a in standardisation(source, target, seed, rows=rows))
+    n_source = len(source) if rows is None else len(rows)
     d = source.shape[1]
     net = nn.Linear(d, 1) if model == "linear" else nn.Sequential(
         nn.Linear(d, hidden), nn.ReLU(), nn.Dropout(0.2), nn.Linear(hidden, 1))
@@ -62,7 +59,8 @@ def train_domain_classifier(source: np.ndarray, target: np.ndarray, *, model: st
     y = torch.cat([torch.zeros(half), torch.ones(half)]).to(device)
     loss_fn = nn.BCEWithLogitsLoss()
     for _ in range(steps):
-        si = torch.randint(0, len(source), (half,), generator=gen).numpy()
+        si = torch.randint(0, n_source, (half,), generator=gen).numpy()
+        si = si if rows is None else rows[si]
         ti = torch.randint(0, len(target), (half,), generator=gen).numpy()
         x = torch.from_numpy(np.concatenate([source[si], target[ti]]).astype(np.float32)).to(device)
         loss = loss_fn(net((x - mean) / std).squeeze(1), y)
@@ -73,14 +71,16 @@ def train_domain_classifier(source: np.ndarray, target: np.ndarray, *, model: st
     return net.eval(), mean, std
 
 
-def domain_logits(net, mean, std, x: np.ndarray, *, device: str = "cpu", block: int = 65536) -> np.ndarray:
-    """(N,) float32 target logits of a trained domain classifier."""
+def domain_logits(net, mean, std, x: np.ndarray, *, device: str = "cpu", block: int = BLOCK,
+                  rows: np.ndarray | None = None) -> np.ndarray:
+    """(N,) float32 target logits of a trained domain classifier for the rows of ``x`` (any
+    float dtype; only ``x[rows]``, in that order, when ``rows`` is given), in row blocks."""
     import torch
 
-    out = np.empty(len(x), dtype=np.float32)
+    out = np.empty(len(x) if rows is None else len(rows), dtype=np.float32)
     with torch.inference_mode():
-        for i in range(0, len(x), block):
-            xb = torch.from_numpy(np.ascontiguousarray(x[i : i + block], dtype=np.float32)).to(device)
+        for i, xb in row_blocks(x, block, rows=rows):
+            xb = torch.from_numpy(xb).to(device)
             out[i : i + len(xb)] = net((xb - mean) / std).squeeze(1).cpu().numpy()
     return out
 
@@ -102,10 +102,11 @@ def domain_scores(inputs: ScoreInputs, *, seed: int, model: str = "linear", hidd
     scores = np.empty(len(source), dtype=np.float32)
     fold_of = np.random.default_rng(seed).integers(0, folds, len(source)) if folds > 1 else np.zeros(len(source), int)
     for f in range(folds):
-        train = source[fold_of != f] if folds > 1 else source
-        net, mean, std = train_domain_classifier(train, target, seed=seed + f, **kw)
+        # index arrays, not copies: a fold of a 1.28M pool would be a gigabyte
+        train = np.flatnonzero(fold_of != f) if folds > 1 else None
+        net, mean, std = train_domain_classifier(source, target, seed=seed + f, rows=train, **kw)
         rows = np.flatnonzero(fold_of == f)
-        scores[rows] = domain_logits(net, mean, std, source[rows], device=inputs.device)
+        scores[rows] = domain_logits(net, mean, std, source, device=inputs.device, rows=rows)
     target_logits = domain_logits(net, mean, std, target, device=inputs.device)
     return ScoreResult(scores, attrs={"mean_target_logit": float(target_logits.mean()),
                                       "mean_source_logit": float(scores.mean())})

@@ -199,9 +199,7 @@ def _gather_inputs(cfg: ScoreConfig, needs: set, source: Dataset, target: Datase
             arrays["target_emb"], arrays["target_val_emb"] = t_emb[train_ids], t_emb[val_ids]
         if cfg.candidates == "source" and "source_emb" in needs:
             tag = ensure_embeddings(source.root, Path(cfg.encoder), info.get("tag"), **emb_kwargs)
-            s_emb = read_embeddings(source, tag)
-            source_ids = _decoded(s_emb, np.arange(source.num_samples), source)
-            arrays["source_emb"] = s_emb[source_ids] if len(source_ids) < len(s_emb) else s_emb
+            arrays["source_emb"], source_ids = _pool_embeddings(source, tag)
     if target is not None:
         if train_ids is None:
             train_ids, val_ids = np.flatnonzero(target.labels >= 0), np.zeros(0, dtype=np.int64)
@@ -252,6 +250,29 @@ def _recorded_weight_decay(info: dict) -> float | None:
     """The L2 weight decay an encoder file's head was trained with, when the file records it."""
     value = (info.get("config") or {}).get("weight_decay")
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _pool_embeddings(ds: Dataset, tag: str) -> tuple[np.ndarray, np.ndarray]:
+    """((n, D) embeddings in the store's dtype (float16), (n,) their ids): the decoded rows of
+    the pool, read shard by shard into one array, undecodable (NaN) rows squeezed out in place.
+
+    Peak memory is the store's size plus one shard: no float32 copy of the pool, no second
+    copy for the NaN filter (1.28M x 512 is 1.25 GiB as stored, 2.5 GiB more per copy).
+    Scorers read it in row blocks (filterx.math.blocks)."""
+    from filterx.io import rowstore
+    from filterx.math.blocks import compact_rows, finite_rows
+    from filterx.stages.embed import embeddings_complete
+
+    path = ds.embeddings_path(tag)
+    if not embeddings_complete(ds, tag):
+        raise ValueError(f"embeddings {path} are missing or incomplete; run: filterx embed {ds.root} --encoder ...")
+    emb = rowstore.read_rows(path, "emb")
+    ok = finite_rows(emb)
+    if ok.all():
+        return emb, np.arange(ds.num_samples)
+    log.warning("%d samples of %s could not be decoded by embed (listed in its embeddings' .bad dir); "
+                "they are left out and score NaN", int((~ok).sum()), ds.root)
+    return compact_rows(emb, ok), np.flatnonzero(ok)
 
 
 def _decoded(emb: np.ndarray, ids: np.ndarray, ds: Dataset) -> np.ndarray:

@@ -1,0 +1,77 @@
+"""Row blocks over large (N, D) arrays: what keeps a scorer's memory flat at any N.
+
+A pool's embeddings (1.28M x 512 float16 = 1.25 GiB for ImageNet) arrive as one array in the
+store's dtype. A scorer never makes a full-size copy of it (no float32 cast, no normalised
+copy, no boolean-mask copy): it walks ``row_blocks`` and casts, normalises or filters one
+block at a time, as faiss contrib walks a database iterator. Extra memory is then
+O(block * D) at any N.
+
+    for start, xb in row_blocks(x, normalize=True):   # (b, D) float32, unit rows
+        out[start : start + len(xb)] = f(xb)
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+BLOCK = 65536  # rows per block: 128 MiB of float32 at D = 512
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit norm (zero rows stay zero); float32. A full copy: for small arrays
+    (a target) or one block; use ``row_blocks(..., normalize=True)`` for a pool."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def row_blocks(x, block: int = BLOCK, *, rows: np.ndarray | None = None, normalize: bool = False,
+               dtype=np.float32) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(start, xb)``: consecutive blocks of rows of ``x`` (N, D), any float dtype, any
+    row-sliceable array (numpy, zarr), as contiguous ``dtype`` arrays, L2-normalised when
+    ``normalize``. With ``rows`` (sorted int64 row numbers) only those rows are read, and
+    ``start`` counts positions in ``rows``, not rows of ``x``."""
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    n = len(x) if rows is None else len(rows)
+    for start in range(0, n, block):
+        xb = x[start : start + block] if rows is None else x[rows[start : start + block]]
+        xb = np.ascontiguousarray(xb, dtype=dtype)
+        yield start, (l2_normalize(xb) if normalize else xb)
+
+
+def finite_rows(x, block: int = BLOCK) -> np.ndarray:
+    """(N,) bool: rows of ``x`` without NaN or inf (an image that could not be embedded),
+    checked block by block (no full-size temporary)."""
+    out = np.empty(len(x), dtype=bool)
+    for start in range(0, len(x), block):
+        out[start : start + block] = np.isfinite(x[start : start + block]).all(axis=1)
+    return out
+
+
+def compact_rows(x: np.ndarray, keep: np.ndarray, block: int = BLOCK) -> np.ndarray:
+    """``x[keep]`` (keep: (N,) bool) computed in place in ``x``'s own buffer, block by block;
+    returns a view of the first ``keep.sum()`` rows. ``x`` is overwritten: for an array the
+    caller owns (read from a store), where ``x[keep]`` would be a second full-size copy.
+
+    Kept row j comes from row ids[j] >= j, and each block is gathered before it is written,
+    so no row is overwritten before it has been read.
+    """
+    ids = np.flatnonzero(keep)
+    for start in range(0, len(ids), block):
+        part = ids[start : start + block]
+        x[start : start + len(part)] = x[part]
+    return x[: len(ids)]
+
+
+def sample_rows(x, max_rows: int, rng: np.random.Generator, *, rows: np.ndarray | None = None,
+                dtype=np.float32) -> np.ndarray:
+    """(min(n, max_rows), D) ``dtype``, a new array: every row of ``x`` (or of its ``rows``), or
+    ``max_rows`` of them drawn without replacement, in row order (a store reads sorted rows
+    fastest)."""
+    rows = np.arange(len(x)) if rows is None else np.asarray(rows, dtype=np.int64)
+    if len(rows) > max_rows:
+        rows = np.sort(rng.choice(rows, max_rows, replace=False))
+    # always a copy the caller owns (it may normalise it in place)
+    return np.array(x[:] if len(rows) == len(x) else x[rows], dtype=dtype, copy=True)
