@@ -124,3 +124,8 @@ def test_a_second_score_run_is_refused_before_it_embeds(sample_dirs, encoder_fil
                    encoder_file, "--backend", "pil", "--device", "cpu", "--workers", 0, "-q")
     assert f"being written by score-domain-cls in process {os.getpid()}" in one_line(proc, "score")
     assert not Dataset.open(src).embeddings_path(load_encoder_tag(encoder_file)).exists()
+
+
+def test_filterx_alone_prints_its_help_not_an_error_line():
+    proc = subprocess.run([sys.executable, "-m", "filterx"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("Usage: filterx") and "error:" not in proc.stderr

@@ -28,6 +28,9 @@ class FilterxGroup(click.Group):
         kwargs.pop("standalone_mode", None)
         try:
             rv = super().main(args, prog_name or "filterx", standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:  # `filterx` alone: the help, not an error line
+            click.echo(exc.format_message(), err=True)
+            sys.exit(exc.exit_code)
         except click.UsageError as exc:
             cmd = f" {exc.ctx.info_name}" if exc.ctx is not None and exc.ctx.parent is not None else ""
             click.echo(f"filterx{cmd}: error: {exc.format_message()}", err=True)
