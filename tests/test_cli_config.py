@@ -244,11 +244,15 @@ def test_scorer_defaults_shown_in_help_are_the_registry_s():
     from filterx.scorers import get_scorer
 
     shown = {p.name: p.show_default for p in main.commands["score"].params if isinstance(p.show_default, str)}
-    registry = {**get_scorer("clustering").defaults, **get_scorer("domain-cls").defaults,
-                **get_scorer("entropy").defaults, **get_scorer("class-mask").defaults,
-                **get_scorer("influence").defaults}
+    from filterx.scorers import all_scorers
+
+    registry = {}
+    for scorer in all_scorers():  # variants too: domain-cls --on pixels has options of its own
+        registry.update(scorer.defaults)
+        if scorer.choose_by and scorer.variant_of is None:
+            registry[scorer.choose_by[0] + "_"] = scorer.choose_by[1]  # a choosing option: --params, --on
     for name, text in shown.items():
-        if name in ("params_", "val_classes", "k"):
+        if name in ("val_classes", "k"):
             continue
         assert str(registry[name]) == text, name
     # --k serves three methods, each with its own default, named in its help
