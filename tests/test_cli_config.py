@@ -246,11 +246,13 @@ def test_scorer_defaults_shown_in_help_are_the_registry_s():
     shown = {p.name: p.show_default for p in main.commands["score"].params if isinstance(p.show_default, str)}
     from filterx.scorers import all_scorers
 
-    registry = {}
-    for scorer in all_scorers():  # variants too: domain-cls --on pixels has options of its own
-        registry.update(scorer.defaults)
-        if scorer.choose_by and scorer.variant_of is None:
-            registry[scorer.choose_by[0] + "_"] = scorer.choose_by[1]  # a choosing option: --params, --on
+    registry = {}  # option -> the default of the scorers that declare it (variants too: --on pixels' own)
+    for scorer in all_scorers():
+        for name in scorer.options:
+            if scorer.choose_by and name == scorer.choose_by[0]:
+                registry[name + "_"] = scorer.choose_by[1]  # a choosing option: --params, --on
+            else:
+                registry.setdefault(name, scorer.defaults[name])
     for name, text in shown.items():
         if name in ("val_classes", "k"):
             continue
