@@ -46,10 +46,10 @@ def scorer_options() -> list[click.Option]:
     options = []
     for name, takers in by_name.items():
         _, first, opt = takers[0]
-        choices = opt.choices
-        if first.choose_by and first.choose_by[0] == name:
-            choices = (first.choose_by[1], *variants.get(first.name, ()))
-        defaults = [first.choose_by[1] if choices is not opt.choices and m == first.name else sc.defaults.get(name)
+        # the parameter that chooses among a method's variants (--params, --on) takes their values
+        choosing = first.choose_by is not None and first.choose_by[0] == name
+        choices = (first.choose_by[1], *variants.get(first.name, ())) if choosing else opt.choices
+        defaults = [first.choose_by[1] if choosing and m == first.name else sc.defaults.get(name)
                     for m, sc, _ in takers]
         shown = [d for d in defaults if d not in (None, "", 0, False)]
         several = len({repr(d) for d in shown}) > 1
@@ -62,7 +62,7 @@ def scorer_options() -> list[click.Option]:
         show = None if flag or not shown else ("per method" if several else str(shown[0]))
         text = "; ".join(f"{', '.join(methods)}: {h}" for h, methods in helps.items()) + "."
         # a choosing parameter is not one of the scorer's own: its value arrives as NAME_
-        dest = f"{name}_" if choices is not opt.choices else name
+        dest = f"{name}_" if choosing else name
         options.append(DefaultOption([f"--{name.replace('_', '-')}", dest], is_flag=flag, default=None,
                                      type=None if flag else kind, metavar=opt.metavar, show_default=show,
                                      help=text))
