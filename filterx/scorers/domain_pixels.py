@@ -45,7 +45,7 @@ from filterx.decode.loader import LoaderConfig, SkipBadSamples, load_batches
 from filterx.io import rowstore
 from filterx.models.archs import build_model, list_models
 from filterx.scorers import Option, ScoreResult, StreamContext, register_scorer
-from filterx.scorers.lastblock import shard_aligned_batches
+from filterx.scorers.lastblock import score_pool_shards
 
 log = logging.getLogger(__name__)
 TARGET, POOL = 1, 0
@@ -252,25 +252,11 @@ def pixel_domain_scores(
     if reused:
         log.info("domain-cls --on pixels: %d of %d shards already scored in %s; scoring the other %d",
                  reused, source.num_shards, ctx.work, len(todo))
-    scores = np.full(source.num_samples, np.nan, dtype=np.float32)
-    collector = None if store is None else store.collector(todo, after_shard=lambda s: crash_point("domain.shard"))
-    if todo:
-        eval_cfg = replace(train_cfg, train=False, shuffle=False, batch_size=ctx.batch_size)
-        bar = progress(total=int(sum(source.shard_counts[s] for s in todo)), desc="domain-cls (pixels)",
-                       quiet=ctx.quiet)
-        for ids, images in shard_aligned_batches(load_batches(source.tar_paths(todo), eval_cfg),
-                                                 source.shard_starts, ctx.batch_size):
-            s = _logits(models, fold_of, ids, images, device)
-            if collector is None:
-                scores[ids] = s
-            else:
-                collector.add(ids, s)
-            bar.update(len(ids))
-        bar.close()
-    if store is not None:
-        if collector.unfinished():
-            raise RuntimeError(f"shards {collector.unfinished()} were not read completely; re-run score")
-        scores = store.rows()
+    eval_cfg = replace(train_cfg, train=False, shuffle=False, batch_size=ctx.batch_size)
+    scores = score_pool_shards(source, todo, store, lambda: load_batches(source.tar_paths(todo), eval_cfg),
+                               ctx.batch_size, lambda ids, images: _logits(models, fold_of, ids, images, device),
+                               desc="domain-cls (pixels)", after_shard=lambda s: crash_point("domain.shard"),
+                               quiet=ctx.quiet)
     attrs = {"trained": trained, "shards_scored": len(todo), "shards_reused": reused,
              "train_loss": float(np.mean([f["train_loss"] for f in facts])),
              "train_accuracy": float(np.mean([f["train_accuracy"] for f in facts])),

@@ -163,18 +163,35 @@ def last_block_influence(source: Dataset, target: Dataset, enc: Encoder, *, trai
     if reused:
         log.info("last-block influence: %d of %d shards already scored in %s; scoring the other %d",
                  reused, source.num_shards, work, len(todo))
+    block_scorer = last_block_batch_scorer(block, head, s_test, device=device) if todo else None
+
+    def score_batch(ids, images):
+        with torch.inference_mode():
+            f = trunk(images).float()
+        return block_scorer(f.clone())  # leave inference mode: the block needs autograd-capable inputs
+
+    scores = score_pool_shards(source, todo, store, lambda: load_batches(source.tar_paths(todo),
+                                                                         replace(cfg, backend=backend)),
+                               batch_size, score_batch, desc="influence (last block)",
+                               after_shard=lambda s: crash_point("influence.shard"),
+                               quiet=quiet)
+    attrs = {"shards_scored": len(todo), "shards_reused": reused, **solve}
+    return np.arange(source.num_samples), ScoreResult(scores, attrs=attrs)
+
+
+def score_pool_shards(source: Dataset, todo: list[int], store, batches, block: int, score_batch, *, desc: str,
+                      after_shard, quiet: bool) -> np.ndarray:
+    """(N,) float32 scores of the pool: the shards ``todo`` scored by ``score_batch(ids, images)``
+    in compute batches fixed by the dataset (:func:`shard_aligned_batches` of ``block``); with a
+    work ``store`` each finished shard is stored at once (rows, then its done flag, then
+    ``after_shard(shard)``: the scorer's crash point) and the result is the store's rows, shards done earlier included.
+    ``batches()`` makes the loader's batches over ``todo``; called only when there is work."""
     scores = np.full(source.num_samples, np.nan, dtype=np.float32)
-    collector = None if store is None else store.collector(todo, after_shard=lambda s: crash_point("influence.shard"))
+    collector = None if store is None else store.collector(todo, after_shard=after_shard)
     if todo:
-        score_batch = last_block_batch_scorer(block, head, s_test, device=device)
-        batches = load_batches(source.tar_paths(todo), replace(cfg, backend=backend))
-        bar = progress(total=int(sum(source.shard_counts[s] for s in todo)), desc="influence (last block)",
-                       quiet=quiet)
-        for ids, images in shard_aligned_batches(batches, source.shard_starts, batch_size):
-            with torch.inference_mode():
-                f = trunk(images).float()
-            f = f.clone()  # leave inference mode: the block needs autograd-capable inputs
-            s = score_batch(f)
+        bar = progress(total=int(sum(source.shard_counts[s] for s in todo)), desc=desc, quiet=quiet)
+        for ids, images in shard_aligned_batches(batches(), source.shard_starts, block):
+            s = score_batch(ids, images)
             if collector is None:
                 scores[ids] = s
             else:
@@ -185,8 +202,7 @@ def last_block_influence(source: Dataset, target: Dataset, enc: Encoder, *, trai
         if collector.unfinished():
             raise RuntimeError(f"shards {collector.unfinished()} were not read completely; re-run score")
         scores = store.rows()
-    attrs = {"shards_scored": len(todo), "shards_reused": reused, **solve}
-    return np.arange(source.num_samples), ScoreResult(scores, attrs=attrs)
+    return scores
 
 
 _SOLVER_KEYS = ("solver", "damping", "weight_decay", "cg_tol", "cg_max_iter", "lissa_scale", "lissa_depth",
