@@ -19,8 +19,8 @@ stage reads (N x 512 x 2 bytes) for scorers.
 
 The pools (tiny JPEG trees, dataset dirs, synthetic embeddings) are cached under the bench
 data dir per N; a cached pool keeps the shard row measured when it was built (its
-``recorded`` column says when; ``--opt fresh=true`` re-shards). Methods in ``SKIP_ABOVE`` are
-not run above that N (their cost model says why; see the README's performance section).
+``recorded`` column says when; ``--opt fresh=true`` re-shards). ``--opt skip=a,b`` leaves out
+the named scorer rows.
 """
 
 from __future__ import annotations
@@ -57,8 +57,6 @@ SELECTS = (
 )
 FORMATS = ("jsonl", "npy", "txt", "wds")
 WDS_MAX_SELECTED = 20_000  # wds copies image bytes: its selection is capped at this many samples
-# (method, largest N it runs at): what is known not to fit a run, so a full run finishes
-SKIP_ABOVE = {"pool-clusters": 100_000, "hard-classes": 100_000}
 
 
 def _base(n: int) -> Path:
@@ -235,7 +233,7 @@ def run(quick: bool = True, sizes=None, timeout: float = 1800.0, skip: str = "",
         rows.append(_row("write-embeddings (synthetic)", n,
                          _measure("bench.bench_scale:stage_embeddings", {"dataset": str(ds)}, timeout), emb_mb))
         for label, method, params in SCORERS:
-            if label in skipped or n > SKIP_ABOVE.get(label, n):
+            if label in skipped:
                 continue
             res = _measure("bench.bench_scale:stage_score",
                            dict(dataset=str(ds), target=str(target), encoder=str(encoder), method=method,

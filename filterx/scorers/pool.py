@@ -154,10 +154,17 @@ def knn_target_scores(inputs: ScoreInputs, *, seed: int, k: int = 10, normalize:
     return ScoreResult(scores, attrs={"k_used": k_used, "unscored": int(np.isnan(scores).sum())})
 
 
+# the default k's ceiling: k-means costs N x k x D per pass, so an uncapped k = N / 50 grows as
+# N^2 (25,600 clusters at 1.28M: ~1e16 multiply-adds per pass, hours on a CPU). With k capped
+# the scorer is linear in N; DataComp's ratio (100k clusters for 12.8M images) is a GPU job
+# asked for with --k.
+MAX_DEFAULT_CLUSTERS = 1000
+
+
 def default_pool_clusters(num_pool: int) -> int:
-    """The default number of pool clusters: one per 50 pool images, at most 100,000 (DataComp
-    clusters 12.8M-128M pools into 100k), at least 1."""
-    return max(1, min(num_pool // 50, 100_000))
+    """The default number of pool clusters: one per 50 pool images, at least 1 and at most
+    ``MAX_DEFAULT_CLUSTERS`` (1,000), so that the default stays linear in the pool's size."""
+    return max(1, min(num_pool // 50, MAX_DEFAULT_CLUSTERS))
 
 
 def nearest_cluster(x: np.ndarray, centroids: np.ndarray, *, block: int = BLOCK):
@@ -189,7 +196,7 @@ def pool_assignments(source, rows: np.ndarray, centroids: np.ndarray, target: np
 
 
 @register_scorer("pool-clusters", needs=("source_emb", "target_emb"), options={
-    "k": Option("k-means clusters over the pool (default: one per 50 images)", min=1)})
+    "k": Option("k-means clusters over the pool (default: one per 50 images, at most 1,000)", min=1)})
 def pool_cluster_scores(inputs: ScoreInputs, *, seed: int, k: int | None = None, niter: int = 20,
                         normalize: bool = True, kmeans: str = "auto") -> ScoreResult:
     """Pool k-means clusters nearest to some target embedding first (DataComp's image-based filter)."""
