@@ -33,6 +33,32 @@ def test_row_blocks_cover_every_row_in_order_cast_and_normalised():
         next(row_blocks(x, 0))
 
 
+def test_a_named_pass_of_several_blocks_reports_its_rows(monkeypatch):
+    import filterx.core.progress as prog
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, disable, **kw):
+            self.total, self.disabled, self.n, self.closed = total, disable, 0, False
+            bars.append(self)
+
+        def update(self, k):
+            self.n += k
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(prog, "tqdm", Bar)
+    monkeypatch.setattr(prog, "QUIET", False)  # an earlier CLI test may have run with -q
+    x = np.ones((10, 3), np.float16)
+    assert sum(len(b) for _, b in row_blocks(x, 4, desc="pass")) == 10
+    assert (bars[0].total, bars[0].n, bars[0].closed, bars[0].disabled) == (10, 10, True, None)
+    list(row_blocks(x, 16, desc="pass"))  # one block: nothing to watch
+    list(row_blocks(x, 4))  # unnamed: a scorer's inner pass
+    assert bars[1].disabled is True and bars[2].disabled is True
+
+
 def test_finite_rows_and_in_place_compaction_equal_the_masked_copy():
     x, _ = _pool(997, 4)
     x[[0, 5, 6, 400, 996]] = np.nan

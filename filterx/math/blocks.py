@@ -27,18 +27,26 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 
 
 def row_blocks(x, block: int = BLOCK, *, rows: np.ndarray | None = None, normalize: bool = False,
-               dtype=np.float32) -> Iterator[tuple[int, np.ndarray]]:
+               dtype=np.float32, desc: str | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(start, xb)``: consecutive blocks of rows of ``x`` (N, D), any float dtype, any
     row-sliceable array (numpy, zarr), as contiguous ``dtype`` arrays, L2-normalised when
     ``normalize``. With ``rows`` (sorted int64 row numbers) only those rows are read, and
-    ``start`` counts positions in ``rows``, not rows of ``x``."""
+    ``start`` counts positions in ``rows``, not rows of ``x``. With ``desc``, a pass of more
+    than one block shows a progress bar (rows/s and ETA) under that name."""
+    from filterx.core.progress import progress
+
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
     n = len(x) if rows is None else len(rows)
-    for start in range(0, n, block):
-        xb = x[start : start + block] if rows is None else x[rows[start : start + block]]
-        xb = np.ascontiguousarray(xb, dtype=dtype)
-        yield start, (l2_normalize(xb) if normalize else xb)
+    bar = progress(total=n, desc=desc, unit="row", quiet=desc is None or n <= block)
+    try:
+        for start in range(0, n, block):
+            xb = x[start : start + block] if rows is None else x[rows[start : start + block]]
+            xb = np.ascontiguousarray(xb, dtype=dtype)
+            yield start, (l2_normalize(xb) if normalize else xb)
+            bar.update(len(xb))
+    finally:
+        bar.close()
 
 
 def finite_rows(x, block: int = BLOCK) -> np.ndarray:

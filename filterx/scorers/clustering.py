@@ -77,7 +77,7 @@ def centroid_distances(x: np.ndarray, centroids: np.ndarray, *, distance: str, d
         raise ValueError(f"unknown distance {distance!r}; valid: {', '.join(DISTANCES)}")
     c = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32)).to(device)
     out = np.empty(len(x), dtype=np.float32)
-    for i, xb in row_blocks(x, block, normalize=normalize):
+    for i, xb in row_blocks(x, block, normalize=normalize, desc="clustering: assign"):
         xb = torch.from_numpy(xb).to(device)
         if distance == "min":
             d2, _, _ = nearest_centroid(xb, c)

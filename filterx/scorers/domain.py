@@ -79,7 +79,7 @@ def domain_logits(net, mean, std, x: np.ndarray, *, device: str = "cpu", block: 
 
     out = np.empty(len(x) if rows is None else len(rows), dtype=np.float32)
     with torch.inference_mode():
-        for i, xb in row_blocks(x, block, rows=rows):
+        for i, xb in row_blocks(x, block, rows=rows, desc="domain-cls: score"):
             xb = torch.from_numpy(xb).to(device)
             out[i : i + len(xb)] = net((xb - mean) / std).squeeze(1).cpu().numpy()
     return out

@@ -115,7 +115,7 @@ def mean_knn_distance(source: np.ndarray, target: np.ndarray, k: int, *, normali
     base_t = torch.from_numpy(base)
     base_sq = (base_t * base_t).sum(1)
     out = np.full(len(source), np.nan, dtype=np.float32)
-    for i, q in row_blocks(source, block):
+    for i, q in row_blocks(source, block, desc="knn-target: search"):
         ok = _finite_rows(q)
         q = np.ascontiguousarray(l2_normalize(q[ok]) if normalize else q[ok])
         if not len(q):
@@ -186,7 +186,7 @@ def pool_assignments(source, rows: np.ndarray, centroids: np.ndarray, target: np
     t = torch.from_numpy(np.ascontiguousarray(target, dtype=np.float32))
     cluster = np.empty(len(rows), dtype=np.int64)
     near = np.empty(len(rows), dtype=np.float32)
-    for start, xb in row_blocks(source, block, rows=rows, normalize=normalize):
+    for start, xb in row_blocks(source, block, rows=rows, normalize=normalize, desc="pool-clusters: assign"):
         xb = torch.from_numpy(xb)
         _, _, idx = nearest_centroid(xb, c)  # blocked GEMM + running argmin: no N x K matrix
         d2, _, _ = nearest_centroid(xb, t)
