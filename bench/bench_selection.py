@@ -46,6 +46,11 @@ EXTRA_VARIANTS = (
     ("knn-target (k=10)", "knn-target", {}),
     ("pool-clusters", "pool-clusters", {}),
 )
+# Rank fusion at select time (select --method a,b --combine ...) of stored scores, chosen before
+# any run: the best distance method with the classifier, two different signals.
+FUSED = (
+    ("rank-mean(knn-target, domain-cls mlp)", ("knn-target (k=10)", "domain-cls (mlp, 2 folds)"), "rank-mean"),
+)
 NOT_RUN = {
     "class-mask": "removes classes named by the user (with the ground truth's names it is an oracle)",
     "hard-classes": "removes the pool classes a probe on the pool's own labels finds hardest; "
@@ -143,6 +148,15 @@ def _filterx_rows(pools: dict, target: Path, encoders: dict, *, seed: int, devic
             rows.append(_row(label, key, values, seconds))
             _log(f"{key} {label}: " + ", ".join(f"{p}@{round(b * 100)}% {v:.2f}" for (p, b), v in values.items())
                  + f" ({seconds:.1f}s)")
+        for label, parts, combine in FUSED:
+            values, t = {}, time.perf_counter()
+            stored = ",".join(f"{key}-{_slug(part)}" for part in parts)
+            for name, pool in pools.items():
+                for b in BUDGETS:
+                    manifest = pool["ds"] / "manifests" / f"{key}-{_slug(label)}-{round(b * 100)}.jsonl"
+                    select(SelectConfig(pool["ds"], stored, manifest, fraction=b, combine=combine, quiet=True))
+                    values[(name, b)] = precision_at(pool["relevant"], read_manifest(manifest).ids)
+            rows.append(_row(label, key, values, time.perf_counter() - t))
     return rows
 
 

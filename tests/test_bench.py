@@ -279,6 +279,9 @@ def test_selection_suite_covers_the_registry_and_refuses_unknown_encoders():
     run = {m for _, m, _ in bench_selection.variants()}
     assert run | set(bench_selection.NOT_RUN) == set(list_scorers())
     assert not run & set(bench_selection.NOT_RUN)
+    labels = {label for label, _, _ in bench_selection.variants()}
+    for _, parts, combine in bench_selection.FUSED:  # fused rows read scores the suite stores
+        assert set(parts) <= labels and combine in ("rank-mean", "rank-min")
     with pytest.raises(ValueError, match="unknown encoders .*nope.*valid: target, backbone"):
         bench_selection.run(True, encoders="target,nope")
 
