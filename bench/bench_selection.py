@@ -15,6 +15,9 @@ training images (the demo's settings: 64 px, 20 epochs); ``backbone``, a frozen 
 the target as its head (``train-encoder --backbone SPEC --probe-only``). Give
 ``--opt selection.backbone=torchvision:resnet50:IMAGENET1K_V2@FILE`` where weights are at hand.
 
+One row needs no encoder: the paper's domain classifier on pixels (``domain-cls --on pixels``),
+a ResNet-18 of width 16 trained from scratch at 32 px for 300 steps on each pool and the target.
+
 Plain references, computed with scikit-learn on the same pools' 16x16 RGB pixels, out of
 sample: a logistic target-vs-pool classifier cross-fitted over 5 folds of the pool, k-means
 (k = 50) min and mean distance and 10-NN mean distance to the target's training split.
@@ -51,6 +54,11 @@ EXTRA_VARIANTS = (
 FUSED = (
     ("rank-mean(knn-target, domain-cls mlp)", ("knn-target (k=10)", "domain-cls (mlp, 2 folds)"), "rank-mean"),
 )
+# The paper's domain classifier on pixels (domain-cls --on pixels) needs no encoder: one row, run
+# once, at the CPU settings the README gives (a narrow ResNet-18 at 32 px, 300 steps).
+PIXEL_VARIANT = ("domain-cls (pixels, ResNet-18 width 16, 32 px)", "domain-cls",
+                 {"on": "pixels", "width": 16, "resolution": 32, "steps": 300})
+PIXEL_BATCH = 64
 NOT_RUN = {
     "class-mask": "removes classes named by the user (with the ground truth's names it is an oracle)",
     "hard-classes": "removes the pool classes a probe on the pool's own labels finds hardest; "
@@ -160,6 +168,27 @@ def _filterx_rows(pools: dict, target: Path, encoders: dict, *, seed: int, devic
     return rows
 
 
+def _pixel_rows(pools: dict, target: Path, *, seed: int, device: str) -> list[dict]:
+    from filterx.io.manifest import read_manifest
+    from filterx.stages.score import ScoreConfig, score
+    from filterx.stages.select import SelectConfig, select
+
+    label, method, params = PIXEL_VARIANT
+    values, t = {}, time.perf_counter()
+    for name, pool in pools.items():
+        stored = _slug(label)
+        score(ScoreConfig(method, pool["ds"], target, None, dict(params), seed, name=stored, device=device,
+                          backend="pil", batch_size=PIXEL_BATCH, workers=0, quiet=True))
+        for b in BUDGETS:
+            manifest = pool["ds"] / "manifests" / f"{stored}-{round(b * 100)}.jsonl"
+            select(SelectConfig(pool["ds"], stored, manifest, fraction=b, quiet=True))
+            values[(name, b)] = precision_at(pool["relevant"], read_manifest(manifest).ids)
+    seconds = time.perf_counter() - t
+    _log(f"{label}: " + ", ".join(f"{p}@{round(b * 100)}% {v:.2f}" for (p, b), v in values.items())
+         + f" ({seconds:.1f}s)")
+    return [_row(label, "none (pixels)", values, seconds)]
+
+
 def _reference_rows(pools: dict, target: Path, train_ids: np.ndarray, *, seed: int) -> list[dict]:
     from filterx.io.dataset import Dataset
     from filterx.stages.select import select_ids
@@ -245,6 +274,7 @@ def _run(quick: bool, *, per_class, digits_per_class, target_per_class, epochs, 
         encs = _train_encoders(root, target, chosen, backbone=backbone, epochs=epochs, resolution=resolution,
                                seed=seed, device=device)
         rows = _filterx_rows(pools, target, encs, seed=seed, device=device)
+        rows += _pixel_rows(pools, target, seed=seed, device=device)
         split = read_encoder_file(next(iter(encs.values()))["path"])
         train_ids = np.asarray(split["train_ids"], dtype=np.int64)
         if references:
