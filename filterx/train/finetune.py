@@ -51,14 +51,15 @@ from filterx.io import atomic
 from filterx.core.faults import crash_point
 from filterx.decode.loader import Batch, LoaderConfig, load_batches, resolve_backend
 from filterx.models.archs import (
-    build_model, feature_dim, features_and_logits, list_models, replace_head, split_backbone_head,
+    backbone_and_head, build_model, feature_dim, features_and_logits, list_models, replace_head,
 )
 from filterx.train.partial_init import block_record, check_block_options, check_blocks, freeze_stages, load_stages
 from filterx.core.runtime import seed_everything
-from filterx.train.common import (
-    CHECKPOINT_FORMAT, MODEL, SCHEDULES, Run, Runtime, Schedule, TrainSummary, autocast,
-    default_workers, resume_from, config_dict, evaluate, finish, fit, labelled_cross_entropy, load_checkpoint,
-    prepare_model, setup_runtime, teardown_runtime, to_input, topk_correct, wrap_ddp,
+from filterx.train.checkpoints import CHECKPOINT_FORMAT, MODEL, config_dict, load_checkpoint, resume_from
+from filterx.train.common import SCHEDULES, Run, Schedule, TrainSummary, finish, fit, labelled_cross_entropy
+from filterx.train.evaluation import evaluate, loader_batches, topk_correct
+from filterx.train.runtime import (
+    Runtime, autocast, default_workers, prepare_model, setup_runtime, teardown_runtime, to_input, wrap_ddp,
 )
 from filterx.train.data import (
     TrainingData, batches_per_epoch, held_out_split, resolve_training_data, usable_batches,
@@ -389,9 +390,9 @@ def _finetune(cfg: FinetuneConfig, rt: Runtime, out: Path, train: TrainingData, 
     blocks = block_record(arch, cfg.init_blocks, cfg.trained_blocks, cfg.init is not None)
     log.info("finetune %s: loaded %s; re-initialised %s; frozen %s", arch, blocks["loaded"] or "nothing",
              blocks["reinitialised"] or "nothing", blocks["frozen"] or "nothing")
-    backbone, head_name = split_backbone_head(net)
-    groups = [{"params": [p for p in backbone if p.requires_grad], "lr": cfg.lr},
-              {"params": list(net.get_submodule(head_name).parameters()), "lr": cfg.lr * cfg.head_lr_mult},
+    backbone, head = backbone_and_head(net)
+    groups = [{"params": [p for p in backbone.parameters() if p.requires_grad], "lr": cfg.lr},
+              {"params": list(head.parameters()), "lr": cfg.lr * cfg.head_lr_mult},
               {"params": list(domain.parameters()) if domain is not None else [], "lr": cfg.lr * cfg.head_lr_mult}]
     opt = torch.optim.SGD([g for g in groups if g["params"]], lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)
@@ -460,9 +461,10 @@ def _finetune(cfg: FinetuneConfig, rt: Runtime, out: Path, train: TrainingData, 
         row = {}
         for data, prefix in ((val, "val"), (test, "test")):
             if data is not None:
-                row.update(evaluate(net, data, resolution=cfg.resolution,
-                                    backend=resolve_backend(cfg.backend, subset=data.ids is not None),
-                                    batch_size=cfg.batch_size, workers=cfg.workers, rt=rt, prefix=prefix))
+                batches = loader_batches(data, resolution=cfg.resolution,
+                                         backend=resolve_backend(cfg.backend, subset=data.ids is not None),
+                                         batch_size=cfg.batch_size, workers=cfg.workers, rt=rt)
+                row.update(evaluate(net, batches, rt, num_classes=data.num_classes, prefix=prefix))
         return row
 
     def payload() -> dict:
