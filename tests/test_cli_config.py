@@ -17,7 +17,6 @@ from click.testing import CliRunner
 
 import filterx
 from filterx.cli.commands import main
-from filterx.cli.common import TRAINING_DEFAULTS
 
 
 def run(*args, cwd=None):
@@ -232,12 +231,110 @@ def test_demo_saves_its_options_in_its_directory(tmp_path, monkeypatch):
         (tmp_path / "d" / "filterx-demo.yaml").read_text()
 
 
-def test_training_defaults_shown_in_help_are_the_configs():
+def _configs():
+    from filterx.train.encoder import EncoderConfig
     from filterx.train.pretrain import FinetuneConfig, PretrainConfig
 
-    for command, cls in (("pretrain", PretrainConfig), ("finetune", FinetuneConfig)):
-        fields = {f.name: f.default for f in dataclasses.fields(cls)}
-        assert TRAINING_DEFAULTS[command] == {k: fields[k] for k in TRAINING_DEFAULTS[command]}, command
+    return {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "train-encoder": EncoderConfig}
+
+
+# Options of the trainers' commands that set no field of the command's config (-q sets quiet).
+CLI_ONLY = {"pretrain": {"verbose", "as_json", "config"},
+            "finetune": {"verbose", "as_json", "config"},
+            "train-encoder": {"verbose", "as_json", "config", "backbone", "probe_only", "objective", "with_pool"}}
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "train-encoder"])
+def test_training_defaults_shown_in_help_are_the_configs(command):
+    """Every option of pretrain / finetune / train-encoder that sets a config field stands, when
+    not given, for that field's default, and --help shows it."""
+    import click
+
+    from filterx.cli.params import ConfigOption
+
+    cmd = main.commands[command]
+    fields = {f.name: f for f in dataclasses.fields(_configs()[command])}
+    ctx = click.Context(cmd, info_name=command)
+    checked = set()
+    for p in cmd.params:
+        if p.name in CLI_ONLY[command]:
+            assert p.name not in fields, p.name
+            continue
+        assert p.name in fields, f"{command} {p.opts}: no field {p.name!r} of its config, nor in CLI_ONLY"
+        f = fields[p.name]
+        if isinstance(p, click.Argument):
+            assert f.default is dataclasses.MISSING, p.name  # required on both sides
+            continue
+        value = p.get_default(ctx)
+        value = None if value is click.core.UNSET else value
+        if isinstance(p, ConfigOption) and p.unset:
+            assert value is None, p.name  # left unset: the config (or a recipe) fills it in
+            value = p.saved_default()
+        if f.default is dataclasses.MISSING:  # a default_factory: the machine decides; the help says how
+            assert f.default_factory is not dataclasses.MISSING and value is None, p.name
+            assert isinstance(p.show_default, str), p.name
+            continue
+        want = str(f.default) if isinstance(p.type, click.Choice) and f.default is not None else f.default
+        assert value == want and type(value) is type(want), (command, p.name, value, f.default)
+        extra = p.get_help_extra(ctx)
+        if isinstance(p.show_default, str):
+            assert p.show_default in extra["default"], p.name  # a plain option's is in parentheses
+        elif f.default not in (None, False):
+            assert extra["default"] == str(f.default), (command, p.name, extra)
+        checked.add(p.name)
+    assert {"epochs", "seed", "backend", "device"} <= checked
+
+
+def test_a_changed_config_default_changes_help_and_parsed_value(tmp_path, monkeypatch):
+    import filterx.train.encoder
+    import filterx.train.finetune
+    import filterx.train.pretrain
+
+    @dataclasses.dataclass(frozen=True)
+    class Pretrain(filterx.train.pretrain.PretrainConfig):
+        epochs: int = 7
+        moco_momentum: float = 0.5
+
+    @dataclasses.dataclass(frozen=True)
+    class Finetune(filterx.train.finetune.FinetuneConfig):
+        pseudo_threshold: float = 0.25
+
+    @dataclasses.dataclass(frozen=True)
+    class Encoder(filterx.train.encoder.EncoderConfig):
+        resolution: int = 64
+        workers: int = 5
+
+    got = []
+    monkeypatch.setattr(filterx.train.pretrain, "PretrainConfig", Pretrain)
+    monkeypatch.setattr(filterx.train.finetune, "FinetuneConfig", Finetune)
+    monkeypatch.setattr(filterx.train.pretrain, "FinetuneConfig", Finetune)
+    monkeypatch.setattr(filterx.train.encoder, "EncoderConfig", Encoder)
+    for command, shown in (("pretrain", ["[default: 7;", "[default: 0.5;"]), ("finetune", ["[default: 0.25;"]),
+                           ("train-encoder", ["[default: 64]", "[default: 5;"])):
+        code, out, _ = run(command, "--help")
+        assert code == 0
+        text = " ".join(out.split())
+        assert all(s in text for s in shown), (command, text)
+
+    class Parsed(Exception):
+        pass
+
+    def grab(cfg):
+        got.append(cfg)
+        raise Parsed
+
+    monkeypatch.setattr(filterx.train.pretrain, "pretrain", grab)
+    monkeypatch.setattr(filterx.train.pretrain, "finetune", grab)
+    monkeypatch.setattr(filterx.train.encoder, "train_encoder", grab)
+    data = tmp_path / "d"
+    data.mkdir()
+    for args in (["pretrain", data, tmp_path / "o"], ["finetune", data, tmp_path / "f", "--arch", "resnet18"],
+                 ["train-encoder", data, tmp_path / "e.pt"]):
+        result = CliRunner().invoke(main, [str(a) for a in args])
+        assert isinstance(result.exception, Parsed), result.output
+    assert (got[0].epochs, got[0].moco_momentum) == (7, 0.5)
+    assert got[1].pseudo_threshold == 0.25
+    assert (got[2].resolution, got[2].workers) == (64, 5)
 
 
 def test_scorer_defaults_shown_in_help_are_the_registry_s():

@@ -6,7 +6,7 @@ one line on stderr naming the bad value and what would be valid; no traceback.
 Every command prints a one-paragraph summary on stdout (``--json``: the same as one JSON
 object; progress bars and logs go to stderr), and every command that writes saves the option
 values it ran with, as YAML that ``--config`` reads back, next to its outputs (where:
-``filterx.cli.common``). The group is :mod:`filterx.cli.group`; the commands are in
+``filterx.cli.configs``). The group is :mod:`filterx.cli.group`; the commands are in
 :mod:`filterx.cli.pipeline` (shard .. select), :mod:`filterx.cli.training` (pretrain,
 finetune) and :mod:`filterx.cli.looking` (report, info, demo), in the pipeline's order.
 """

@@ -7,7 +7,7 @@ one line on stderr naming the bad value and what would be valid; no traceback.
 Every command prints a one-paragraph summary on stdout (``--json``: the same as one JSON
 object; progress bars and logs go to stderr), and every command that writes saves the option
 values it ran with, as YAML that ``--config`` reads back, next to its outputs (where:
-``filterx.cli.common``).
+``filterx.cli.configs``).
 """
 
 from __future__ import annotations

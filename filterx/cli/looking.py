@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
-from filterx.cli.common import (
-    DEVICE_HELP, EXISTING_DIR, common, finish, inside, plain_json, setup,
-)
+from filterx.cli.common import DEVICE_HELP, common, finish, plain_json, setup
+from filterx.cli.configs import inside
+from filterx.cli.params import EXISTING_DIR
 from filterx.cli.group import main
 
 

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import click
 
 from filterx.cli.common import (
-    BACKBONE, ENCODER, EXISTING_DIR, ListedOption, RegistryChoice, beside, check_runner, common,
-    encoder_arch_names, finish, finish_rank0, format_names, in_dataset, inside, runner_options, runtime_options,
-    scorer_names, setup,
+    check_runner, common, encoder_arch_names, finish, finish_rank0, format_names, runner_options,
+    runtime_options, scorer_names, setup,
 )
+from filterx.cli.configs import beside, in_dataset, inside
+from filterx.cli.params import BACKBONE, ENCODER, EXISTING_DIR, ConfigOption, ListedOption, RegistryChoice
 from filterx.cli.group import main
 from filterx.cli.scorer_options import ScoreCommand
 
@@ -60,19 +62,25 @@ def shard(src, out, shard_size, resize_short, workers, num_classes, runner, addr
     finish_rank0(summary, as_json, inside(out, "shard"))
 
 
+def encoder_config():
+    from filterx.train.encoder import EncoderConfig
+
+    return EncoderConfig
+
+
 @main.command("train-encoder", short_help="Train the target encoder (a ResNet, or a probe on a backbone) -> OUT.")
 @click.argument("target", type=EXISTING_DIR)
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--arch", default="resnet18", show_default=True, type=RegistryChoice("arch", encoder_arch_names),
+@click.option("--arch", cls=ConfigOption, config=encoder_config, type=RegistryChoice("arch", encoder_arch_names),
               help="torchvision ResNet, trained from scratch.")
-@click.option("--resolution", default="112", show_default=True, type=click.Choice(["224", "112", "64"]),
+@click.option("--resolution", cls=ConfigOption, config=encoder_config, type=click.Choice(["224", "112", "64"]),
               help="Input size in pixels; 64 is for tiny CPU runs such as the demo.")
-@click.option("--epochs", default=30, show_default=True, type=click.IntRange(1), help="Training epochs.")
-@click.option("--lr", default=0.1, show_default=True, type=float,
+@click.option("--epochs", cls=ConfigOption, config=encoder_config, type=click.IntRange(1), help="Training epochs.")
+@click.option("--lr", cls=ConfigOption, config=encoder_config, type=float,
               help="Peak (one-cycle) learning rate for a batch of 256; scaled with --batch-size.")
-@click.option("--weight-decay", default=5e-4, show_default=True, type=click.FloatRange(0),
+@click.option("--weight-decay", cls=ConfigOption, config=encoder_config, type=click.FloatRange(0),
               help="L2 weight decay (of the ResNet, or of the probe's mean cross-entropy objective).")
-@click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+@click.option("--val-fraction", cls=ConfigOption, config=encoder_config, type=click.FloatRange(0, 1, max_open=True),
               help="Share of each class held out to measure accuracy.")
 @click.option("--backbone", type=BACKBONE, default=None,
               help="A pretrained backbone spec (torchvision:MODEL[:WEIGHTS][@FILE], timm:..., open_clip:...); "
@@ -84,8 +92,9 @@ def shard(src, out, shard_size, resize_short, workers, num_classes, runner, addr
                    "--weight-decay is the probe's.")
 @click.option("--with-pool", type=EXISTING_DIR, default=None, metavar="DATASET",
               help="--objective moco: the pool's images join the contrastive training (a large pool for a small target).")
-@click.option("--seed", default=0, show_default=True, help="Seed of the split, initialisation and augmentation.")
-@runtime_options(batch_size=64)
+@click.option("--seed", cls=ConfigOption, config=encoder_config, type=int,
+              help="Seed of the split, initialisation and augmentation.")
+@runtime_options(config=encoder_config)
 @common
 def train_encoder(target, out, arch, resolution, epochs, lr, weight_decay, val_fraction, backbone, probe_only,
                   objective, with_pool, seed, device, backend, batch_size, workers, quiet, verbose, as_json):
@@ -146,9 +155,10 @@ def _train_moco_encoder(opts: dict) -> None:
     if opts["probe_only"] or opts["backbone"] is not None:
         raise click.UsageError("--objective moco trains its own backbone; it takes no --backbone / --probe-only")
     ctx = click.get_current_context()
-    for name, value in (("epochs", 200), ("lr", 0.03)):
+    defaults = {f.name: f.default for f in dataclasses.fields(MocoEncoderConfig)}
+    for name in ("epochs", "lr"):  # MoCo v2's, where train-encoder's own were not overridden
         if ctx.get_parameter_source(name) is click.core.ParameterSource.DEFAULT:
-            ctx.params[name] = opts[name] = value
+            ctx.params[name] = opts[name] = defaults[name]
     cfg = MocoEncoderConfig(opts["target"], opts["out"], opts["arch"], int(opts["resolution"]), opts["epochs"],
                             opts["batch_size"], opts["lr"], weight_decay=opts["weight_decay"],
                             val_fraction=opts["val_fraction"], with_pool=opts["with_pool"], backend=opts["backend"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from filterx.cli.common import DefaultOption
+from filterx.cli.params import DefaultOption
 
 
 def _option_type(scorer, name: str, opt, choices):

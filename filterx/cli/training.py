@@ -1,4 +1,5 @@
-"""The trainer's commands: pretrain and finetune, their options made from the config dataclasses."""
+"""The trainer's commands: pretrain and finetune, their options made from the config dataclasses
+(defaults and choices read from PretrainConfig / FinetuneConfig, by :class:`ConfigOption`)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,49 @@ from pathlib import Path
 
 import click
 
-from filterx.cli.common import (
-    BACKEND_HELP, DEVICE_HELP, TRAINING_DEFAULTS, DefaultOption, RegistryChoice, backend_names, common,
-    finish_rank0, inside, model_names, setup,
-)
+from filterx.cli.common import BACKEND_HELP, DEVICE_HELP, backend_names, common, finish_rank0, model_names, setup
+from filterx.cli.configs import inside
 from filterx.cli.group import main
+from filterx.cli.params import ConfigChoice, ConfigOption, RegistryChoice
+
+
+def pretrain_config():
+    from filterx.train.pretrain import PretrainConfig
+
+    return PretrainConfig
+
+
+def finetune_config():
+    from filterx.train.finetune import FinetuneConfig
+
+    return FinetuneConfig
+
+
+def _schedules():
+    from filterx.train.common import SCHEDULES
+
+    return SCHEDULES
+
+
+def _objectives():
+    from filterx.train.pretrain import OBJECTIVES
+
+    return OBJECTIVES
+
+
+def _norms():
+    from filterx.train.adversarial import NORMS
+
+    return NORMS
+
+
+def _methods():
+    from filterx.train.finetune import METHODS
+
+    return METHODS
+
+
+CONFIGS = {"pretrain": pretrain_config, "finetune": finetune_config}
 
 _TRAINING_HELP = {
     "pretrain": {"lr": "Learning rate for a global batch of 256, scaled with the global batch "
@@ -25,35 +64,33 @@ _TRAINING_HELP = {
 
 
 def training_options(command: str):
-    """Options shared by pretrain and finetune; unset ones take TRAINING_DEFAULTS[command]."""
-    d, h = TRAINING_DEFAULTS[command], _TRAINING_HELP[command]
+    """Options shared by pretrain and finetune; unset ones take the defaults of CONFIGS[command]."""
+    config, h = CONFIGS[command], _TRAINING_HELP[command]
+
+    def opt(*decls, **kwargs):
+        return click.option(*decls, cls=ConfigOption, config=config, **kwargs)
 
     def decorate(fn):
-        for opt in reversed([
-            click.option("--resolution", default=224, show_default=True, type=click.IntRange(16),
-                         help="Input size in pixels (224 or 112 as in the literature; smaller for CPU runs)."),
-            click.option("--epochs", type=click.IntRange(1), cls=DefaultOption, show_default=str(d["epochs"]), help="Training epochs."),
-            click.option("--batch-size", type=click.IntRange(1), cls=DefaultOption, show_default=str(d["batch_size"]),
-                         help="Per-rank batch size (the global batch is this x the ranks)."),
-            click.option("--lr", type=float, cls=DefaultOption, show_default=h.get("lr_shown", str(d["lr"])),
-                         help=h["lr"]),
-            click.option("--weight-decay", type=float, cls=DefaultOption, show_default=str(d["weight_decay"]), help="L2 weight decay."),
-            click.option("--schedule", type=click.Choice(["step", "cosine", "inv"]), cls=DefaultOption,
-                         show_default=d["schedule"],
-                         help="step: x0.1 every --lr-step-epochs; inv: lr (1 + 10p)^-0.75; cosine."),
-            click.option("--lr-step-epochs", type=click.IntRange(1), cls=DefaultOption,
-                         show_default=str(d["lr_step_epochs"]),
-                         help="Epochs between x0.1 steps (--schedule step)."),
+        for option in reversed([
+            opt("--resolution", type=click.IntRange(16),
+                help="Input size in pixels (224 or 112 as in the literature; smaller for CPU runs)."),
+            opt("--epochs", type=click.IntRange(1), unset=True, help="Training epochs."),
+            opt("--batch-size", type=click.IntRange(1), unset=True,
+                help="Per-rank batch size (the global batch is this x the ranks)."),
+            opt("--lr", type=float, unset=True, help=h["lr"], **({"show_default": h["lr_shown"]} if "lr_shown" in h else {})),
+            opt("--weight-decay", type=float, unset=True, help="L2 weight decay."),
+            opt("--schedule", type=ConfigChoice(_schedules), unset=True,
+                help="step: x0.1 every --lr-step-epochs; inv: lr (1 + 10p)^-0.75; cosine."),
+            opt("--lr-step-epochs", type=click.IntRange(1), unset=True,
+                help="Epochs between x0.1 steps (--schedule step)."),
             click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt after a kill."),
-            click.option("--seed", default=0, show_default=True, help="Random seed."),
-            click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
-                         help=DEVICE_HELP),
-            click.option("--backend", default="auto", show_default=True,
-                         type=RegistryChoice("backend", backend_names), help=BACKEND_HELP),
-            click.option("--workers", type=click.IntRange(0), cls=DefaultOption, show_default="min(4, cores)",
-                         help="Decode worker processes/threads; default: the cores available, at most 4."),
+            opt("--seed", type=int, help="Random seed."),
+            opt("--device", type=click.Choice(["auto", "cpu", "cuda"]), help=DEVICE_HELP),
+            opt("--backend", type=RegistryChoice("backend", backend_names), help=BACKEND_HELP),
+            opt("--workers", type=click.IntRange(0), unset=True, show_default="min(4, cores)",
+                help="Decode worker processes/threads; default: the cores available, at most 4."),
         ]):
-            fn = opt(fn)
+            fn = option(fn)
         return fn
 
     return decorate
@@ -67,30 +104,30 @@ def _given(**kwargs) -> dict:
 @main.command(short_help="Pre-train a model on a manifest or dataset dir.")
 @click.argument("data", type=click.Path(exists=True, path_type=Path))
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--arch", default="resnet50", show_default=True, type=RegistryChoice("arch", model_names),
+@click.option("--arch", cls=ConfigOption, config=pretrain_config, type=RegistryChoice("arch", model_names),
               help="Model, trained from scratch (alexnet_lrn: AlexNet with LRN).")
 @click.option("--val", type=click.Path(exists=True, path_type=Path), help="Dataset dir or manifest to evaluate on.")
-@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), cls=DefaultOption,
-              show_default=str(TRAINING_DEFAULTS["pretrain"]["val_fraction"]), help=_TRAINING_HELP["pretrain"]["val_fraction"])
-@click.option("--objective", default="supervised", show_default=True, type=click.Choice(["supervised", "moco"]),
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), cls=ConfigOption, config=pretrain_config,
+              unset=True, help=_TRAINING_HELP["pretrain"]["val_fraction"])
+@click.option("--objective", cls=ConfigOption, config=pretrain_config, type=ConfigChoice(_objectives),
               help="moco: MoCo v2 without labels; unset options then take its recipe: 200 epochs, lr 0.03 per 256, "
                    "cosine, weight decay 1e-4.")
 @click.option("--moco-queue", type=click.IntRange(1), default=None, show_default="65536, less for a small dataset",
               help="moco: negatives in the queue (largest power of two up to half the images when under 131072).")
-@click.option("--moco-momentum", default=0.999, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+@click.option("--moco-momentum", cls=ConfigOption, config=pretrain_config, type=click.FloatRange(0, 1, max_open=True),
               help="moco: key encoder momentum (moving average).")
-@click.option("--moco-temperature", default=0.2, show_default=True, type=click.FloatRange(0, min_open=True),
+@click.option("--moco-temperature", cls=ConfigOption, config=pretrain_config, type=click.FloatRange(0, min_open=True),
               help="moco: InfoNCE temperature.")
-@click.option("--adv-eps", default=0.0, show_default=True, type=click.FloatRange(0),
+@click.option("--adv-eps", cls=ConfigOption, config=pretrain_config, type=click.FloatRange(0),
               help="PGD adversarial training (Madry et al.) with this radius, in pixels [0, 1] (0: standard "
                    "training). Robust-transfer studies: L2 1 and 3 at 224 px; Madry et al.: L-inf 8/255 = 0.0314.")
-@click.option("--adv-norm", default="l2", show_default=True, type=click.Choice(["l2", "linf"]),
+@click.option("--adv-norm", cls=ConfigOption, config=pretrain_config, type=ConfigChoice(_norms),
               help="The ball of the attack: L2 over the whole image, or L-inf per pixel value.")
-@click.option("--adv-steps", default=7, show_default=True, type=click.IntRange(1),
+@click.option("--adv-steps", cls=ConfigOption, config=pretrain_config, type=click.IntRange(1),
               help="PGD steps, from a random point of the ball (7: the robustness library's default; "
                    "Salman et al.'s robust ImageNet models: 3).")
-@click.option("--adv-step-size", type=click.FloatRange(0, min_open=True), cls=DefaultOption,
-              show_default="2.5 * eps / steps", help="PGD step size (the rule of Madry et al. and the "
+@click.option("--adv-step-size", type=click.FloatRange(0, min_open=True), cls=ConfigOption, config=pretrain_config,
+              unset=True, show_default="2.5 * eps / steps", help="PGD step size (the rule of Madry et al. and the "
                                                      "robustness library).")
 @training_options("pretrain")
 @common
@@ -152,12 +189,11 @@ def pretrain(data, out, arch, val, val_fraction, objective, moco_queue, moco_mom
 @click.option("--arch", type=RegistryChoice("arch", model_names),
               help="Architecture when training from scratch; with --init, a check that it matches.")
 @click.option("--test", type=click.Path(exists=True, path_type=Path), help="Target test dataset dir or manifest.")
-@click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), cls=DefaultOption,
-              show_default=str(TRAINING_DEFAULTS["finetune"]["test_fraction"]),
-              help=_TRAINING_HELP["finetune"]["test_fraction"])
-@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), cls=DefaultOption,
-              show_default=str(TRAINING_DEFAULTS["finetune"]["val_fraction"]), help=_TRAINING_HELP["finetune"]["val_fraction"])
-@click.option("--method", default="plain", show_default=True, type=click.Choice(["plain", "dann", "pseudo-label"]),
+@click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), cls=ConfigOption,
+              config=finetune_config, unset=True, help=_TRAINING_HELP["finetune"]["test_fraction"])
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), cls=ConfigOption, config=finetune_config,
+              unset=True, help=_TRAINING_HELP["finetune"]["val_fraction"])
+@click.option("--method", cls=ConfigOption, config=finetune_config, type=ConfigChoice(_methods),
               help="plain; or, with --unlabeled, domain adaptation.")
 @click.option("--unlabeled", type=click.Path(exists=True, path_type=Path),
               help="Unlabelled target-domain dataset dir or manifest for dann / pseudo-label.")
@@ -171,8 +207,8 @@ def pretrain(data, out, arch, val, val_fraction, objective, moco_queue, moco_mom
               help="Train only the last K stages and the head; the stem and earlier stages are frozen "
                    "(no gradient, modules in eval mode: BatchNorm statistics stay fixed, dropout off). "
                    "0: the head alone. Default: everything trains.")
-@click.option("--pseudo-threshold", type=click.FloatRange(0, 1, min_open=True), cls=DefaultOption,
-              show_default=str(TRAINING_DEFAULTS["finetune"]["pseudo_threshold"]),
+@click.option("--pseudo-threshold", type=click.FloatRange(0, 1, min_open=True), cls=ConfigOption,
+              config=finetune_config, unset=True,
               help="pseudo-label: confidence an unlabelled image needs.")
 @training_options("finetune")
 @common

@@ -17,6 +17,7 @@ and seven stages conv1-conv5, fc6, fc7 (Yosinski et al. 2014's layers 1-7).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable
 
@@ -258,12 +259,31 @@ def feature_dim(model: nn.Module) -> int:
     return int(get_head(model).in_features)
 
 
-def split_backbone_head(model: nn.Module) -> tuple[list[nn.Parameter], str]:
-    """(backbone parameters, head attribute path): for separate learning rates or freezing."""
+def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
+    """(backbone, head) sharing ``model``'s weights, split at :func:`head_name`: the backbone is
+    ``model`` with its head replaced by ``nn.Identity``, mapping images to the (B, D) features the
+    head reads; ``model`` itself is left whole. The backbone's parameters (and state dict) are the
+    model's without the head's, in the same order. Trainers, encoders and backbone loaders all
+    split a model here."""
     name = head_name(model)
-    prefix = name + "."
-    backbone = [p for n, p in model.named_parameters() if not n.startswith(prefix)]
-    return backbone, name
+    return with_submodule(model, name, nn.Identity()), model.get_submodule(name)
+
+
+def split_backbone_head(model: nn.Module) -> tuple[list[nn.Parameter], str]:
+    """(backbone parameters, head attribute path) of :func:`backbone_and_head`'s split: for
+    separate learning rates or freezing."""
+    backbone, _ = backbone_and_head(model)
+    return list(backbone.parameters()), head_name(model)
+
+
+def with_submodule(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
+    """A shallow copy of ``model`` with ``module`` at the attribute path ``path`` (copies of the
+    modules along the path, every other submodule shared); ``model`` is unchanged."""
+    out = copy.copy(model)
+    out._modules = dict(model._modules)  # its own module table: ``model`` keeps its own
+    first, _, rest = path.partition(".")
+    out._modules[first] = with_submodule(model._modules[first], rest, module) if rest else module
+    return out
 
 
 def backbone_modules(model: nn.Module) -> list[nn.Module]:

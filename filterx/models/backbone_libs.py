@@ -161,7 +161,7 @@ def _tv_describe(spec: BackboneSpec) -> tuple[Preprocess, str | None]:
 def _tv_build(spec: BackboneSpec):
     import torchvision.models as tvm
 
-    from filterx.models.archs import head_name
+    from filterx.models.archs import backbone_and_head, head_name
 
     loaded, _ = _tv_weights(spec)
     try:
@@ -171,11 +171,10 @@ def _tv_build(spec: BackboneSpec):
             raise
         raise _no_download(spec, exc) from None
     name = head_name(model)
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, nn.Identity())
+    backbone, _ = backbone_and_head(model)
     if spec.file:
-        _load_strict(model, read_state_dict(spec.file), (name,), spec)
-    return model, model, name
+        _load_strict(backbone, read_state_dict(spec.file), (name,), spec)
+    return backbone, backbone, name
 
 
 # ---------------------------------------------------------------- timm

@@ -192,7 +192,7 @@ def with_head(bb: Backbone, weight: torch.Tensor, bias: torch.Tensor) -> tuple[n
     whose head was a top-level attribute (ResNets' ``fc``) the model is that net with the new
     head in the old one's place (sharing every other module), so that code splitting a ResNet
     (last-block influence) sees a ResNet; otherwise features then head."""
-    import copy
+    from filterx.models.archs import with_submodule
 
     device = next(bb.features.parameters()).device
     head = nn.Linear(weight.shape[1], weight.shape[0]).to(device)
@@ -200,9 +200,7 @@ def with_head(bb: Backbone, weight: torch.Tensor, bias: torch.Tensor) -> tuple[n
         head.weight.copy_(weight)
         head.bias.copy_(bias)
     if bb.head_name is not None and "." not in bb.head_name:
-        model = copy.copy(bb.model)
-        model._modules = dict(bb.model._modules)  # its own module table: bb.model keeps its Identity
-        setattr(model, bb.head_name, head)
+        model = with_submodule(bb.model, bb.head_name, head)  # bb.model keeps its Identity
     else:
         model = nn.Sequential(bb.features, head)
     return model.eval(), head

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from filterx.io.dataset import Dataset
 from filterx.core.runtime import load_marked_dict
-from filterx.models.archs import build_model, list_models
+from filterx.models.archs import backbone_and_head, build_model, list_models
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +34,6 @@ def build_resnet(arch: str, num_classes: int) -> nn.Module:
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
     return build_model(arch, num_classes)
-
-
-def split_features_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
-    """(feature extractor returning (B, D) pooled features, the linear head) sharing weights."""
-    head = model.fc
-    features = nn.Sequential(*[m for name, m in model.named_children() if name != "fc"], nn.Flatten(1))
-    return features, head
 
 
 def state_tag(arch: str, resolution: int, state_dict: dict) -> str:
@@ -107,7 +100,7 @@ def load_encoder(path: str | Path, device: str = "cpu") -> Encoder:
     model = build_resnet(info["arch"], info["num_classes"])
     model.load_state_dict(info.pop("state_dict"))
     model.eval().to(device)
-    features, head = split_features_head(model)
+    features, head = backbone_and_head(model)
     return Encoder(model, features, head, info)
 
 

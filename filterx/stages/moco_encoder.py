@@ -32,14 +32,16 @@ import filterx
 from filterx.io import atomic
 from filterx.io.dataset import Dataset
 from filterx.models.encoder import ARCHS, ENCODER_FORMAT, state_tag
-from filterx.train.encoder import center_crop, check_held_out, decode_dataset, empty_classes
+from filterx.train.encoder import check_held_out, decode_dataset, empty_classes
 from filterx.math.splits import stratified_split
 from filterx.decode.loader import IMAGENET_MEAN, IMAGENET_STD, load_batches, resolve_backend
 from filterx.train.moco import default_queue_size
 from filterx.stages.probe import _accuracy, fit_linear_probe
 from filterx.core.progress import progress
 from filterx.core.runtime import resolve_device, seed_everything
-from filterx.train.common import Runtime, Schedule, autocast, reseed
+from filterx.train.common import Schedule, reseed
+from filterx.train.evaluation import center_crop
+from filterx.train.runtime import Runtime, autocast
 from filterx.train.data import batches_per_epoch
 from filterx.train.moco_pretrain import build_moco, moco_epoch, moco_loader, view_source
 

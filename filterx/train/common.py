@@ -1,6 +1,7 @@
-"""What pretrain and finetune share: the torchrun runtime, learning-rate schedules, the
-supervised step, evaluation, checkpoints, and the epoch loop with resumption (the data
-sources are in :mod:`filterx.train.data`).
+"""What pretrain and finetune share: learning-rate schedules, seeds, the supervised step, and the
+epoch loop with resumption. The device and ranks are in :mod:`filterx.train.runtime`, evaluation
+in :mod:`filterx.train.evaluation`, checkpoints and the output files in
+:mod:`filterx.train.checkpoints`, the data sources in :mod:`filterx.train.data`.
 
 Exact resumption: everything random in an epoch is a function of (seed, epoch, rank) only. The
 loader's shuffle is seeded with (seed, epoch), its augmentation with (seed, epoch, rank, batch);
@@ -8,19 +9,10 @@ torch/numpy/python RNGs are reseeded from (seed, epoch, rank) at the start of ev
 (dropout, new heads). So an epoch
 run after a restart from the previous epoch's checkpoint (model, optimizer, scheduler) computes
 exactly what the uninterrupted run did, on the same machine and thread count.
-
-Output directory (written by rank 0, atomically):
-
-    checkpoint.pt    the full state after the latest epoch (resume reads it)
-    epoch_NNNN.pt    the same, kept every ``save_every`` epochs when asked
-    metrics.jsonl    one JSON line per epoch (loss, top-1/top-5, lr, img/s, ...)
-    model.pt         the final weights with arch, classes and metrics (what finetune reads)
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import math
 import random
@@ -35,98 +27,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import filterx
-from filterx.io import atomic
 from filterx.core import collectives
 from filterx.core.faults import crash_point
-from filterx.decode.loader import LoaderConfig, load_batches, samples_per_rank
 from filterx.core.progress import progress
-from filterx.core.runtime import init_distributed, load_marked_dict, resolve_device
-from filterx.train.data import TrainingData
+from filterx.decode.loader import samples_per_rank
+from filterx.train.checkpoints import CHECKPOINT, CHECKPOINT_FORMAT, METRICS, MODEL, load_checkpoint, rng_states, \
+    save_checkpoint, write_metrics
+from filterx.train.runtime import Runtime, autocast, prepare_model, to_input
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
-MODEL = "model.pt"
-CHECKPOINT_FORMAT = 1
 SCHEDULES = ("step", "cosine", "inv")
-
-
-def default_workers() -> int:
-    """Decode workers when none are asked for: the cores this process may use, at most 4 (more
-    than the cores only makes the DataLoader warn and the workers compete)."""
-    import os
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(4, cores))
-
-
-# ---------------------------------------------------------------- runtime
-
-
-@dataclass(frozen=True)
-class Runtime:
-    device: str
-    rank: int = 0
-    world_size: int = 1
-    owns_group: bool = False  # this run initialised torch.distributed (and tears it down)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def cuda(self) -> bool:
-        return self.device.startswith("cuda")
-
-
-def setup_runtime(device: str) -> Runtime:
-    """Resolve the device and join the torchrun job, if any (NCCL on CUDA, gloo on the CPU)."""
-    import torch.distributed as dist
-
-    device = resolve_device(device)
-    was_up = dist.is_available() and dist.is_initialized()
-    info = init_distributed(device)
-    if device == "cuda":
-        device = f"cuda:{info.local_rank}"
-    return Runtime(device, info.rank, info.world_size, owns_group=info.world_size > 1 and not was_up)
-
-
-def teardown_runtime(rt: Runtime) -> None:
-    import torch.distributed as dist
-
-    if rt.owns_group and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def autocast(rt: Runtime):
-    """bf16 autocast on CUDA; full float32 on the CPU (bf16 CPU kernels are slower there)."""
-    if rt.cuda:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def to_input(x: torch.Tensor, rt: Runtime) -> torch.Tensor:
-    x = x.to(rt.device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if rt.cuda else x
-
-
-def prepare_model(model: nn.Module, rt: Runtime, sync_bn: bool) -> nn.Module:
-    """On the device, channels_last on CUDA, SyncBatchNorm across ranks on CUDA when asked
-    (torch has no CPU SyncBatchNorm: on the CPU each rank normalises with its own batch)."""
-    if sync_bn and rt.world_size > 1 and rt.cuda:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(rt.device)
-    return model.to(memory_format=torch.channels_last) if rt.cuda else model
-
-
-def wrap_ddp(model: nn.Module, rt: Runtime) -> nn.Module:
-    if rt.world_size == 1:
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-
-    ids = [torch.device(rt.device).index] if rt.cuda else None
-    return DistributedDataParallel(model, device_ids=ids)
 
 
 # ---------------------------------------------------------------- schedules and seeds
@@ -178,22 +89,8 @@ def reseed(seed: int, epoch: int, rank: int) -> None:
     random.seed(int(a) ^ int(b))
 
 
-def rng_states() -> dict:
-    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
 
-
-def set_rng_states(states: dict) -> None:
-    torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])
-    random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-# ---------------------------------------------------------------- losses and evaluation
+# ---------------------------------------------------------------- losses
 
 
 def labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -217,123 +114,6 @@ def supervised_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tenso
     opt.step()
     crash_point("train.step")
     return loss.detach(), logits.detach()
-
-
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-    """(B,) bool: the label is among the ``k`` highest logits (k capped at the class count)."""
-    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
-    return (top == labels[:, None]).any(dim=1)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, data: TrainingData, *, resolution: int, backend: str, batch_size: int,
-             workers: int, rt: Runtime, prefix: str = "val", attack: Callable | None = None) -> dict:
-    """Top-1 (and top-5 with >= 5 classes) accuracy and mean loss of ``model`` over the
-    labelled samples of ``data`` (center crops), each rank reading its share; exact under DDP
-    (the padding the loader adds to even out ranks is removed by sample id). With ``attack``
-    (``attack(model, x, y) -> x_adv``, e.g. :class:`filterx.train.adversarial.Attack`) also the
-    top-1 and loss on the attacked images (``{prefix}_robust_top1``, ``{prefix}_robust_loss``)."""
-    was_training = model.training
-    model.eval()
-    cfg = LoaderConfig(resolution=resolution, backend=backend, device=rt.device, batch_size=batch_size,
-                       workers=workers, train=False, shuffle=False)
-    ids, top1, top5, losses, robust_top1, robust_losses = [], [], [], [], [], []
-    for b in load_batches(data.tars, cfg, rank=rt.rank, world_size=rt.world_size, ids=data.ids):
-        x = to_input(b.images, rt)
-        with autocast(rt):
-            logits = model(x).float()
-        y = b.labels.to(logits.device)
-        keep = y >= 0
-        logits, y = logits[keep], y[keep]
-        ids.append(b.ids[keep.cpu()].numpy())
-        top1.append(topk_correct(logits, y, 1).cpu().numpy())
-        top5.append(topk_correct(logits, y, 5).cpu().numpy())
-        losses.append(F.cross_entropy(logits, y, reduction="none").cpu().numpy())
-        if attack is not None:
-            x_adv = attack(model, x[keep], y)  # grad-enabled inside; the model stays in eval mode
-            with autocast(rt):
-                adv_logits = model(x_adv).float()
-            robust_top1.append(topk_correct(adv_logits, y, 1).cpu().numpy())
-            robust_losses.append(F.cross_entropy(adv_logits, y, reduction="none").cpu().numpy())
-    model.train(was_training)
-    parts = [np.concatenate(a) if a else np.zeros(0)
-             for a in (ids, top1, top5, losses, robust_top1, robust_losses)]
-    if rt.world_size > 1:
-        gathered = collectives.all_gather_object(parts)
-        parts = [np.concatenate([g[i] for g in gathered]) for i in range(len(parts))]
-    ids_all, first = np.unique(parts[0].astype(np.int64), return_index=True)
-    n = len(ids_all)
-    out = {f"{prefix}_top1": float(parts[1][first].mean()) if n else float("nan"),
-           f"{prefix}_loss": float(parts[3][first].mean()) if n else float("nan"),
-           f"{prefix}_count": n}
-    if data.num_classes >= 5:
-        out[f"{prefix}_top5"] = float(parts[2][first].mean()) if n else float("nan")
-    if attack is not None:
-        out[f"{prefix}_robust_top1"] = float(parts[4][first].mean()) if n else float("nan")
-        out[f"{prefix}_robust_loss"] = float(parts[5][first].mean()) if n else float("nan")
-    return out
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-def config_dict(cfg) -> dict:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in cfg.__dict__.items()}
-
-
-def save_checkpoint(path: Path, payload: dict) -> None:
-    with atomic.atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """A filterx checkpoint / model file (pretrain or finetune); clear errors for other files."""
-    return load_marked_dict(path, "filterx_checkpoint", CHECKPOINT_FORMAT, "checkpoint",
-                            "filterx pretrain / finetune")
-
-
-def resume_from(out: Path, resume: bool, settings: dict, soft: tuple[str, ...],
-                modules: dict[str, nn.Module | None], opt, sched) -> tuple[int, list[dict]]:
-    """(start epoch, history): restore ``out/checkpoint.pt`` into ``modules`` (checkpoint key ->
-    module; None entries skipped), the optimizer, scheduler and RNG states when resuming.
-
-    A checkpoint without ``resume`` is refused (no silent overwrite); settings that differ from
-    the saved run, other than ``soft`` ones, are refused by name.
-    """
-    path = out / CHECKPOINT
-    if not path.exists():
-        return 0, []
-    if not resume:
-        raise ValueError(f"{out} already holds a training run ({CHECKPOINT}); pass resume=True "
-                         "(--resume) to continue it, or choose another output dir")
-    saved = load_checkpoint(path)
-    check_resumable(saved["settings"], settings, soft, path)
-    for key, module in modules.items():
-        if module is not None:
-            module.load_state_dict(saved[key])
-    opt.load_state_dict(saved["optimizer"])
-    sched.load_state_dict(saved["scheduler"])
-    set_rng_states(saved["rng"])
-    return int(saved["epoch"]), list(saved["history"])
-
-
-def check_resumable(saved: dict, current: dict, soft: tuple[str, ...], path: Path) -> None:
-    """Raise ValueError when a resumed run changes a setting that changes its results; warn
-    for ``soft`` ones (epochs, workers, device ...)."""
-    ignore = {"resume", "quiet", "out"}
-    diff = {k: (saved.get(k), v) for k, v in current.items() if k not in ignore and saved.get(k) != v}
-    hard = {k: d for k, d in diff.items() if k not in soft}
-    if hard:
-        changes = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in hard.items())
-        raise ValueError(f"cannot resume {path} with other settings ({changes}); "
-                         "use the original settings or another output dir")
-    for k, (a, b) in diff.items():
-        log.warning("resuming %s with %s changed from %r to %r: the result will differ from an "
-                    "uninterrupted run", path, k, a, b)
-
-
-def write_metrics(out: Path, history: list[dict]) -> None:
-    atomic.write_text(out / METRICS, "".join(json.dumps(row) + "\n" for row in history))
 
 
 # ---------------------------------------------------------------- the epoch loop
@@ -460,3 +240,12 @@ PRETRAIN_SOFT_SETTINGS = ("epochs", "workers", "backend", "device", "save_every"
 def epoch_images(count: int, world_size: int) -> int:
     """Images an epoch feeds over all ranks (for the progress bar; padding included)."""
     return samples_per_rank(count, world_size) * world_size
+
+
+# The names tests and benchmarks import from here, besides this module's own (the output files and
+# the runtime moved to filterx.train.checkpoints and filterx.train.runtime).
+__all__ = [
+    "CHECKPOINT", "CHECKPOINT_FORMAT", "METRICS", "MODEL", "PRETRAIN_SOFT_SETTINGS", "SCHEDULES", "Run", "Runtime",
+    "Schedule", "TrainSummary", "epoch_images", "finish", "fit", "labelled_cross_entropy", "load_checkpoint",
+    "prepare_model", "reseed", "supervised_step", "to_input",
+]

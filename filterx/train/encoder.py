@@ -28,6 +28,8 @@ from filterx.io import atomic
 from filterx.io.dataset import Dataset
 from filterx.math.splits import stratified_split
 from filterx.models.encoder import ENCODER_FORMAT, build_resnet, state_tag
+from filterx.train.evaluation import evaluate, tensor_batches
+from filterx.train.runtime import Runtime, autocast, to_input
 
 log = logging.getLogger(__name__)
 
@@ -137,38 +139,6 @@ def _augment(images: torch.Tensor, out_size: int, gen: torch.Generator) -> torch
     return out
 
 
-def center_crop(images: torch.Tensor, out_size: int) -> torch.Tensor:
-    """Center crop of a uint8 batch whose short side is ``out_size / 0.875``, as float."""
-    import torchvision.transforms.v2.functional as TF
-
-    return TF.center_crop(images, [out_size, out_size]).float()
-
-
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor,
-             std: torch.Tensor, resolution: int, device: str, batch_size: int = 256) -> float:
-    """Top-1 accuracy of ``model`` on center crops of uint8 ``images``."""
-    if len(labels) == 0:
-        return float("nan")
-    model.eval()
-    correct = 0
-    with torch.inference_mode(), _autocast(device):
-        for i in range(0, len(labels), batch_size):
-            x = (center_crop(images[i : i + batch_size], resolution).to(device) - mean) / std
-            pred = model(_memory_format(x, device)).argmax(1).cpu()
-            correct += int((pred == labels[i : i + batch_size]).sum())
-    return correct / len(labels)
-
-
-def _autocast(device: str):
-    if device.startswith("cuda"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
-
-def _memory_format(x: torch.Tensor, device: str) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if device.startswith("cuda") else x
-
-
 def train_encoder(cfg: EncoderConfig) -> EncoderSummary:
     """Train ``cfg.arch`` on the target dataset ``cfg.target`` and save it to ``cfg.out``."""
     t0 = time.perf_counter()
@@ -199,6 +169,7 @@ def train_encoder(cfg: EncoderConfig) -> EncoderSummary:
 def _train_and_save(cfg: EncoderConfig, ds: Dataset, empty: list[str], t0: float) -> EncoderSummary:
     """Decode the target, train, evaluate and save ``cfg.out`` atomically (under train_encoder's lock)."""
     device = resolve_device(cfg.device)
+    rt = Runtime(device)
     seed_everything(cfg.seed)
     train_ids, val_ids = stratified_split(ds.labels, cfg.val_fraction, cfg.seed)
     size = int(round(cfg.resolution / 0.875))
@@ -212,6 +183,14 @@ def _train_and_save(cfg: EncoderConfig, ds: Dataset, empty: list[str], t0: float
 
     model = build_resnet(cfg.arch, ds.num_classes).to(device)
     model = model.to(memory_format=torch.channels_last) if device.startswith("cuda") else model
+
+    def top1(ids: np.ndarray) -> float:
+        """Top-1 accuracy on center crops of the decoded images ``ids`` (NaN for none)."""
+        idx = torch.from_numpy(ids)
+        batches = tensor_batches(images[idx], labels[idx], idx, resolution=cfg.resolution, mean=mean_d, std=std_d,
+                                 device=device)
+        return evaluate(model, batches, rt, num_classes=ds.num_classes)["val_top1"]
+
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr * cfg.batch_size / 256, momentum=0.9,
                           weight_decay=cfg.weight_decay, nesterov=True)
     steps_per_epoch = max(1, int(np.ceil(len(train_ids) / cfg.batch_size)))
@@ -232,8 +211,8 @@ def _train_and_save(cfg: EncoderConfig, ds: Dataset, empty: list[str], t0: float
                 continue
             x = (_augment(images[idx], cfg.resolution, gen).to(device) - mean_d) / std_d
             y = labels[idx].to(device)
-            with _autocast(device):
-                logits = model(_memory_format(x, device))
+            with autocast(rt):
+                logits = model(to_input(x, rt))
                 loss = loss_fn(logits.float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -244,8 +223,7 @@ def _train_and_save(cfg: EncoderConfig, ds: Dataset, empty: list[str], t0: float
             bar.update(len(idx))
         row = {"epoch": epoch, "loss": loss_sum / len(perm), "train_acc": correct / len(perm)}
         if epoch == cfg.epochs - 1 or (epoch + 1) % 5 == 0:
-            row["val_acc"] = evaluate(model, images[torch.from_numpy(val_ids)], labels[torch.from_numpy(val_ids)],
-                                      mean_d, std_d, cfg.resolution, device)
+            row["val_acc"] = top1(val_ids)
         history.append(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['train_acc']:.2f}")
         log.info("epoch %d %s", epoch, row)
@@ -253,8 +231,7 @@ def _train_and_save(cfg: EncoderConfig, ds: Dataset, empty: list[str], t0: float
     train_seconds = time.perf_counter() - t_train
 
     val_acc = history[-1]["val_acc"]
-    train_acc = evaluate(model, images[torch.from_numpy(train_ids)], labels[torch.from_numpy(train_ids)],
-                         mean_d, std_d, cfg.resolution, device)
+    train_acc = top1(train_ids)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     tag = state_tag(cfg.arch, cfg.resolution, state)
     payload = {

@@ -41,14 +41,13 @@ import torch.nn as nn
 
 from filterx.io import atomic
 from filterx.decode.loader import LoaderConfig, load_batches, resolve_backend
-from filterx.models.archs import build_model, feature_dim, head_name
+from filterx.models.archs import backbone_and_head, build_model
 from filterx.train.moco import MoCo, GroupedBN, default_queue_size
 from filterx.train.moco_views import two_crops
 from filterx.core.runtime import seed_everything
-from filterx.train.common import (
-    CHECKPOINT, CHECKPOINT_FORMAT, Run, Runtime, Schedule, TrainSummary, autocast, config_dict, finish, fit,
-    resume_from, setup_runtime, teardown_runtime, wrap_ddp,
-)
+from filterx.train.checkpoints import CHECKPOINT, CHECKPOINT_FORMAT, config_dict, resume_from
+from filterx.train.common import Run, Schedule, TrainSummary, finish, fit
+from filterx.train.runtime import Runtime, autocast, setup_runtime, teardown_runtime, wrap_ddp
 from filterx.train.data import TrainingData, batches_per_epoch, resolve_training_data, usable_batches
 
 log = logging.getLogger(__name__)
@@ -62,11 +61,8 @@ def build_moco(arch: str, *, queue_size: int, momentum: float, temperature: floa
                bn_group: int, model_options: dict | None = None) -> MoCo:
     """A MoCo over ``arch``'s backbone (its head replaced by Identity), float32 on the CPU."""
     model = build_model(arch, 1, **(model_options or {}))
-    width = feature_dim(model)
-    name = head_name(model)
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, nn.Identity())
-    return MoCo(model, width, dim=dim, queue_size=queue_size, momentum=momentum, temperature=temperature,
+    backbone, head = backbone_and_head(model)
+    return MoCo(backbone, head.in_features, dim=dim, queue_size=queue_size, momentum=momentum, temperature=temperature,
                 bn_group=bn_group)
 
 

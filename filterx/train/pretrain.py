@@ -48,10 +48,14 @@ from filterx.decode.loader import LoaderConfig, load_batches, resolve_backend
 from filterx.models.archs import build_model, list_models
 from filterx.train.adversarial import DEFAULT_STEPS, Attack, check_attack
 from filterx.core.runtime import seed_everything
+from filterx.train.checkpoints import CHECKPOINT, CHECKPOINT_FORMAT, config_dict, resume_from
 from filterx.train.common import (
-    CHECKPOINT, CHECKPOINT_FORMAT, PRETRAIN_SOFT_SETTINGS as SOFT_SETTINGS, SCHEDULES, Run, Runtime, Schedule,
-    TrainSummary, resume_from, config_dict, default_workers, epoch_images, evaluate, finish, fit, prepare_model,
-    setup_runtime, supervised_step, teardown_runtime, to_input, topk_correct, wrap_ddp,
+    PRETRAIN_SOFT_SETTINGS as SOFT_SETTINGS, SCHEDULES, Run, Schedule, TrainSummary, epoch_images, finish, fit,
+    supervised_step,
+)
+from filterx.train.evaluation import evaluate, loader_batches, topk_correct
+from filterx.train.runtime import (
+    Runtime, default_workers, prepare_model, setup_runtime, teardown_runtime, to_input, wrap_ddp,
 )
 from filterx.train.data import (  # noqa: F401  (resolve_training_data: re-exported for callers)
     TrainingData, batches_per_epoch, held_out_split, resolve_training_data, usable_batches,
@@ -233,8 +237,9 @@ def _pretrain(cfg: PretrainConfig, rt: Runtime, out: Path, train: TrainingData, 
         if val is None:
             return {}
         val_backend = resolve_backend(cfg.backend, subset=val.ids is not None)
-        return evaluate(model, val, resolution=cfg.resolution, backend=val_backend,
-                        batch_size=cfg.batch_size, workers=cfg.workers, rt=rt, prefix="val", attack=attack)
+        batches = loader_batches(val, resolution=cfg.resolution, backend=val_backend, batch_size=cfg.batch_size,
+                                 workers=cfg.workers, rt=rt)
+        return evaluate(model, batches, rt, num_classes=val.num_classes, prefix="val", attack=attack)
 
     def payload() -> dict:
         return {"filterx_checkpoint": CHECKPOINT_FORMAT, "kind": "pretrain", "arch": cfg.arch,
