@@ -26,9 +26,8 @@ from filterx.math.influence import (
     SolverOptions,
     head_influence_scores,
     head_s_test,
-    last_block_influence_scores,
-    last_block_s_test,
 )
+from filterx.math.influence_block import last_block_influence_scores, last_block_s_test
 
 
 def _sync(device):

@@ -20,9 +20,8 @@ from filterx.math.influence import (
     head_influence_scores,
     head_loss_gradient,
     head_s_test,
-    last_block_influence_scores,
-    last_block_s_test,
 )
+from filterx.math.influence_block import last_block_influence_scores, last_block_s_test
 from filterx.scorers import ScoreInputs, run_scorer
 
 F64 = torch.float64

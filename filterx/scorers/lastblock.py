@@ -35,9 +35,8 @@ from filterx.io import rowstore
 from filterx.io.dataset import Dataset
 from filterx.models.encoder import Encoder
 from filterx.core.faults import crash_point
-from filterx.math.influence import (
-    SolverOptions, last_block_batch_scorer, last_block_influence_scores, last_block_s_test,
-)
+from filterx.math.ihvp import SolverOptions
+from filterx.math.influence_block import last_block_batch_scorer, last_block_influence_scores, last_block_s_test
 from filterx.decode.loader import Batch, LoaderConfig, load_batches
 from filterx.core.progress import progress
 from filterx.scorers import ScoreResult, StreamContext, register_scorer
