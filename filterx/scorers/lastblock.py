@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from filterx.io import rowstore
 from filterx.io.dataset import Dataset
+from filterx.models.archs import get_head
 from filterx.models.encoder import Encoder
 from filterx.core.faults import crash_point
 from filterx.math.ihvp import SolverOptions
@@ -47,10 +48,12 @@ TRUNK = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")
 
 
 def split_resnet(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Linear]:
-    """(trunk, block, head) of a torchvision ResNet sharing its weights; all in eval mode."""
+    """(trunk, block, head) of a torchvision ResNet sharing its weights; all in eval mode. The
+    head is the model's registered one (:func:`filterx.models.archs.get_head`, the one split
+    every trainer and encoder uses); the backbone is cut once more before its last stage."""
     trunk = nn.Sequential(*[getattr(model, n) for n in TRUNK]).eval()
     block = nn.Sequential(model.layer4, model.avgpool, nn.Flatten(1)).eval()
-    return trunk, block, model.fc.eval()
+    return trunk, block, get_head(model).eval()
 
 
 def _trunk_features(trunk, tars, cfg: LoaderConfig, ids=None, quiet=True):
