@@ -62,6 +62,18 @@ def test_stratified_holdout_splits_each_class_and_is_seeded():
         stratified_holdout(labels, 5, 1.0, seed=0)
 
 
+def test_one_stratified_split_serves_every_caller():
+    from filterx.math.splits import stratified_split
+
+    labels = np.array([0] * 20 + [1] * 2 + [2] * 1 + [-1] * 3 + [3] * 31)
+    assert all(np.array_equal(a, b) for a, b in zip(stratified_holdout(labels, 5, 0.1, seed=4),
+                                                    stratified_split(labels, 0.1, 4)))
+    # a class of one image only trains, whatever the fraction (above 0.5 it rounds to 1)
+    train, val = stratified_split(np.array([0, 1, 1, 1]), 0.6, 0)
+    assert 0 in train and 0 not in val and len(val) == 2
+    assert stratified_split(np.array([-1, -1]), 0.2, 0)[0].size == 0
+
+
 def test_class_mask_scores_leave_unknown_labels_kept():
     scores = class_mask_scores(np.array([0, 1, -1, 2, 1]), np.array([1]))
     assert scores.dtype == np.float32

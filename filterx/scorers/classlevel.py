@@ -38,6 +38,7 @@ import torch
 from filterx.io.classes import (
     ABSENT_MODES, MATCH_MODES, AbsentClassesError, absent_entries, describe_matches, match_classes,
 )
+from filterx.math.splits import stratified_split
 from filterx.scorers import ClassInfo, Option, ScoreInputs, ScoreResult, register_scorer
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,8 @@ def hardest_classes(acc: np.ndarray, count: int) -> np.ndarray:
 def stratified_holdout(
     labels: np.ndarray, num_classes: int, holdout: float, *, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(train_idx, val_idx): sorted int64 row numbers, a seeded per-class split of labelled rows.
+    """(train_idx, val_idx): sorted int64 row numbers, the package's one seeded per-class split
+    (:func:`filterx.math.splits.stratified_split`) of labels checked against ``num_classes``.
 
     A class of n images gives round(holdout * n) to validation, at least 1 and at most n - 1
     when n >= 2, so every class with two images is evaluated and trained on; a class of one
@@ -130,19 +132,7 @@ def stratified_holdout(
         raise ValueError(f"holdout must lie in (0, 1); got {holdout}")
     labels = np.asarray(labels, dtype=np.int64)
     class_image_counts(labels, num_classes)  # validates the range
-    rng = np.random.default_rng(seed)
-    rows = np.flatnonzero(labels >= 0)
-    rows = rows[rng.permutation(rows.size)]
-    rows = rows[np.argsort(labels[rows], kind="stable")]  # grouped by class, shuffled within
-    starts = np.searchsorted(labels[rows], np.arange(num_classes + 1))
-    val = []
-    for c in range(num_classes):
-        n = starts[c + 1] - starts[c]
-        n_val = min(max(round(holdout * n), 1), n - 1) if n >= 2 else 0
-        val.append(rows[starts[c] : starts[c] + n_val])
-    val_idx = np.sort(np.concatenate(val)) if val else np.zeros(0, np.int64)
-    train_idx = np.setdiff1d(rows, val_idx)
-    return train_idx.astype(np.int64), val_idx.astype(np.int64)
+    return stratified_split(labels, holdout, seed)
 
 
 def _feature_stats(x: torch.Tensor, rows: torch.Tensor, chunk: int = 65536):
