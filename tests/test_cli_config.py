@@ -180,7 +180,7 @@ def test_train_encoder_saves_its_options_beside_the_file(sample_dirs, tmp_path):
     assert summary.pop("config") == str(config) and summary["epochs"] == 1 and summary["train_seconds"] > 0
     assert saved(config) == {"target": str(sample_dirs[1]), "out": str(out), "arch": "resnet18", "resolution": "64",
                              "epochs": 1, "lr": 0.1, "weight-decay": 5e-4, "val-fraction": 0.1, "backbone": None,
-                             "probe-only": False, "objective": "supervised", "with-pool": None, "seed": 0, "device": "cpu", "backend": "pil", "batch-size": 32,
+                             "probe-only": False, "objective": "supervised", "with-pool": None, "init": None, "seed": 0, "device": "cpu", "backend": "pil", "batch-size": 32,
                              "workers": 0}
     line = EncoderSummary(**summary).line()  # the JSON holds every field of the summary
     rate = summary["train_count"] / summary["train_seconds"]

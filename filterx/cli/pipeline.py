@@ -13,7 +13,7 @@ from filterx.cli.common import (
     runtime_options, scorer_names, setup,
 )
 from filterx.cli.configs import beside, in_dataset, inside
-from filterx.cli.params import BACKBONE, ENCODER, EXISTING_DIR, ConfigOption, ListedOption, RegistryChoice
+from filterx.cli.params import BACKBONE, ENCODER, EXISTING_DIR, EXISTING_FILE, ConfigOption, ListedOption, RegistryChoice
 from filterx.cli.group import main
 from filterx.cli.scorer_options import ScoreCommand
 
@@ -92,12 +92,16 @@ def encoder_config():
                    "--weight-decay is the probe's.")
 @click.option("--with-pool", type=EXISTING_DIR, default=None, metavar="DATASET",
               help="--objective moco: the pool's images join the contrastive training (a large pool for a small target).")
+@click.option("--init", type=EXISTING_FILE, default=None, metavar="FILE",
+              help="Start the supervised ResNet from this backbone (e.g. a --objective moco encoder, to fine-tune "
+                   "it on the target's labels, or pretrain's model.pt): its weights but the head, and its input "
+                   "normalisation.")
 @click.option("--seed", cls=ConfigOption, config=encoder_config, type=int,
               help="Seed of the split, initialisation and augmentation.")
 @runtime_options(config=encoder_config)
 @common
 def train_encoder(target, out, arch, resolution, epochs, lr, weight_decay, val_fraction, backbone, probe_only,
-                  objective, with_pool, seed, device, backend, batch_size, workers, quiet, verbose, as_json):
+                  objective, with_pool, init, seed, device, backend, batch_size, workers, quiet, verbose, as_json):
     """Train a ResNet on the TARGET dataset dir only (or, with --backbone SPEC --probe-only, a
     linear probe on a frozen pretrained backbone); save it to the file OUT.
 
@@ -115,8 +119,12 @@ def train_encoder(target, out, arch, resolution, epochs, lr, weight_decay, val_f
           --backbone torchvision:resnet50:IMAGENET1K_V2
       filterx train-encoder ws/target ws/moco.pt --objective moco \\
           --with-pool ws/source
+      filterx train-encoder ws/target ws/moco-ft.pt --init ws/moco.pt
     """
     setup(quiet, verbose)
+    if init is not None and (objective == "moco" or with_pool is not None or probe_only or backbone is not None):
+        raise click.UsageError("--init starts the supervised ResNet from a backbone; it does not combine with "
+                               "--objective moco, --with-pool, --backbone or --probe-only")
     if objective == "moco" or with_pool is not None:
         _train_moco_encoder(locals())
         return
@@ -142,7 +150,7 @@ def train_encoder(target, out, arch, resolution, epochs, lr, weight_decay, val_f
 
     cfg = EncoderConfig(target, out, arch, int(resolution), epochs, batch_size, lr, weight_decay=weight_decay,
                         val_fraction=val_fraction, backend=backend, device=device, workers=workers, seed=seed,
-                        quiet=quiet)
+                        quiet=quiet, init=init)
     finish(run(cfg), as_json, beside(out))
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from filterx.core.runtime import load_marked_dict
+from filterx.decode.loader import IMAGENET_MEAN, IMAGENET_STD
 from filterx.io import atomic
 
 log = logging.getLogger(__name__)
@@ -103,3 +104,21 @@ def check_resumable(saved: dict, current: dict, soft: tuple[str, ...], path: Pat
 
 def write_metrics(out: Path, history: list[dict]) -> None:
     atomic.write_text(out / METRICS, "".join(json.dumps(row) + "\n" for row in history))
+
+
+def load_initial_weights(path: str | Path) -> dict:
+    """{arch, num_classes, state_dict, model_kwargs, mean, std} from a pretrain/finetune
+    checkpoint or model file, or a train-encoder file; mean / std: the per-channel input
+    normalisation (0-1 scale) the weights were trained with, an encoder file's own, ImageNet's
+    for the trainer's files (its loader normalises with it)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"init checkpoint {str(path)!r} does not exist")
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(payload, dict) and "filterx_encoder" in payload:
+        return {"arch": payload["arch"], "num_classes": payload["num_classes"],
+                "state_dict": payload["state_dict"], "model_kwargs": {},
+                "mean": tuple(payload.get("mean", IMAGENET_MEAN)), "std": tuple(payload.get("std", IMAGENET_STD))}
+    ck = load_checkpoint(path)
+    return {"arch": ck["arch"], "num_classes": ck["num_classes"], "state_dict": ck["model"],
+            "model_kwargs": ck.get("model_kwargs", {}), "mean": IMAGENET_MEAN, "std": IMAGENET_STD}

@@ -27,7 +27,9 @@ from filterx.decode.loader import LoaderConfig, load_batches
 from filterx.io import atomic
 from filterx.io.dataset import Dataset
 from filterx.math.splits import stratified_split
+from filterx.models.archs import head_name
 from filterx.models.encoder import ENCODER_FORMAT, build_resnet, state_tag
+from filterx.train.checkpoints import load_initial_weights
 from filterx.train.evaluation import evaluate, tensor_batches
 from filterx.train.runtime import Runtime, autocast, to_input
 
@@ -51,6 +53,9 @@ class EncoderConfig:
     workers: int = 2
     seed: int = 0
     quiet: bool = False
+    # a backbone to start from (a MoCo encoder file, pretrain's model.pt, another encoder): its
+    # weights but the head, and the input normalisation they were trained with; None: from scratch
+    init: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -139,6 +144,24 @@ def _augment(images: torch.Tensor, out_size: int, gen: torch.Generator) -> torch
     return out
 
 
+def initial_backbone(model: nn.Module, init: Path, arch: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load ``init``'s weights but its head into ``model`` (a fresh ``arch`` with the target's
+    head); returns the (3,) mean and std, 0-255 scale, the weights were trained with."""
+    w = load_initial_weights(init)
+    if w["arch"] != arch:
+        raise ValueError(f"--init {init} holds a {w['arch']}, not the --arch {arch} asked for; pass --arch {w['arch']}")
+    if w["model_kwargs"]:
+        raise ValueError(f"--init {init} holds a {w['arch']} built with {w['model_kwargs']}; train-encoder builds "
+                         "the published layout only (use finetune --init for other layouts)")
+    head = head_name(model)
+    state = {k: v for k, v in w["state_dict"].items() if not k.startswith(head + ".")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith(head + ".") for k in missing):
+        raise ValueError(f"--init {init} does not fit a {arch}: missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]}")
+    return torch.tensor(w["mean"]) * 255, torch.tensor(w["std"]) * 255
+
+
 def train_encoder(cfg: EncoderConfig) -> EncoderSummary:
     """Train ``cfg.arch`` on the target dataset ``cfg.target`` and save it to ``cfg.out``."""
     t0 = time.perf_counter()
@@ -174,14 +197,18 @@ def _train_and_save(cfg: EncoderConfig, ds: Dataset, empty: list[str], t0: float
     train_ids, val_ids = stratified_split(ds.labels, cfg.val_fraction, cfg.seed)
     size = int(round(cfg.resolution / 0.875))
     images = decode_dataset(ds, size, backend=cfg.backend, workers=cfg.workers, quiet=cfg.quiet)
-    flat = images[torch.from_numpy(train_ids)].float()
-    mean = flat.mean(dim=(0, 2, 3))
-    std = flat.std(dim=(0, 2, 3)).clamp_min(1.0)
-    del flat
+    model = build_resnet(cfg.arch, ds.num_classes)
+    if cfg.init is not None:
+        mean, std = initial_backbone(model, cfg.init, cfg.arch)
+    else:
+        flat = images[torch.from_numpy(train_ids)].float()
+        mean = flat.mean(dim=(0, 2, 3))
+        std = flat.std(dim=(0, 2, 3)).clamp_min(1.0)
+        del flat
     labels = torch.from_numpy(ds.labels)
     mean_d, std_d = mean.view(1, 3, 1, 1).to(device), std.view(1, 3, 1, 1).to(device)
 
-    model = build_resnet(cfg.arch, ds.num_classes).to(device)
+    model = model.to(device)
     model = model.to(memory_format=torch.channels_last) if device.startswith("cuda") else model
 
     def top1(ids: np.ndarray) -> float:

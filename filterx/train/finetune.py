@@ -55,7 +55,9 @@ from filterx.models.archs import (
 )
 from filterx.train.partial_init import block_record, check_block_options, check_blocks, freeze_stages, load_stages
 from filterx.core.runtime import seed_everything
-from filterx.train.checkpoints import CHECKPOINT_FORMAT, MODEL, config_dict, load_checkpoint, resume_from
+from filterx.train.checkpoints import (
+    CHECKPOINT_FORMAT, MODEL, config_dict, load_initial_weights, resume_from,
+)
 from filterx.train.adaptation import (
     DomainClassifier, FinetuneNet, dann_lambda, finetune_loss, grad_reverse, pseudo_label_loss,
 )
@@ -151,21 +153,6 @@ class FinetuneConfig:
 
 
 # ---------------------------------------------------------------- model set-up
-
-
-def load_initial_weights(path: str | Path) -> dict:
-    """{arch, num_classes, state_dict, model_kwargs} from a pretrain/finetune checkpoint or
-    model file, or a train-encoder file."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"init checkpoint {str(path)!r} does not exist")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(payload, dict) and "filterx_encoder" in payload:
-        return {"arch": payload["arch"], "num_classes": payload["num_classes"],
-                "state_dict": payload["state_dict"], "model_kwargs": {}}
-    ck = load_checkpoint(path)
-    return {"arch": ck["arch"], "num_classes": ck["num_classes"], "state_dict": ck["model"],
-            "model_kwargs": ck.get("model_kwargs", {})}
 
 
 def initial_model(cfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, str, dict]:
