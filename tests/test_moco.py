@@ -139,9 +139,9 @@ def pool_images(tmp_path_factory):
     return decode_dataset(ds, view_source(RES), backend="pil", workers=0, quiet=True), ds.labels
 
 
-def _train_small(images, seed, epochs, lr=0.06, batch=32):
+def _train_small(images, seed, epochs, lr=0.06, batch=32, width=16, queue=64, aug=MocoAugment()):
     torch.manual_seed(seed)
-    moco = MoCo(_small_cnn(), 64, dim=64, queue_size=64, momentum=0.99)
+    moco = MoCo(_small_cnn(width), 4 * width, dim=64, queue_size=queue, momentum=0.99)
     start = {k: v.clone() for k, v in moco.query.backbone.state_dict().items()}
     opt = torch.optim.SGD(moco.query.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
     steps = len(images) // batch
@@ -153,7 +153,7 @@ def _train_small(images, seed, epochs, lr=0.06, batch=32):
         batches = [Batch(perm[i : i + batch], images[perm[i : i + batch]].float() / 255, perm[i : i + batch])
                    for i in range(0, steps * batch, batch)]
         sums = moco_epoch(moco, query, opt, sched, batches, steps, resolution=RES, seed=seed, epoch=epoch,
-                          rt=Runtime("cpu"))
+                          rt=Runtime("cpu"), aug=aug)
         losses.append(float(sums["loss"] / sums["n"]))
     return moco, start, losses
 
@@ -241,6 +241,20 @@ def test_cli_train_encoder_moco_with_pool_gives_an_encoder_with_a_head(data, tmp
     assert code == 2 and "--objective moco" in one_line(err)
 
 
+def test_moco_encoder_draws_its_views_with_the_configured_augment(data, tmp_path):
+    def backbone(name, **kw):
+        cfg = MocoEncoderConfig(data["tgt"], tmp_path / f"{name}.pt", resolution=32, epochs=1, batch_size=16,
+                                workers=0, device="cpu", quiet=True, **kw)
+        train_moco_encoder(cfg)
+        return load_encoder(cfg.out)
+
+    paper, again, small = backbone("paper"), backbone("again"), backbone("small", augment=MocoAugment(scale=(0.5, 1.0)))
+    assert paper.info["config"]["augment"]["scale"] == (0.2, 1.0) and small.info["config"]["augment"]["scale"] == (0.5, 1.0)
+    sd = [dict(e.features.state_dict()) for e in (paper, again, small)]
+    key = next(k for k in sd[0] if k.endswith("conv1.weight"))
+    assert torch.equal(sd[0][key], sd[1][key]) and not torch.equal(sd[0][key], sd[2][key])
+
+
 @pytest.mark.slow
 def test_info_nce_falls_over_training(pool_images):
     images, _ = pool_images
@@ -249,3 +263,48 @@ def test_info_nce_falls_over_training(pool_images):
         # epoch 0 is left out: its queue still holds random vectors, easy negatives
         first, last = np.mean(losses[1:3]), np.mean(losses[-2:])
         assert last < first - 0.1, (seed, losses)
+
+
+@pytest.fixture(scope="module")
+def demo_images(tmp_path_factory):
+    """The demo's pool (16 classes x 48) and target (digits 0-4 x 40), decoded at the views' source size."""
+    root = tmp_path_factory.mktemp("moco_demo")
+    sd = make_sample_data(root / "raw", per_class=48, target_per_class=40, photos=3, textures=3, size_range=(32, 40))
+    out = {}
+    for name, tree in (("src", sd.source), ("tgt", sd.target)):
+        shard(ShardConfig(tree, root / name, shard_size=200, workers=1, quiet=True))
+        ds = Dataset.open(root / name)
+        out[name] = decode_dataset(ds, view_source(RES), backend="pil", workers=0, quiet=True), np.asarray(ds.labels)
+    return out
+
+
+# MoCo v2's views with two parameters changed for 32 px images whose object fills most of the
+# frame (README, "A self-supervised encoder"): crops of at least half the area (a fifth of a
+# digit is no digit), and SimCLR's colour strength 1 (jitter 0.8/0.2) with grayscale half the
+# time (the paper's 0.4 left paper tint to tell instances apart, and the features kept colour).
+SMALL_IMAGES = MocoAugment(scale=(0.5, 1.0), jitter=(0.8, 0.8, 0.8, 0.2), gray_p=0.5)
+
+
+@pytest.mark.slow
+def test_probe_on_moco_features_beats_the_probe_on_random_init(demo_images):
+    # --with-pool: contrastive training on the pool and the target, labels unread; then the same
+    # probe, standardisation and split on the learned features and on the same network at its
+    # initialisation (the weights MoCo started from)
+    (src, src_y), (tgt, tgt_y) = demo_images["src"], demo_images["tgt"]
+    digits = src_y < 10
+    tasks = {"pool": (src, src_y), "pool digits": (src[torch.from_numpy(digits)], src_y[digits]),
+             "target": (tgt, tgt_y)}
+    gains = {task: [] for task in tasks}
+    for seed in (0, 1):
+        moco, start, losses = _train_small(torch.cat([src, tgt]), seed, epochs=100, lr=0.03, width=32, queue=256,
+                                           aug=SMALL_IMAGES)
+        assert np.mean(losses[-3:]) < np.mean(losses[1:4]) - 0.3, (seed, losses)
+        random_init = _small_cnn(32)
+        random_init.load_state_dict(start)
+        for task, (images, labels) in tasks.items():
+            learned = _probe_accuracy(moco.query.backbone, images, labels)
+            baseline = _probe_accuracy(random_init, images, labels)
+            assert learned > baseline, (seed, task, learned, baseline)
+            gains[task].append(learned - baseline)
+    for task, g in gains.items():
+        assert np.mean(g) > 0.05, (task, gains)

@@ -19,6 +19,7 @@ influence), so every later command takes it as ``--encoder`` unchanged, and ``fi
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import time
@@ -36,6 +37,7 @@ from filterx.train.encoder import check_held_out, decode_dataset, empty_classes
 from filterx.math.splits import stratified_split
 from filterx.decode.loader import IMAGENET_MEAN, IMAGENET_STD, load_batches, resolve_backend
 from filterx.train.moco import default_queue_size
+from filterx.train.moco_views import MocoAugment
 from filterx.stages.probe import _accuracy, fit_linear_probe
 from filterx.core.progress import progress
 from filterx.core.runtime import resolve_device, seed_everything
@@ -66,6 +68,7 @@ class MocoEncoderConfig:
     temperature: float = 0.2
     dim: int = 128
     bn_group: int = 32
+    augment: MocoAugment = MocoAugment()  # the views; MoCo v2's unless set (README: a self-supervised encoder)
     backend: str = "auto"
     device: str = "auto"
     workers: int = 2
@@ -144,7 +147,7 @@ def contrastive_training(cfg: MocoEncoderConfig, tars: list[Path], count: int, r
         batches = load_batches(tars, moco_loader(cfg.resolution, backend, rt.device, cfg.batch_size, cfg.workers,
                                                  cfg.seed, epoch))
         sums = moco_epoch(moco, query, opt, sched, batches, steps, resolution=cfg.resolution, seed=cfg.seed,
-                          epoch=epoch, rt=rt, bar=bar)
+                          epoch=epoch, rt=rt, bar=bar, aug=cfg.augment)
         n = float(sums["n"])
         row = {"epoch": epoch, "loss": float(sums["loss"]) / max(n, 1.0), "moco_top1": float(sums["hit"]) / max(n, 1.0),
                "images": int(n), "img_s": n / max(time.perf_counter() - t, 1e-9)}
@@ -188,6 +191,7 @@ def _train_and_save(cfg: MocoEncoderConfig, ds: Dataset, pool: Dataset | None, t
     state = {**moco.backbone_state(), "fc.weight": torch.from_numpy(w), "fc.bias": torch.from_numpy(b)}
     tag = state_tag(cfg.arch, cfg.resolution, state)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in cfg.__dict__.items()}
+    config["augment"] = dataclasses.asdict(cfg.augment)  # plain values: the file loads with weights_only
     payload = {
         "filterx_encoder": ENCODER_FORMAT,
         "filterx_version": filterx.__version__,

@@ -43,7 +43,7 @@ from filterx.io import atomic
 from filterx.decode.loader import LoaderConfig, load_batches, resolve_backend
 from filterx.models.archs import backbone_and_head, build_model
 from filterx.train.moco import MoCo, GroupedBN, default_queue_size
-from filterx.train.moco_views import two_crops
+from filterx.train.moco_views import MocoAugment, two_crops
 from filterx.core.runtime import seed_everything
 from filterx.train.checkpoints import CHECKPOINT, CHECKPOINT_FORMAT, config_dict, resume_from
 from filterx.train.common import Run, Schedule, TrainSummary, finish, fit
@@ -79,16 +79,18 @@ def step_generators(seed: int, epoch: int, step: int, rank: int) -> tuple[torch.
 
 
 def moco_epoch(moco: MoCo, query: nn.Module, opt: torch.optim.Optimizer, sched, batches, steps: int, *,
-               resolution: int, seed: int, epoch: int, rt: Runtime, bar=None) -> dict:
-    """One epoch of MoCo steps over ``batches`` (images in [0, 1], square); returns the sums
-    {n, loss, hit} (float64 tensors on the device) for the trainer's all-reduce."""
+               resolution: int, seed: int, epoch: int, rt: Runtime, bar=None,
+               aug: MocoAugment = MocoAugment()) -> dict:
+    """One epoch of MoCo steps over ``batches`` (images in [0, 1], square), views drawn with
+    ``aug`` (MoCo v2's by default); returns the sums {n, loss, hit} (float64 tensors on the
+    device) for the trainer's all-reduce."""
     moco.train()
     zero = torch.zeros((), dtype=torch.float64, device=rt.device)
     sums = {"n": zero.clone(), "loss": zero.clone(), "hit": zero.clone()}
     for t, b in enumerate(usable_batches(batches, steps)):
         aug_gen, shuffle_gen = step_generators(seed, epoch, t, rt.rank)
         images = b.images.to(rt.device, non_blocking=True)
-        im_q, im_k = two_crops(images, resolution, aug_gen)
+        im_q, im_k = two_crops(images, resolution, aug_gen, aug)
         if rt.cuda:
             im_q, im_k = (x.contiguous(memory_format=torch.channels_last) for x in (im_q, im_k))
         with autocast(rt):
