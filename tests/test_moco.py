@@ -255,6 +255,30 @@ def test_moco_encoder_draws_its_views_with_the_configured_augment(data, tmp_path
     assert torch.equal(sd[0][key], sd[1][key]) and not torch.equal(sd[0][key], sd[2][key])
 
 
+def test_train_encoder_init_fine_tunes_the_moco_backbone_on_the_labels(data, tmp_path):
+    moco = tmp_path / "moco.pt"
+    code, _, err = run("train-encoder", data["tgt"], moco, "--objective", "moco", "--resolution", "64", "--epochs", 1,
+                       "--batch-size", 16, "--workers", 0, "--device", "cpu", "-q")
+    assert code == 0, err
+    args = ("--resolution", "64", "--epochs", 1, "--batch-size", 16, "--workers", 0, "--device", "cpu", "-q")
+    frozen, tuned = tmp_path / "lr0.pt", tmp_path / "ft.pt"
+    assert run("train-encoder", data["tgt"], frozen, "--init", moco, "--lr", 0, *args)[0] == 0
+    assert run("train-encoder", data["tgt"], tuned, "--init", moco, *args)[0] == 0
+    start, kept, ft = (torch.load(p, weights_only=False) for p in (moco, frozen, tuned))
+    weights = [k for k in start["state_dict"] if k.endswith("weight") and not k.startswith("fc.")]
+    assert len(weights) > 10
+    for k in weights:  # with no step the backbone is MoCo's, tensor for tensor
+        assert torch.equal(kept["state_dict"][k], start["state_dict"][k]), k
+    assert any(not torch.equal(ft["state_dict"][k], start["state_dict"][k]) for k in weights)  # trained
+    assert not torch.equal(kept["state_dict"]["fc.weight"], start["state_dict"]["fc.weight"])  # a fresh head
+    assert kept["mean"] == pytest.approx(start["mean"]) and kept["std"] == pytest.approx(start["std"])  # the normalisation it was trained with
+    assert ft["config"]["init"] == str(moco) and ft["val_ids"] and ft["metrics"]["val_acc"] >= 0
+    code, _, err = run("train-encoder", data["tgt"], tmp_path / "x.pt", "--init", moco, "--arch", "resnet34", *args)
+    assert code == 2 and "holds a resnet18" in one_line(err)
+    code, _, err = run("train-encoder", data["tgt"], tmp_path / "y.pt", "--init", moco, "--objective", "moco")
+    assert code == 2 and "--init" in one_line(err)
+
+
 @pytest.mark.slow
 def test_info_nce_falls_over_training(pool_images):
     images, _ = pool_images
