@@ -22,8 +22,9 @@ not the subset is the same in every row of a seed.
 - Fine-tuning data: the encoder's training split of the target, split again per seed into
   ``1 - ft_val_fraction`` for training and ``ft_val_fraction`` for validation (stratified).
 - Fine-tuning is early-stopped on that validation split: constant lr, validation top-1 after
-  every epoch (ties: the lower validation loss), stop when ``ft_patience`` epochs pass without a
-  new best or at ``ft_max_epochs``; the weights of the best validation epoch are the ones tested.
+  every epoch (ties: the lower validation loss); checked every ``ft_chunk`` epochs, the run stops
+  at the first check that finds ``ft_patience`` or more epochs since the best (so 10-14 with the
+  defaults), or at ``ft_max_epochs``; the weights of the best validation epoch are the ones tested.
 - Fewer classes (``classes_removed``): the pool less the hardest 10% / 20% of its classes
   (filterx's ``hard-classes``: a linear probe on the encoder's embeddings of the pool, accuracy
   on a held-out 10% of each class), against as many classes removed at random
@@ -647,9 +648,9 @@ def render_markdown(doc: dict) -> str:
         f"- fine-tuning: the encoder's {doc['target_train_images']} target training images, per seed "
         f"{doc['val_images']} of them ({c['ft_val_fraction']:.0%} per class) held out for validation; batch "
         f"{c['ft_batch']}, constant lr {c['ft_lr']} (head x10), {crops}; validation top-1 after every epoch "
-        f"(ties: the lower validation loss), stopped after {c['ft_patience']} epochs without a new best or at "
-        f"{c['ft_max_epochs']}; the best validation epoch's weights (ft_epoch: its mean) are tested. The same "
-        f"for every row",
+        f"(ties: the lower validation loss); checked every {c['ft_chunk']} epochs, stopped at the first check "
+        f"{c['ft_patience']} or more epochs after the best, or at {c['ft_max_epochs']}; the best validation "
+        f"epoch's weights (ft_epoch: its mean) are tested. The same for every row",
         "- fewer classes: the pool less the classes hard-classes finds hardest (a linear probe on the "
         "encoder's embeddings of the pool), against as many classes removed at random (drawn per seed); "
         "vs_random there is the paired difference with that random-class control",
