@@ -97,6 +97,20 @@ def precision_at(relevant: np.ndarray, ids: np.ndarray) -> float:
     return float(relevant[np.asarray(ids, dtype=np.int64)].mean()) if len(ids) else 0.0
 
 
+def _select_precisions(name: str, pool: dict, stored: str, manifest_name: str, values: dict,
+                       combine: str | None = None) -> None:
+    """Select every budget of ``pool`` by the stored score(s) ``stored`` (``combine``: rank fusion
+    of several) into ``manifests/<manifest_name>-<budget>.jsonl``; ``values[(name, budget)]`` =
+    the selection's precision."""
+    from filterx.io.manifest import read_manifest
+    from filterx.stages.select import SelectConfig, select
+
+    for b in BUDGETS:
+        manifest = pool["ds"] / "manifests" / f"{manifest_name}-{round(b * 100)}.jsonl"
+        select(SelectConfig(pool["ds"], stored, manifest, fraction=b, combine=combine, quiet=True))
+        values[(name, b)] = precision_at(pool["relevant"], read_manifest(manifest).ids)
+
+
 def _row(method: str, encoder: str, values: dict, seconds: float | None) -> dict:
     row = {"method": method, "encoder": encoder}
     for pool in POOLS:
@@ -129,9 +143,7 @@ def _train_encoders(root: Path, target: Path, chosen, *, backbone: str, epochs: 
 
 def _filterx_rows(pools: dict, target: Path, encoders: dict, *, seed: int, device: str) -> list[dict]:
     from filterx.stages.embed import EmbedConfig, embed
-    from filterx.io.manifest import read_manifest
     from filterx.stages.score import ScoreConfig, score
-    from filterx.stages.select import SelectConfig, select
 
     rows = []
     for key, enc in encoders.items():
@@ -148,10 +160,7 @@ def _filterx_rows(pools: dict, target: Path, encoders: dict, *, seed: int, devic
                 stored = f"{key}-{_slug(label)}"
                 score(ScoreConfig(method, pool["ds"], target, enc["path"], dict(params), seed, name=stored,
                                   device=device, quiet=True))
-                for b in BUDGETS:
-                    manifest = pool["ds"] / "manifests" / f"{stored}-{round(b * 100)}.jsonl"
-                    select(SelectConfig(pool["ds"], stored, manifest, fraction=b, quiet=True))
-                    values[(name, b)] = precision_at(pool["relevant"], read_manifest(manifest).ids)
+                _select_precisions(name, pool, stored, stored, values)
                 seconds += time.perf_counter() - t
             rows.append(_row(label, key, values, seconds))
             _log(f"{key} {label}: " + ", ".join(f"{p}@{round(b * 100)}% {v:.2f}" for (p, b), v in values.items())
@@ -160,18 +169,13 @@ def _filterx_rows(pools: dict, target: Path, encoders: dict, *, seed: int, devic
             values, t = {}, time.perf_counter()
             stored = ",".join(f"{key}-{_slug(part)}" for part in parts)
             for name, pool in pools.items():
-                for b in BUDGETS:
-                    manifest = pool["ds"] / "manifests" / f"{key}-{_slug(label)}-{round(b * 100)}.jsonl"
-                    select(SelectConfig(pool["ds"], stored, manifest, fraction=b, combine=combine, quiet=True))
-                    values[(name, b)] = precision_at(pool["relevant"], read_manifest(manifest).ids)
+                _select_precisions(name, pool, stored, f"{key}-{_slug(label)}", values, combine=combine)
             rows.append(_row(label, key, values, time.perf_counter() - t))
     return rows
 
 
 def _pixel_rows(pools: dict, target: Path, *, seed: int, device: str) -> list[dict]:
-    from filterx.io.manifest import read_manifest
     from filterx.stages.score import ScoreConfig, score
-    from filterx.stages.select import SelectConfig, select
 
     label, method, params = PIXEL_VARIANT
     values, t = {}, time.perf_counter()
@@ -179,10 +183,7 @@ def _pixel_rows(pools: dict, target: Path, *, seed: int, device: str) -> list[di
         stored = _slug(label)
         score(ScoreConfig(method, pool["ds"], target, None, dict(params), seed, name=stored, device=device,
                           backend="pil", batch_size=PIXEL_BATCH, workers=0, quiet=True))
-        for b in BUDGETS:
-            manifest = pool["ds"] / "manifests" / f"{stored}-{round(b * 100)}.jsonl"
-            select(SelectConfig(pool["ds"], stored, manifest, fraction=b, quiet=True))
-            values[(name, b)] = precision_at(pool["relevant"], read_manifest(manifest).ids)
+        _select_precisions(name, pool, stored, stored, values)
     seconds = time.perf_counter() - t
     _log(f"{label}: " + ", ".join(f"{p}@{round(b * 100)}% {v:.2f}" for (p, b), v in values.items())
          + f" ({seconds:.1f}s)")
