@@ -241,6 +241,20 @@ def test_cli_train_encoder_moco_with_pool_gives_an_encoder_with_a_head(data, tmp
     assert code == 2 and "--objective moco" in one_line(err)
 
 
+def test_pretrain_moco_draws_its_views_with_the_configured_augment(data, tmp_path):
+    paper = pretrain(_moco_cfg(data, tmp_path / "paper", epochs=1))
+    again = pretrain(_moco_cfg(data, tmp_path / "again", epochs=1))
+    small = pretrain(_moco_cfg(data, tmp_path / "small", epochs=1, moco_views={"scale": [0.5, 1.0]}))
+    ck = [torch.load(s.model, weights_only=True) for s in (paper, again, small)]
+    assert "moco_views" not in ck[0]["settings"] and ck[2]["settings"]["moco_views"] == {"scale": [0.5, 1.0]}
+    assert torch.equal(ck[0]["model"]["conv1.weight"], ck[1]["model"]["conv1.weight"])
+    assert not torch.equal(ck[0]["model"]["conv1.weight"], ck[2]["model"]["conv1.weight"])
+    with pytest.raises(ValueError, match="unknown MoCo view parameter.*'scales'"):
+        _moco_cfg(data, tmp_path / "bad", moco_views={"scales": (0.5, 1.0)})
+    with pytest.raises(ValueError, match="only moco draws two views"):
+        _moco_cfg(data, tmp_path / "bad", objective="supervised", moco_views={"scale": (0.5, 1.0)})
+
+
 def test_moco_encoder_draws_its_views_with_the_configured_augment(data, tmp_path):
     def backbone(name, **kw):
         cfg = MocoEncoderConfig(data["tgt"], tmp_path / f"{name}.pt", resolution=32, epochs=1, batch_size=16,

@@ -43,7 +43,7 @@ from filterx.io import atomic
 from filterx.decode.loader import LoaderConfig, load_batches, resolve_backend
 from filterx.models.archs import backbone_and_head, build_model
 from filterx.train.moco import MoCo, GroupedBN, default_queue_size
-from filterx.train.moco_views import MocoAugment, two_crops
+from filterx.train.moco_views import MocoAugment, moco_augment, two_crops
 from filterx.core.runtime import seed_everything
 from filterx.train.checkpoints import CHECKPOINT, CHECKPOINT_FORMAT, config_dict, resume_from
 from filterx.train.common import Run, Schedule, TrainSummary, finish, fit
@@ -161,7 +161,9 @@ def _pretrain_moco(cfg, rt: Runtime, out: Path, train: TrainingData, backend: st
     schedule = Schedule(cfg.schedule, steps, steps * cfg.epochs, cfg.lr_step_epochs, cfg.lr_gamma,
                         warmup_steps=steps * cfg.warmup_epochs)
     sched = schedule.scheduler(opt)
-    settings = {**config_dict(cfg), "lr": lr_256, "moco_queue": queue, "world_size": rt.world_size,
+    aug = moco_augment(cfg.moco_views)
+    # moco_views only when set: runs with MoCo v2's views keep the settings of earlier versions (resumable)
+    settings = {**{k: v for k, v in config_dict(cfg).items() if k != "moco_views" or v}, "lr": lr_256, "moco_queue": queue, "world_size": rt.world_size,
                 "global_batch": global_batch, "train_data": train.identity()}
     start_epoch, history = resume_from(out, cfg.resume, settings, soft + ("world_size",), {"moco": moco}, opt, sched)
     if start_epoch and rt.is_main:
@@ -172,7 +174,7 @@ def _pretrain_moco(cfg, rt: Runtime, out: Path, train: TrainingData, backend: st
         lcfg = moco_loader(cfg.resolution, backend, rt.device, cfg.batch_size, cfg.workers, cfg.seed, epoch)
         batches = load_batches(train.tars, lcfg, rank=rt.rank, world_size=rt.world_size, ids=train.ids)
         return moco_epoch(moco, query, opt, sched, batches, steps, resolution=cfg.resolution, seed=cfg.seed,
-                          epoch=epoch, rt=rt, bar=bar)
+                          epoch=epoch, rt=rt, bar=bar, aug=aug)
 
     def summarize(t: dict) -> dict:
         return {"loss": t["loss"] / max(t["n"], 1.0), "moco_top1": t["hit"] / max(t["n"], 1.0)}

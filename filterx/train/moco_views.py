@@ -23,6 +23,7 @@ given for 224 px and scaled with R (sigma 0.1-2.0 px at 224, 0.05-1.0 at 112).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -48,6 +49,16 @@ class MocoAugment:
     flip_p: float = 0.5
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+
+
+def moco_augment(overrides: dict) -> MocoAugment:
+    """MoCo v2's views with ``overrides`` of some fields (lists taken as tuples); an unknown
+    field is a ValueError naming the valid ones."""
+    fields = {f.name for f in dataclasses.fields(MocoAugment)}
+    bad = sorted(set(overrides) - fields)
+    if bad:
+        raise ValueError(f"unknown MoCo view parameter(s) {bad}; valid: {', '.join(sorted(fields))}")
+    return MocoAugment(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
 
 
 def crop_boxes(n: int, size: int, aug: MocoAugment, gen: torch.Generator) -> torch.Tensor:

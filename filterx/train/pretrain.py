@@ -47,6 +47,7 @@ from filterx.io import atomic
 from filterx.decode.loader import LoaderConfig, load_batches, resolve_backend
 from filterx.models.archs import build_model, list_models
 from filterx.train.adversarial import DEFAULT_STEPS, Attack, check_attack
+from filterx.train.moco_views import moco_augment
 from filterx.core.runtime import seed_everything
 from filterx.train.checkpoints import CHECKPOINT, CHECKPOINT_FORMAT, config_dict, resume_from
 from filterx.train.common import (
@@ -102,6 +103,8 @@ class PretrainConfig:
     moco_temperature: float = 0.2
     moco_dim: int = 128  # projection output
     moco_bn_group: int = 32  # images per BatchNorm group (shuffled BN)
+    # the two views: overrides of MocoAugment's fields (e.g. {"scale": (0.5, 1.0)}); {}: MoCo v2's. Python only
+    moco_views: dict = field(default_factory=dict)
     # PGD adversarial training (filterx.train.adversarial): eps in pixels [0, 1]; 0: standard training
     adv_eps: float = 0.0
     adv_norm: str = "l2"  # l2 | linf
@@ -125,6 +128,9 @@ class PretrainConfig:
         if self.val is not None and self.val_fraction > 0:
             raise ValueError("give either val (a dataset to evaluate on) or val_fraction, not both")
         check_attack(self.adv_eps, self.adv_norm, self.adv_steps, self.adv_step_size)
+        moco_augment(self.moco_views)  # unknown view parameters fail here, not after the data is read
+        if self.moco_views and self.objective != "moco":
+            raise ValueError(f"moco_views {self.moco_views} set for objective {self.objective!r}: only moco draws two views")
         if self.adv_eps > 0 and self.objective != "supervised":
             raise ValueError(f"adversarial training (adv_eps {self.adv_eps}) attacks a classifier's labels; "
                              f"objective {self.objective!r} has none: use objective supervised")
@@ -190,7 +196,8 @@ def _pretrain(cfg: PretrainConfig, rt: Runtime, out: Path, train: TrainingData, 
     sched = schedule.scheduler(opt)
     attack = Attack(cfg.adv_eps, cfg.adv_norm, cfg.adv_steps, cfg.adv_step_size) if cfg.adv_eps > 0 else None
     # adv_* only for adversarial runs: a standard run's settings stay those of earlier versions (resumable)
-    plain = {k: v for k, v in config_dict(cfg).items() if attack is not None or not k.startswith("adv_")}
+    plain = {k: v for k, v in config_dict(cfg).items()
+             if (attack is not None or not k.startswith("adv_")) and k != "moco_views"}
     settings = {**plain, "lr": lr_256, "world_size": rt.world_size, "global_batch": global_batch,
                 "train_data": train.identity()}  # lr: the one used, whether given or the arch's
 
