@@ -21,7 +21,14 @@ not the subset is the same in every row of a seed.
   do not. Seen by no encoder, scorer or training run, and evaluated once per run.
 - Fine-tuning data: the encoder's training split of the target, split again per seed into
   ``1 - ft_val_fraction`` for training and ``ft_val_fraction`` for validation (stratified).
-- Fine-tuning is early-stopped on that validation split: constant lr, validation top-1 after
+- Pre-training variants (``variants``): every arm pre-trains supervised on the pool's labels; on
+  the first budget's subsets of ``variant_methods`` (random and knn-target by default) also
+  adversarially robust (``robust``: PGD in L2, ``adv_eps`` 0.5 at 32 px, ``adv_steps`` 3) and
+  self-supervised (``moco``: MoCo v2, labels unread, views for 32 px), each paired with random
+  of its own variant. The same steps, net and fine-tuning for all.
+- Fine-tuning is early-stopped on that validation split: constant lr (0.001 for the backbone,
+  the new head 10x: finetune's default; protocol 4 used 0.01, which a pilot found twice as noisy:
+  the paired difference's std over 6 seeds 5.4 points at 0.01, 2.8 at 0.001), validation top-1 after
   every epoch (ties: the lower validation loss); checked every ``ft_chunk`` epochs, the run stops
   at the first check that finds ``ft_patience`` or more epochs since the best (so 10-14 with the
   defaults), or at ``ft_max_epochs``; the weights of the best validation epoch are the ones tested.
@@ -89,7 +96,12 @@ CLASS_METHODS = {"hard-classes": "fewer classes: hardest removed",
 REFERENCE = {"hard-classes": "random-classes"}
 RANDOM_REFERENCES = ("random", "random-classes")
 # settings that say which runs to do or how to run them, not what a run computes
-NOT_IN_RUN_KEY = ("work", "seeds", "methods", "budgets", "threads", "jobs", "quick", "fresh")
+NOT_IN_RUN_KEY = ("work", "seeds", "methods", "budgets", "classes_removed", "variants", "variant_methods", "threads",
+                  "jobs", "quick", "fresh")
+# pre-training variants: supervised on the pool's labels (every arm), and on the first budget's
+# subsets of ``variant_methods`` an adversarially robust one and a self-supervised one
+VARIANTS = ("supervised", "robust", "moco")
+PROTOCOL = 5  # 5: fine-tuning at lr 0.001 (4: 0.01), variants; runs of another protocol are not reused
 
 
 @dataclass(frozen=True)
@@ -99,6 +111,8 @@ class ExperimentConfig:
     methods: tuple[str, ...] = DEFAULT_METHODS
     budgets: tuple[float, ...] = (0.06, 0.12)
     classes_removed: tuple[float, ...] = (0.1, 0.2)  # fewer-classes arms: shares of the pool's classes
+    variants: tuple[str, ...] = VARIANTS  # pre-training variants (VARIANTS); supervised runs every arm
+    variant_methods: tuple[str, ...] = ("random", "knn-target")  # what robust / moco run on (the first budget)
     # data: 30 pool classes x pool_per_class; the target and its test set in the target's style
     pool_per_class: int = 1000
     pool_photos: int = 10
@@ -120,8 +134,15 @@ class ExperimentConfig:
     ft_chunk: int = 5  # epochs between two early-stopping checks (the run resumes in between)
     ft_val_fraction: float = 0.2
     ft_batch: int = 32
-    ft_lr: float = 0.01  # backbone; the new head 10x; constant
+    ft_lr: float = 0.001  # backbone (finetune's default); the new head 10x; constant
     augment: bool = False  # the loader's random resized crops (area 0.08-1) + flips, in both stages
+    # variant "robust": PGD in L2 (filterx.train.adversarial; step size 2.5 eps / steps); CIFAR's
+    # L2 radius at 32 px (0.5 of a [0, 1] image), few steps for CPU cost
+    adv_eps: float = 0.5
+    adv_steps: int = 3
+    # variant "moco": MoCo v2 (lr 0.03 at 256, cosine, weight decay 1e-4, temperature 0.2) with
+    # the views that work at 32 px (tests/test_moco.py: crops of at least half the area, strong colour)
+    moco_lr: float = 0.03
     backend: str = "torchvision"
     threads: int = 1
     jobs: int = 1
@@ -135,6 +156,13 @@ class ExperimentConfig:
             raise ValueError(f"unknown method(s) {bad}; valid: {', '.join(METHODS)}")
         if "random" not in self.methods:
             raise ValueError("the methods must include random: every comparison is paired with it")
+        bad = [v for v in self.variants if v not in VARIANTS]
+        if bad or "supervised" not in self.variants:
+            raise ValueError(f"variants must include supervised and be of {', '.join(VARIANTS)}; got {list(self.variants)}")
+        if len(self.variants) > 1 and ("random" not in self.variant_methods
+                                       or any(m not in self.methods for m in self.variant_methods)):
+            raise ValueError(f"variant_methods {list(self.variant_methods)} must include random and be among the "
+                             f"methods {list(self.methods)}")
         if not self.seeds:
             raise ValueError("give at least one seed")
         bad = [b for b in self.budgets if not 0.0 < b < 1.0]
@@ -144,7 +172,8 @@ class ExperimentConfig:
         if bad:
             raise ValueError(f"classes_removed must be fractions in (0, 1), got {bad}")
         for name in ("pool_per_class", "target_per_class", "test_per_class", "steps", "width", "pretrain_batch",
-                     "ft_max_epochs", "ft_patience", "ft_chunk", "ft_batch", "threads", "jobs", "encoder_epochs"):
+                     "ft_max_epochs", "ft_patience", "ft_chunk", "ft_batch", "threads", "jobs", "encoder_epochs",
+                     "adv_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.ft_val_fraction < 1.0:
@@ -154,6 +183,7 @@ class ExperimentConfig:
 def quick_config(work: Path, **kw) -> ExperimentConfig:
     """Two seeds, two methods, one budget, a small pool and a few steps: a smoke test in minutes."""
     base = dict(work=work, seeds=(0, 1), methods=("random", "clustering-avg"), budgets=(0.12,), classes_removed=(0.1,),
+                variants=("supervised",), variant_methods=("random", "clustering-avg"),
                 pool_per_class=40,
                 pool_photos=6, pool_textures=6, target_per_class=30, test_per_class=6, encoder_epochs=2, steps=4,
                 width=8, ft_max_epochs=4, ft_patience=2, ft_chunk=2, quick=True)
@@ -367,10 +397,10 @@ def _identity(path: Path | None) -> str | None:
     return None if path is None else json.dumps(resolve_training_data(path).identity(), sort_keys=True)
 
 
-def run_key(cfg: ExperimentConfig, work: Work, data: Path | None, seed: int) -> str:
+def run_key(cfg: ExperimentConfig, work: Work, data: Path | None, seed: int, variant: str = "supervised") -> str:
     """The hash a run is cached under: what it computes, not which other runs are done."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_RUN_KEY}
-    key = {"settings": settings, "data": _identity(data), "seed": seed, "protocol": 4,
+    key = {"settings": settings, "data": _identity(data), "seed": seed, "protocol": PROTOCOL, "variant": variant,
            "target": _identity(work.target_train), "test": _identity(work.test)}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -444,35 +474,52 @@ def finetune_early_stopped(cfg: ExperimentConfig, work: Work, init: Path | None,
             "finetune_seconds": seconds + time.perf_counter() - t}
 
 
-def run_one(cfg: ExperimentConfig, work: Work, data: Path | None, seed: int) -> dict:
-    """Pre-train on ``data`` (None: no pre-training) for ``cfg.steps`` steps, fine-tune on the
-    target with early stopping, test. Returns the record; cached under ``WORK/experiment/runs``."""
+MOCO_VIEWS_32PX = dict(scale=(0.5, 1.0), jitter=(0.8, 0.8, 0.8, 0.2), gray_p=0.5)
+
+
+def pretrain_config(cfg: ExperimentConfig, data: Path, out: Path, seed: int, epochs: int, variant: str):
+    """The PretrainConfig of ``variant`` on ``data``: the same steps, batch, net and crops for all."""
+    from filterx.train.pretrain import PretrainConfig
+
+    common = dict(data=data, out=out, arch=cfg.arch, resolution=cfg.resolution, epochs=epochs,
+                  batch_size=cfg.pretrain_batch, schedule="cosine", augment=cfg.augment,
+                  model_options={"width": cfg.width}, backend=cfg.backend, device=cfg.device, workers=0, seed=seed,
+                  quiet=True)
+    if variant == "moco":
+        return PretrainConfig(**common, objective="moco", lr=cfg.moco_lr, weight_decay=1e-4,
+                              moco_views=dict(MOCO_VIEWS_32PX))
+    robust = dict(adv_eps=cfg.adv_eps, adv_norm="l2", adv_steps=cfg.adv_steps) if variant == "robust" else {}
+    return PretrainConfig(**common, lr=cfg.pretrain_lr, weight_decay=5e-4, **robust)
+
+
+def run_one(cfg: ExperimentConfig, work: Work, data: Path | None, seed: int, variant: str = "supervised") -> dict:
+    """Pre-train on ``data`` (None: no pre-training) for ``cfg.steps`` steps as ``variant``
+    (VARIANTS), fine-tune on the target with early stopping, test. Returns the record; cached
+    under ``WORK/experiment/runs``."""
     import torch
 
     from filterx.io import atomic
     from filterx.train.data import resolve_training_data
-    from filterx.train.pretrain import PretrainConfig, pretrain
+    from filterx.train.pretrain import pretrain
 
     torch.set_num_threads(cfg.threads)
-    cache = work.root / "experiment" / "runs" / f"{run_key(cfg, work, data, seed)}.json"
+    cache = work.root / "experiment" / "runs" / f"{run_key(cfg, work, data, seed, variant)}.json"
     if cache.is_file() and not cfg.fresh:
         return {**json.loads(cache.read_text()), "cached": True}
     shm = Path("/dev/shm")  # per-epoch checkpoints: keep them off the disk
     scratch = Path(tempfile.mkdtemp(prefix="filterx-exp-", dir=shm if os.access(shm, os.W_OK) else None))
-    rec: dict = {"seed": seed, "data": str(data) if data else None}
+    rec: dict = {"seed": seed, "data": str(data) if data else None, "variant": variant}
     try:
         init = None
         if data is not None:
             epochs, steps = epochs_for_steps(resolve_training_data(data).count, cfg.steps, cfg.pretrain_batch,
                                              cfg.backend)
-            pre = pretrain(PretrainConfig(data=data, out=scratch / "pre", arch=cfg.arch, resolution=cfg.resolution,
-                                          epochs=epochs, batch_size=cfg.pretrain_batch, lr=cfg.pretrain_lr,
-                                          schedule="cosine", weight_decay=5e-4, augment=cfg.augment,
-                                          model_options={"width": cfg.width}, backend=cfg.backend, device=cfg.device,
-                                          workers=0, seed=seed, quiet=True))
+            pre = pretrain(pretrain_config(cfg, data, scratch / "pre", seed, epochs, variant))
             init = pre.model
             rec.update(pretrain_epochs=epochs, pretrain_steps=steps, pretrain_seconds=pre.seconds,
-                       pretrain_loss=pre.final["loss"], pretrain_train_top1=pre.final["train_top1"])
+                       pretrain_loss=pre.final["loss"])
+            if "train_top1" in pre.final:  # moco has no labels: its own top-1 is of the positive key
+                rec["pretrain_train_top1"] = pre.final["train_top1"]
         rec.update(finetune_early_stopped(cfg, work, init, seed, scratch / "ft"))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -489,12 +536,15 @@ class Arm:
     name: str
     method: str | None  # None: no pre-training, or the whole pool
     budget: float | None  # None: no pre-training; 1.0: the whole pool; classes: the share removed
+    variant: str = "supervised"  # how it pre-trains (VARIANTS)
 
 
 def arms(cfg: ExperimentConfig) -> list[Arm]:
     out = [Arm("no pre-training", None, None), Arm("whole pool", None, 1.0)]
     out += [Arm(METHODS[m][0], m, b) for b in cfg.budgets for m in cfg.methods]
-    return out + [Arm(label, m, f) for f in cfg.classes_removed for m, label in CLASS_METHODS.items()]
+    out += [Arm(label, m, f) for f in cfg.classes_removed for m, label in CLASS_METHODS.items()]
+    return out + [Arm(f"{METHODS[m][0]} [{v}]", m, cfg.budgets[0], v)
+                  for v in cfg.variants if v != "supervised" for m in cfg.variant_methods]
 
 
 def arm_data(cfg: ExperimentConfig, work: Work, arm: Arm, seed: int) -> Path | None:
@@ -526,13 +576,13 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
                 data = arm_data(cfg, work, arm, seed)
                 key = (arm.name, arm.budget, seed if arm.method in RANDOM_REFERENCES else None)
                 if data is not None and key not in subsets:
-                    subsets[key] = composition(work, data)
+                    subsets[key] = composition(work, data)  # a variant's subset is its method's
                 tasks.append((arm, seed, data))
         runs: list[dict] = [{} for _ in tasks]
 
         def done(i: int, rec: dict) -> None:
             arm, seed, _ = tasks[i]
-            runs[i] = {**rec, "arm": arm.name, "method": arm.method, "budget": arm.budget}
+            runs[i] = {**rec, "arm": arm.name, "method": arm.method, "budget": arm.budget, "variant": arm.variant}
             n = sum(bool(r) for r in runs)
             log(f"  [{n}/{len(tasks)}] seed {seed} {arm.name} {'' if arm.budget is None else f'{arm.budget:.0%}'}: "
                 f"test top-1 {rec['test_top1']:.1%}, best val epoch {rec['ft_best_epoch']}/{rec['ft_epochs_run']} "
@@ -540,11 +590,12 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
 
         if cfg.jobs == 1:
             for i, (arm, seed, data) in enumerate(tasks):
-                done(i, run_one(cfg, work, data, seed))
+                done(i, run_one(cfg, work, data, seed, arm.variant))
         else:
             ctx = multiprocessing.get_context("spawn")  # no forked torch state
             with concurrent.futures.ProcessPoolExecutor(cfg.jobs, mp_context=ctx) as pool:
-                futures = {pool.submit(run_one, cfg, work, data, seed): i for i, (arm, seed, data) in enumerate(tasks)}
+                futures = {pool.submit(run_one, cfg, work, data, seed, arm.variant): i
+                           for i, (arm, seed, data) in enumerate(tasks)}
                 for fut in concurrent.futures.as_completed(futures):
                     done(futures[fut], fut.result())
         rows = summarize(runs, subsets, cfg)
@@ -588,7 +639,9 @@ def summarize(runs: list[dict], subsets: dict, cfg: ExperimentConfig) -> list[di
                "top1_std": statistics.stdev(top1) if len(top1) > 1 else math.nan,
                "top1_values": " ".join(f"{v:.1f}" for v in top1)}
         ref_method = REFERENCE.get(method, "random")
-        ref = {r["seed"]: 100 * r["test_top1"] for r in runs if r["method"] == ref_method and r["budget"] == budget}
+        variant = group[0].get("variant", "supervised")
+        ref = {r["seed"]: 100 * r["test_top1"] for r in runs if r["method"] == ref_method and r["budget"] == budget
+               and r.get("variant", "supervised") == variant}
         if method is not None and method not in RANDOM_REFERENCES:
             diffs = [100 * r["test_top1"] - ref[r["seed"]] for r in group if r["seed"] in ref]
             if diffs:
@@ -615,12 +668,31 @@ def write_results(out_dir: Path, result: dict, cfg: ExperimentConfig, machine: d
         k += 1
         stem = f"{base}-{k}"
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
-    doc = {"experiment": "subsets", "protocol": 4, "command": command, "machine": machine, "settings": settings,
+    doc = {"experiment": "subsets", "protocol": PROTOCOL, "command": command, "machine": machine, "settings": settings,
            **result}
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     atomic.write_text(json_path, json.dumps(doc, indent=1, default=str) + "\n")
     atomic.write_text(md_path, render_markdown(json.loads(json_path.read_text())))
     return json_path, md_path
+
+
+def variant_lines(c: dict) -> list[str]:
+    """The markdown lines that say how the [robust] and [moco] rows pre-train (none without them)."""
+    variants = c.get("variants", ["supervised"])
+    out = []
+    if "robust" in variants:
+        out.append(f"- [robust] rows: the same supervised pre-training on adversarial examples: every batch replaced "
+                   f"by its PGD attack in L2, eps {c['adv_eps']} (images in [0, 1]), {c['adv_steps']} steps of "
+                   f"2.5 eps / steps; pre_train_top1 is on the attacked batches")
+    if "moco" in variants:
+        views = ", ".join(f"{k} {v}" for k, v in MOCO_VIEWS_32PX.items())
+        out.append(f"- [moco] rows: MoCo v2 on the same images and steps, labels unread (lr {c['moco_lr']} at 256 "
+                   f"scaled linearly, cosine, weight decay 1e-4, temperature 0.2, the queue filterx sizes for the "
+                   f"subset), views for 32 px ({views}); then the same fine-tuning (a new head)")
+    if len(variants) > 1:
+        out.append(f"- variants run on the {c['budgets'][0]:.0%} subsets of {', '.join(c['variant_methods'])}; their "
+                   f"vs_random is paired with random of the same variant")
+    return out
 
 
 def render_markdown(doc: dict) -> str:
@@ -645,6 +717,7 @@ def render_markdown(doc: dict) -> str:
         f"{c['pretrain_batch']} images for every pre-trained row (epochs = steps / steps per epoch, rounded), lr "
         f"{c['pretrain_lr']} at 256 scaled linearly, cosine, weight decay 5e-4, {crops}; labels: the pool's "
         f"classes. pre_train_top1: training top-1 of the last epoch (near 100: the subset is memorised)",
+        *variant_lines(c),
         f"- fine-tuning: the encoder's {doc['target_train_images']} target training images, per seed "
         f"{doc['val_images']} of them ({c['ft_val_fraction']:.0%} per class) held out for validation; batch "
         f"{c['ft_batch']}, constant lr {c['ft_lr']} (head x10), {crops}; validation top-1 after every epoch "
@@ -679,10 +752,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budgets", default=None, help="comma-separated fractions (default 0.06,0.12)")
     ap.add_argument("--classes-removed", default=None,
                     help="fewer-classes arms: comma-separated shares of the pool's classes, or none (default 0.1,0.2)")
+    ap.add_argument("--variants", default=None, help=f"pre-training variants, comma-separated, of: {', '.join(VARIANTS)} "
+                    f"(default all; supervised is required; with --quick supervised)")
+    ap.add_argument("--variant-methods", default=None,
+                    help="the methods robust / moco pre-train on, at the first budget (default random,knn-target)")
     ap.add_argument("--pool-per-class", type=int, default=None, help="pool images per class (default 1000)")
     ap.add_argument("--test-per-class", type=int, default=None, help="test images per target class (default 600)")
     ap.add_argument("--steps", type=int, default=None, help="pre-training steps (default 500)")
     ap.add_argument("--width", type=int, default=None, help="ResNet first-stage channels (default 16)")
+    ap.add_argument("--ft-lr", type=float, default=None, help="fine-tuning lr of the backbone, the head 10x (default 0.001)")
     ap.add_argument("--ft-max-epochs", type=int, default=None, help="fine-tuning epoch limit (default 60)")
     ap.add_argument("--ft-patience", type=int, default=None, help="early-stopping patience in epochs (default 10)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per run (default 1: see the module doc)")
@@ -710,8 +788,10 @@ def main(argv: list[str] | None = None) -> int:
         budgets=tuple(float(b) for b in args.budgets.split(",")) if args.budgets else None,
         classes_removed=(() if args.classes_removed == "none" else tuple(float(b) for b in args.classes_removed.split(",")))
         if args.classes_removed else None,
+        variants=tuple(v.strip() for v in args.variants.split(",")) if args.variants else None,
+        variant_methods=tuple(m.strip() for m in args.variant_methods.split(",")) if args.variant_methods else None,
         pool_per_class=args.pool_per_class, test_per_class=args.test_per_class, steps=args.steps, width=args.width,
-        ft_max_epochs=args.ft_max_epochs, ft_patience=args.ft_patience, threads=args.threads, jobs=args.jobs,
+        ft_lr=args.ft_lr, ft_max_epochs=args.ft_max_epochs, ft_patience=args.ft_patience, threads=args.threads, jobs=args.jobs,
         augment=args.augment or None, fresh=args.fresh or None).items() if v is not None}
     try:
         cfg = quick_config(work, **kw) if args.quick else ExperimentConfig(work=work, **kw)

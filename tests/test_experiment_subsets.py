@@ -109,6 +109,35 @@ def test_summary_gives_mean_std_values_and_the_paired_difference_with_random():
     assert dom["pre_train_top1"] == pytest.approx(90.0)
 
 
+def test_a_variant_is_paired_with_random_of_the_same_variant():
+    runs = [_run("random", "random", 0.06, s, v) for s, v in enumerate((0.70, 0.72, 0.74))]
+    runs += [{**_run("random [robust]", "random", 0.06, s, v), "variant": "robust"}
+             for s, v in enumerate((0.50, 0.52, 0.54))]
+    runs += [{**_run("knn-target (k 10) [robust]", "knn-target", 0.06, s, v), "variant": "robust"}
+             for s, v in enumerate((0.55, 0.53, 0.60))]
+    rows = {r["pre-training"]: r for r in summarize(runs, {}, ExperimentConfig(work=Path("w")))}
+    # +5, +1, +6 against the robust random subsets (against the supervised ones it would be -15 ..)
+    assert rows["knn-target (k 10) [robust]"]["vs_random"] == pytest.approx(4.0)
+    assert "vs_random" not in rows["random [robust]"]
+
+
+def test_quick_run_with_the_robust_and_moco_variants(tmp_path):
+    cfg = quick_config(tmp_path / "work", resolution=16, test_per_class=2, classes_removed=(), seeds=(0,),
+                       variants=("supervised", "robust", "moco"), ft_max_epochs=2, ft_patience=1, ft_chunk=2)
+    result = run_experiment(cfg, log=lambda s: None)
+    rows = {r["pre-training"]: r for r in result["rows"]}
+    assert {"random [robust]", "clustering (avg) [robust]", "random [moco]", "clustering (avg) [moco]"} <= set(rows)
+    runs = {r["arm"]: r for r in result["runs"]}
+    assert {r["variant"] for r in result["runs"]} == {"supervised", "robust", "moco"}
+    # the same subset and steps as the supervised arm; the variant changes only how it pre-trains
+    for v in ("robust", "moco"):
+        assert runs[f"clustering (avg) [{v}]"]["pretrain_steps"] == runs["clustering (avg)"]["pretrain_steps"]
+        assert runs[f"clustering (avg) [{v}]"]["data"] == runs["clustering (avg)"]["data"]
+        assert "vs_random" in rows[f"clustering (avg) [{v}]"]
+    assert "pretrain_train_top1" not in runs["random [moco]"] and "pretrain_train_top1" in runs["random [robust]"]
+    assert runs["random [robust]"]["pretrain_loss"] != runs["random"]["pretrain_loss"]  # on attacked batches
+
+
 def _file_hashes(folder: Path) -> set[str]:
     return {hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*.jpg")}
 
