@@ -9,11 +9,15 @@ the target, train the encoders on the target, ``embed`` every pool, ``score`` wi
 method of the scorer registry, ``select`` 6 % and 12 % of the pool. A row's precision is the
 share of the selection that is in the relevant part (pool images of the target's classes).
 
-Encoders (both available offline): ``target``, a ResNet-18 trained on the target's 270
+Encoders (all three available offline): ``target``, a ResNet-18 trained on the target's 270
 training images (the demo's settings: 64 px, 20 epochs); ``backbone``, a frozen backbone spec
 (default ``torchvision:resnet18:none``, a seeded random init at 224 px) with a linear probe on
 the target as its head (``train-encoder --backbone SPEC --probe-only``). Give
 ``--opt selection.backbone=torchvision:resnet50:IMAGENET1K_V2@FILE`` where weights are at hand.
+``moco``, the self-supervised encoder for users without weights: a ResNet-18 trained with
+MoCo v2 on each pool together with the target, labels unread (``train-encoder --objective moco
+--with-pool POOL``; one encoder per pool), at 32 px with the views for 32 px images
+(``MOCO_VIEWS``), ``moco_epochs`` epochs (default 40), then the same linear probe.
 
 One row needs no encoder: the paper's domain classifier on pixels (``domain-cls --on pixels``),
 a ResNet-18 of width 16 trained from scratch at 32 px for 300 steps on each pool and the target.
@@ -43,7 +47,12 @@ from bench.suite import Rows, option_tuple
 
 BUDGETS = (0.06, 0.12)
 DEFAULT_BACKBONE = "torchvision:resnet18:none"
-ENCODERS = ("target", "backbone")
+ENCODERS = ("target", "backbone", "moco")
+# The moco encoder's settings: 32 px (a quarter of 64 px's compute, for CPU runs) with the views
+# that learned better-than-random features at 32 px (README, "A self-supervised encoder": crops
+# of at least half the area, SimCLR's colour strength, grayscale half the time).
+MOCO_RESOLUTION = 32
+MOCO_VIEWS = {"scale": (0.5, 1.0), "jitter": (0.8, 0.8, 0.8, 0.2), "gray_p": 0.5}
 # Pool-level methods at their defaults; the demo's variants come first (filterx.stages.demo.VARIANTS).
 EXTRA_VARIANTS = (
     ("knn-target (k=10)", "knn-target", {}),
@@ -120,25 +129,50 @@ def _row(method: str, encoder: str, values: dict, seconds: float | None) -> dict
     return row
 
 
-def _train_encoders(root: Path, target: Path, chosen, *, backbone: str, epochs: int, resolution: int,
-                    seed: int, device: str) -> dict[str, dict]:
+def _train_encoders(root: Path, target: Path, pools: dict, chosen, *, backbone: str, epochs: int,
+                    resolution: int, moco_epochs: int, seed: int, device: str) -> dict[str, dict]:
+    """Per encoder key: ``paths`` (pool name -> encoder file: one file for every pool, except
+    moco's, trained on each pool), ``val_accs`` (pool name -> held-out accuracy), ``label``,
+    ``seconds`` (training, all pools)."""
     from filterx.train.encoder import EncoderConfig, train_encoder
+    from filterx.stages.moco_encoder import MocoEncoderConfig, train_moco_encoder
     from filterx.stages.probe import ProbeConfig, train_probe
+    from filterx.train.moco_views import MocoAugment
 
     out = {}
     for key in chosen:
         t = time.perf_counter()
-        path = root / f"encoder-{key}.pt"
-        if key == "target":
-            s = train_encoder(EncoderConfig(target, path, arch="resnet18", resolution=resolution, epochs=epochs,
-                                            batch_size=64, device=device, seed=seed, quiet=True))
-            label = f"resnet18 trained on target ({resolution} px, {epochs} ep)"
+        if key == "moco":
+            paths, accs = {}, {}
+            for name, pool in pools.items():
+                paths[name] = root / f"encoder-moco-{name}.pt"
+                s = train_moco_encoder(MocoEncoderConfig(
+                    target, paths[name], arch="resnet18", resolution=MOCO_RESOLUTION, epochs=moco_epochs,
+                    with_pool=pool["ds"], augment=MocoAugment(**MOCO_VIEWS), device=device, seed=seed,
+                    quiet=True))
+                accs[name] = s.val_acc
+            label = f"resnet18 by MoCo v2 on each pool + target ({MOCO_RESOLUTION} px, {moco_epochs} ep) + probe"
         else:
-            s = train_probe(ProbeConfig(target, path, backbone=backbone, seed=seed, device=device, quiet=True))
-            label = f"{backbone} + probe"
-        out[key] = {"path": path, "label": label, "val_acc": s.val_acc, "seconds": time.perf_counter() - t}
-        _log(f"encoder {label}: held-out accuracy {s.val_acc:.1%} ({out[key]['seconds']:.0f}s)")
+            path = root / f"encoder-{key}.pt"
+            if key == "target":
+                s = train_encoder(EncoderConfig(target, path, arch="resnet18", resolution=resolution, epochs=epochs,
+                                                batch_size=64, device=device, seed=seed, quiet=True))
+                label = f"resnet18 trained on target ({resolution} px, {epochs} ep)"
+            else:
+                s = train_probe(ProbeConfig(target, path, backbone=backbone, seed=seed, device=device, quiet=True))
+                label = f"{backbone} + probe"
+            paths = {name: path for name in pools}
+            accs = {name: s.val_acc for name in pools}
+        out[key] = {"paths": paths, "val_accs": accs, "label": label, "seconds": time.perf_counter() - t}
+        _log(f"encoder {label}: held-out accuracy {_accuracies(accs)} ({out[key]['seconds']:.0f}s)")
     return out
+
+
+def _accuracies(accs: dict[str, float]) -> str:
+    """"63.3%" where every pool's encoder is the same one, else "40.0% / 43.3% / 36.7% (easy / medium / hard)"."""
+    if len(set(accs.values())) == 1:
+        return f"{next(iter(accs.values())):.1%}"
+    return " / ".join(f"{a:.1%}" for a in accs.values()) + f" ({' / '.join(accs)})"
 
 
 def _filterx_rows(pools: dict, target: Path, encoders: dict, *, seed: int, device: str) -> list[dict]:
@@ -149,7 +183,7 @@ def _filterx_rows(pools: dict, target: Path, encoders: dict, *, seed: int, devic
     for key, enc in encoders.items():
         for name, pool in pools.items():
             t = time.perf_counter()
-            embed(EmbedConfig(pool["ds"], enc["path"], device=device, quiet=True))
+            embed(EmbedConfig(pool["ds"], enc["paths"][name], device=device, quiet=True))
             enc.setdefault("embed_seconds", 0.0)
             enc["embed_seconds"] += time.perf_counter() - t
         _log(f"encoder {key}: embedded the pools ({enc['embed_seconds']:.0f}s)")
@@ -158,7 +192,7 @@ def _filterx_rows(pools: dict, target: Path, encoders: dict, *, seed: int, devic
             for name, pool in pools.items():
                 t = time.perf_counter()
                 stored = f"{key}-{_slug(label)}"
-                score(ScoreConfig(method, pool["ds"], target, enc["path"], dict(params), seed, name=stored,
+                score(ScoreConfig(method, pool["ds"], target, enc["paths"][name], dict(params), seed, name=stored,
                                   device=device, quiet=True))
                 _select_precisions(name, pool, stored, stored, values)
                 seconds += time.perf_counter() - t
@@ -216,7 +250,7 @@ def _reference_rows(pools: dict, target: Path, train_ids: np.ndarray, *, seed: i
 
 def run(quick: bool, *, per_class: int | None = None, digits_per_class: int | None = None,
         target_per_class: int = 60, epochs: int = 20, resolution: int = 64, backbone: str = DEFAULT_BACKBONE,
-        encoders=ENCODERS, references: bool = True, seed: int = 0, device: str = "auto", work: str | None = None,
+        moco_epochs: int = 40, encoders=ENCODERS, references: bool = True, seed: int = 0, device: str = "auto", work: str | None = None,
         threads: int = 1):
     """The table: one row per (method, encoder) and per reference; columns are the precision
     at each budget on each pool. Sizes: ``SIZES[quick]`` unless ``per_class`` /
@@ -234,14 +268,14 @@ def run(quick: bool, *, per_class: int | None = None, digits_per_class: int | No
     try:
         return _run(quick, per_class=per_class, digits_per_class=digits_per_class,
                     target_per_class=target_per_class, epochs=epochs, resolution=resolution, backbone=backbone,
-                    encoders=encoders, references=references, seed=seed, device=device, work=work,
+                    moco_epochs=int(moco_epochs), encoders=encoders, references=references, seed=seed, device=device, work=work,
                     threads=int(threads))
     finally:
         torch.set_num_threads(before)
 
 
-def _run(quick: bool, *, per_class, digits_per_class, target_per_class, epochs, resolution, backbone, encoders,
-         references, seed, device, work, threads) -> Rows:
+def _run(quick: bool, *, per_class, digits_per_class, target_per_class, epochs, resolution, backbone, moco_epochs,
+         encoders, references, seed, device, work, threads) -> Rows:
     from filterx.io.dataset import Dataset
     from filterx.models.encoder import read_encoder_file
     from filterx.scorers import list_scorers
@@ -272,11 +306,11 @@ def _run(quick: bool, *, per_class, digits_per_class, target_per_class, epochs, 
         data_s = time.perf_counter() - t0
         _log("pools " + ", ".join(f"{n} {p['size']} ({p['relevant'].sum()} relevant)" for n, p in pools.items())
              + f"; made and sharded in {data_s:.0f}s")
-        encs = _train_encoders(root, target, chosen, backbone=backbone, epochs=epochs, resolution=resolution,
-                               seed=seed, device=device)
+        encs = _train_encoders(root, target, pools, chosen, backbone=backbone, epochs=epochs,
+                               resolution=resolution, moco_epochs=moco_epochs, seed=seed, device=device)
         rows = _filterx_rows(pools, target, encs, seed=seed, device=device)
         rows += _pixel_rows(pools, target, seed=seed, device=device)
-        split = read_encoder_file(next(iter(encs.values()))["path"])
+        split = read_encoder_file(next(iter(next(iter(encs.values()))["paths"].values())))
         train_ids = np.asarray(split["train_ids"], dtype=np.int64)
         if references:
             rows += _reference_rows(pools, target, train_ids, seed=seed)
@@ -287,12 +321,12 @@ def _run(quick: bool, *, per_class, digits_per_class, target_per_class, epochs, 
         rows.append(_row("best possible", "-", best, None))
         n_target = len(Dataset.open(target).labels)
     total = time.perf_counter() - t0
-    notes = [f"pools (images, relevant, share): " + "; ".join(
+    notes = ["pools (images, relevant, share): " + "; ".join(
                  f"{n} {p['size']}, {int(p['relevant'].sum())}, {p['relevant'].mean():.1%}" for n, p in pools.items())
              + f" (per_class {sizes['per_class']} for photos and textures, {sizes['digits_per_class']} per digit class)",
              f"target: {n_target} images of digits 0-4 ({len(train_ids)} in the encoders' training split, "
              f"which the references use too)",
-             *(f"encoder {e['label']}: held-out accuracy {e['val_acc']:.1%}; trained in {e['seconds']:.0f}s, "
+             *(f"encoder {e['label']}: held-out accuracy {_accuracies(e['val_accs'])}; trained in {e['seconds']:.0f}s, "
                f"pools embedded in {e['embed_seconds']:.0f}s" for e in encs.values()),
              "seconds: score + select over the three pools (references: fitting and scoring, all four together)",
              *(f"not run: {m}: {why}" for m, why in NOT_RUN.items()),

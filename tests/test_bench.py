@@ -282,16 +282,16 @@ def test_selection_suite_covers_the_registry_and_refuses_unknown_encoders():
     labels = {label for label, _, _ in bench_selection.variants()}
     for _, parts, combine in bench_selection.FUSED:  # fused rows read scores the suite stores
         assert set(parts) <= labels and combine in ("rank-mean", "rank-min")
-    with pytest.raises(ValueError, match="unknown encoders .*nope.*valid: target, backbone"):
+    with pytest.raises(ValueError, match="unknown encoders .*nope.*valid: target, backbone, moco"):
         bench_selection.run(True, encoders="target,nope")
 
 
 @pytest.mark.slow
 def test_selection_suite_end_to_end_at_a_tiny_size(tmp_path):
-    """The whole chain on tiny pools (~80 s with both encoders on 2 loaded cores)."""
+    """The whole chain on tiny pools (~80 s with the three encoders on 2 loaded cores)."""
     from bench import bench_selection
 
-    rows = bench_selection.run(True, per_class=6, digits_per_class=3, target_per_class=8, epochs=1,
+    rows = bench_selection.run(True, per_class=6, digits_per_class=3, target_per_class=8, epochs=1, moco_epochs=1,
                                work=str(tmp_path / "work"))
     by_key = {(r["method"], r["encoder"]): r for r in rows}
     cols = [f"{p}@{b}%" for p in ("easy", "medium", "hard") for b in (6, 12)]
@@ -312,3 +312,10 @@ def test_selection_suite_end_to_end_at_a_tiny_size(tmp_path):
     assert max(r["easy@6%"] for r in rows if r["encoder"] != "-") >= 4 * expected["easy@6%"]
     assert any("not run: class-mask" in n for n in rows.notes)
     assert any(n.startswith("pools (images, relevant, share): easy 135, 15") for n in rows.notes)
+    # the moco encoder is one per pool, trained on that pool with the target, labels unread
+    import torch
+
+    for pool in ("easy", "medium", "hard"):
+        enc = torch.load(tmp_path / "work" / f"encoder-moco-{pool}.pt", weights_only=True)
+        assert enc["objective"] == "moco" and enc["resolution"] == bench_selection.MOCO_RESOLUTION
+        assert Path(enc["pool"]["root"]).name == pool and Path(enc["target"]["root"]).name == "target"
