@@ -28,7 +28,8 @@ not the subset is the same in every row of a seed.
   of its own variant. The same steps, net and fine-tuning for all.
 - Fine-tuning is early-stopped on that validation split: constant lr (0.001 for the backbone,
   the new head 10x: finetune's default; protocol 4 used 0.01, which a pilot found twice as noisy:
-  the paired difference's std over 6 seeds 5.4 points at 0.01, 2.8 at 0.001), validation top-1 after
+  the paired difference's std over 6 seeds 5.4 points at 0.01, 2.8 at 0.001; over the 12 seeds
+  of the protocol-5 run it was 4.1-4.8 at 6%), validation top-1 after
   every epoch (ties: the lower validation loss); checked every ``ft_chunk`` epochs, the run stops
   at the first check that finds ``ft_patience`` or more epochs since the best (so 10-14 with the
   defaults), or at ``ft_max_epochs``; the weights of the best validation epoch are the ones tested.
