@@ -250,8 +250,8 @@ def _reference_rows(pools: dict, target: Path, train_ids: np.ndarray, *, seed: i
 
 def run(quick: bool, *, per_class: int | None = None, digits_per_class: int | None = None,
         target_per_class: int = 60, epochs: int = 20, resolution: int = 64, backbone: str = DEFAULT_BACKBONE,
-        moco_epochs: int = 40, encoders=ENCODERS, references: bool = True, seed: int = 0, device: str = "auto", work: str | None = None,
-        threads: int = 1):
+        moco_epochs: int = 40, encoders=ENCODERS, references: bool = True, seed: int = 0, device: str = "auto",
+        work: str | None = None, threads: int = 1):
     """The table: one row per (method, encoder) and per reference; columns are the precision
     at each budget on each pool. Sizes: ``SIZES[quick]`` unless ``per_class`` /
     ``digits_per_class`` are given.
@@ -268,8 +268,8 @@ def run(quick: bool, *, per_class: int | None = None, digits_per_class: int | No
     try:
         return _run(quick, per_class=per_class, digits_per_class=digits_per_class,
                     target_per_class=target_per_class, epochs=epochs, resolution=resolution, backbone=backbone,
-                    moco_epochs=int(moco_epochs), encoders=encoders, references=references, seed=seed, device=device, work=work,
-                    threads=int(threads))
+                    moco_epochs=int(moco_epochs), encoders=encoders, references=references, seed=seed,
+                    device=device, work=work, threads=int(threads))
     finally:
         torch.set_num_threads(before)
 
