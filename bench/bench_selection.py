@@ -17,7 +17,7 @@ the target as its head (``train-encoder --backbone SPEC --probe-only``). Give
 ``moco``, the self-supervised encoder for users without weights: a ResNet-18 trained with
 MoCo v2 on each pool together with the target, labels unread (``train-encoder --objective moco
 --with-pool POOL``; one encoder per pool), at 32 px with the views for 32 px images
-(``MOCO_VIEWS``), ``moco_epochs`` epochs (default 40), then the same linear probe.
+(``filterx.train.moco_views.SMALL_IMAGE_VIEWS``), ``moco_epochs`` epochs (default 40), then the same linear probe.
 
 One row needs no encoder: the paper's domain classifier on pixels (``domain-cls --on pixels``),
 a ResNet-18 of width 16 trained from scratch at 32 px for 300 steps on each pool and the target.
@@ -48,11 +48,9 @@ from bench.suite import Rows, option_tuple
 BUDGETS = (0.06, 0.12)
 DEFAULT_BACKBONE = "torchvision:resnet18:none"
 ENCODERS = ("target", "backbone", "moco")
-# The moco encoder's settings: 32 px (a quarter of 64 px's compute, for CPU runs) with the views
-# that learned better-than-random features at 32 px (README, "A self-supervised encoder": crops
-# of at least half the area, SimCLR's colour strength, grayscale half the time).
+# The moco encoder's resolution: 32 px (a quarter of 64 px's compute, for CPU runs), with the
+# views for 32 px images (filterx.train.moco_views.SMALL_IMAGE_VIEWS).
 MOCO_RESOLUTION = 32
-MOCO_VIEWS = {"scale": (0.5, 1.0), "jitter": (0.8, 0.8, 0.8, 0.2), "gray_p": 0.5}
 # Pool-level methods at their defaults; the demo's variants come first (filterx.stages.demo.VARIANTS).
 EXTRA_VARIANTS = (
     ("knn-target (k=10)", "knn-target", {}),
@@ -137,7 +135,7 @@ def _train_encoders(root: Path, target: Path, pools: dict, chosen, *, backbone: 
     from filterx.train.encoder import EncoderConfig, train_encoder
     from filterx.stages.moco_encoder import MocoEncoderConfig, train_moco_encoder
     from filterx.stages.probe import ProbeConfig, train_probe
-    from filterx.train.moco_views import MocoAugment
+    from filterx.train.moco_views import SMALL_IMAGE_VIEWS, moco_augment
 
     out = {}
     for key in chosen:
@@ -148,7 +146,7 @@ def _train_encoders(root: Path, target: Path, pools: dict, chosen, *, backbone: 
                 paths[name] = root / f"encoder-moco-{name}.pt"
                 s = train_moco_encoder(MocoEncoderConfig(
                     target, paths[name], arch="resnet18", resolution=MOCO_RESOLUTION, epochs=moco_epochs,
-                    with_pool=pool["ds"], augment=MocoAugment(**MOCO_VIEWS), device=device, seed=seed,
+                    with_pool=pool["ds"], augment=moco_augment(SMALL_IMAGE_VIEWS), device=device, seed=seed,
                     quiet=True))
                 accs[name] = s.val_acc
             label = f"resnet18 by MoCo v2 on each pool + target ({MOCO_RESOLUTION} px, {moco_epochs} ep) + probe"
@@ -310,7 +308,8 @@ def _run(quick: bool, *, per_class, digits_per_class, target_per_class, epochs, 
                                resolution=resolution, moco_epochs=moco_epochs, seed=seed, device=device)
         rows = _filterx_rows(pools, target, encs, seed=seed, device=device)
         rows += _pixel_rows(pools, target, seed=seed, device=device)
-        split = read_encoder_file(next(iter(next(iter(encs.values()))["paths"].values())))
+        first = next(iter(encs.values()))["paths"]  # every encoder file holds the same target split
+        split = read_encoder_file(next(iter(first.values())))
         train_ids = np.asarray(split["train_ids"], dtype=np.int64)
         if references:
             rows += _reference_rows(pools, target, train_ids, seed=seed)

@@ -475,11 +475,9 @@ def finetune_early_stopped(cfg: ExperimentConfig, work: Work, init: Path | None,
             "finetune_seconds": seconds + time.perf_counter() - t}
 
 
-MOCO_VIEWS_32PX = dict(scale=(0.5, 1.0), jitter=(0.8, 0.8, 0.8, 0.2), gray_p=0.5)
-
-
 def pretrain_config(cfg: ExperimentConfig, data: Path, out: Path, seed: int, epochs: int, variant: str):
     """The PretrainConfig of ``variant`` on ``data``: the same steps, batch, net and crops for all."""
+    from filterx.train.moco_views import SMALL_IMAGE_VIEWS
     from filterx.train.pretrain import PretrainConfig
 
     common = dict(data=data, out=out, arch=cfg.arch, resolution=cfg.resolution, epochs=epochs,
@@ -488,7 +486,7 @@ def pretrain_config(cfg: ExperimentConfig, data: Path, out: Path, seed: int, epo
                   quiet=True)
     if variant == "moco":
         return PretrainConfig(**common, objective="moco", lr=cfg.moco_lr, weight_decay=1e-4,
-                              moco_views=dict(MOCO_VIEWS_32PX))
+                              moco_views=dict(SMALL_IMAGE_VIEWS))
     robust = dict(adv_eps=cfg.adv_eps, adv_norm="l2", adv_steps=cfg.adv_steps) if variant == "robust" else {}
     return PretrainConfig(**common, lr=cfg.pretrain_lr, weight_decay=5e-4, **robust)
 
@@ -686,7 +684,9 @@ def variant_lines(c: dict) -> list[str]:
                    f"by its PGD attack in L2, eps {c['adv_eps']} (images in [0, 1]), {c['adv_steps']} steps of "
                    f"2.5 eps / steps; pre_train_top1 is on the attacked batches")
     if "moco" in variants:
-        views = ", ".join(f"{k} {v}" for k, v in MOCO_VIEWS_32PX.items())
+        from filterx.train.moco_views import SMALL_IMAGE_VIEWS
+
+        views = ", ".join(f"{k} {v}" for k, v in SMALL_IMAGE_VIEWS.items())
         out.append(f"- [moco] rows: MoCo v2 on the same images and steps, labels unread (lr {c['moco_lr']} at 256 "
                    f"scaled linearly, cosine, weight decay 1e-4, temperature 0.2, the queue filterx sizes for the "
                    f"subset), views for 32 px ({views}); then the same fine-tuning (a new head)")

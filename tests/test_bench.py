@@ -288,7 +288,7 @@ def test_selection_suite_covers_the_registry_and_refuses_unknown_encoders():
 
 @pytest.mark.slow
 def test_selection_suite_end_to_end_at_a_tiny_size(tmp_path):
-    """The whole chain on tiny pools (~80 s with the three encoders on 2 loaded cores)."""
+    """The whole chain on tiny pools (141 s with the three encoders on 2 idle AMD EPYC cores)."""
     from bench import bench_selection
 
     rows = bench_selection.run(True, per_class=6, digits_per_class=3, target_per_class=8, epochs=1, moco_epochs=1,

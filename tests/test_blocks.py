@@ -105,7 +105,7 @@ def test_pool_assignments_do_not_depend_on_the_block_size():
     b = pool_assignments(x, rows, c, t, normalize=True, block=10_000)
     np.testing.assert_array_equal(a[0], b[0])
     # distances come from |x|^2 + |c|^2 - 2 x.c in float32, and on some CPUs (AMD EPYC) the
-    # product's summation order depends on the block's shape: the same to 1e-6 relative, except
+    # product's summation order depends on the block's shape: the same to about 1e-6 relative, except
     # near 0 (a row that is a centroid), where the cancellation leaves up to sqrt(eps) ~ 5e-4
     np.testing.assert_allclose(a[1], b[1], rtol=1e-5, atol=1e-3)
     unit = l2_normalize(x[rows].astype(np.float32))

@@ -18,7 +18,8 @@ from filterx.math.splits import stratified_split
 from filterx.stages.moco_encoder import MocoEncoderConfig, frozen_features, train_moco_encoder
 from filterx.decode.loader import Batch
 from filterx.train.moco import MoCo, GroupedBN, bn_groups, default_queue_size, info_nce
-from filterx.train.moco_views import _jitter_op, crop_boxes, MocoAugment, resized_crops, two_crops
+from filterx.train.moco_views import (SMALL_IMAGE_VIEWS, _jitter_op, crop_boxes, MocoAugment, moco_augment,
+                                      resized_crops, two_crops)
 from filterx.stages.probe import _accuracy, fit_linear_probe
 from filterx.io.sampledata import make_sample_data
 from filterx.stages.shard import ShardConfig, shard
@@ -316,11 +317,8 @@ def demo_images(tmp_path_factory):
     return out
 
 
-# MoCo v2's views with two parameters changed for 32 px images whose object fills most of the
-# frame (README, "A self-supervised encoder"): crops of at least half the area (a fifth of a
-# digit is no digit), and SimCLR's colour strength 1 (jitter 0.8/0.2) with grayscale half the
-# time (the paper's 0.4 left paper tint to tell instances apart, and the features kept colour).
-SMALL_IMAGES = MocoAugment(scale=(0.5, 1.0), jitter=(0.8, 0.8, 0.8, 0.2), gray_p=0.5)
+# MoCo v2's views with the overrides for 32 px images (filterx.train.moco_views.SMALL_IMAGE_VIEWS)
+SMALL_IMAGES = moco_augment(SMALL_IMAGE_VIEWS)
 
 
 @pytest.mark.slow

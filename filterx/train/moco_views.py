@@ -61,6 +61,14 @@ def moco_augment(overrides: dict) -> MocoAugment:
     return MocoAugment(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
 
 
+# Overrides of MoCo v2's views for 32 px images whose object fills most of the frame (README,
+# "A self-supervised encoder"): crops of at least half the area (a fifth of a digit is no digit),
+# SimCLR's colour strength 1 (jitter 0.8/0.2) with grayscale half the time (v2's 0.4 left paper
+# tint to tell instances apart, and the features kept colour). The views that beat random-init
+# features at 32 px (tests/test_moco.py); the benchmarks' MoCo runs use them.
+SMALL_IMAGE_VIEWS = {"scale": (0.5, 1.0), "jitter": (0.8, 0.8, 0.8, 0.2), "gray_p": 0.5}
+
+
 def crop_boxes(n: int, size: int, aug: MocoAugment, gen: torch.Generator) -> torch.Tensor:
     """(n, 4) float boxes (x0, y0, w, h) in pixels of a square ``size`` image, drawn as
     torchvision's RandomResizedCrop does: up to 10 tries of (area, log-aspect), the first that
