@@ -101,6 +101,34 @@ def test_influence_data_dropout_on_the_target(dirs):
     assert "residual=" in s.line()
 
 
+def test_grad_align_on_the_pool_and_on_the_target(dirs):
+    """The stage gives grad-align the encoder's head and held-out split: the stored scores are
+    the math's on the stored embeddings; with given labels it scores the target's training split."""
+    from filterx.math.influence import head_alignment_scores, head_val_alignment
+    from filterx.models.encoder import read_encoder_file
+    from filterx.stages.embed import read_embeddings
+
+    src, tgt, enc = dirs
+    score(ScoreConfig("grad-align", src, tgt, enc, **KW))
+    ds, info = Dataset.open(src), load_encoder(enc).info
+    scores, attrs = read_scores(ds, "grad-align")
+    state = read_encoder_file(enc)["state_dict"]
+    W, b = state["fc.weight"].float().numpy(), state["fc.bias"].float().numpy()
+    t_emb = read_embeddings(Dataset.open(tgt), load_encoder(enc).tag)
+    val_ids = np.asarray(info["val_ids"])
+    M = head_val_alignment(t_emb[val_ids], Dataset.open(tgt).labels[val_ids], W, b)
+    expected = head_alignment_scores(read_embeddings(ds, load_encoder(enc).tag), W, b, M.float())
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
+    assert attrs["params"] == {"labels": "pseudo", "val_classes": None, "batch_size": 65536}
+    assert attrs["result"]["num_val"] == len(val_ids) and np.all(np.abs(scores) <= 1 + 1e-6)
+    score(ScoreConfig("grad-align", src, tgt, enc, {"labels": "given"}, candidates="target-train",
+                      name="grad-align-given", **KW))
+    given, _ = read_scores(Dataset.open(tgt), "grad-align-given")
+    assert np.isfinite(given[info["train_ids"]]).all() and np.isnan(given[val_ids]).all()
+    with pytest.raises(ValueError, match="needs --candidates target-train"):
+        score(ScoreConfig("grad-align", src, tgt, enc, {"labels": "given"}, **KW))
+
+
 def test_influence_last_block_from_pixels(dirs):
     src, tgt, enc = dirs
     # ResNet-18's layer4 is 8.4M parameters: a strong damping keeps CG to a few passes on a CPU

@@ -231,7 +231,7 @@ def _parse_param(text: str) -> tuple[str, object]:
 @click.option("--target", type=EXISTING_DIR, help="Dataset dir of the target (methods that compare with it).")
 @click.option("--encoder", type=ENCODER,
               help="Encoder file from train-encoder, or a backbone spec such as torchvision:resnet50:IMAGENET1K_V2 "
-                   "(methods on embeddings; entropy and influence need a file with a head).")
+                   "(methods on embeddings; entropy, influence and grad-align need a file with a head).")
 @click.option("--name", metavar="NAME", help="Store the scores under this name; default: the method's.")
 @click.option("--candidates", default="source", show_default=True, type=click.Choice(["source", "target-train"]),
               help="Score the pool, or the target's own training split (influence data dropout).")

@@ -234,6 +234,94 @@ def head_influence_scores(candidates, weight, bias, s_test, *, labels=None,
     return out
 
 
+# ------------------------------------------------------------------ gradient alignment (unit)
+#
+# The pre-training variant (scorer ``grad-align``): the cosine between a candidate's head
+# gradient and each validation sample's, averaged over the validation split, as LESS (Xia et
+# al., 2024) and TracIn's cosine form select training data. Unit gradients remove the factor
+# |p - onehot(y)| that puts every confidently classified candidate near 0 in Koh & Liang's
+# score. For a linear head g = r ⊗ x~ (x~ = [x, 1]), so
+#
+#     mean_v cos(g_z, g_v) = ĝ_z · M,      M = mean_v ĝ_v,     ĝ = (r / |r|) ⊗ (x~ / |x~|),
+#
+# one (C, D+1) matrix formed once from the validation split and one GEMM pass over the pool.
+# In words (first order): one SGD step of length η along -ĝ_z lowers Σ_v L_v / |g_v| (each
+# validation sample's loss over its own gradient norm, so every sample counts alike) by
+# η · V · score(z).
+
+
+def unit_residuals(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(p - onehot(y)) / |p - onehot(y)| per row, computed without cancellation.
+
+    r = p - onehot(y) is (1 - p_y) · u with u_c = q_c (c != y), u_y = -1 and q the softmax of
+    the other classes' logits, so its direction u / |u| is exact even where float32 rounds p_y
+    to 1 (a confident prediction, where p - onehot(y) itself would be 0). logits (B, C), labels (B,).
+    """
+    rows = torch.arange(len(labels), device=logits.device)
+    others = logits.clone()
+    others[rows, labels] = float("-inf")
+    u = torch.softmax(others, dim=1)
+    u[rows, labels] = -1.0
+    return u / u.norm(dim=1, keepdim=True)
+
+
+def _unit_inputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x / |x~|, 1 / |x~|) with x~ = [x, 1]: the unit vector x~ / |x~| split into its parts."""
+    inv = torch.rsqrt((x * x).sum(1, keepdim=True) + 1.0)
+    return x * inv, inv
+
+
+def head_val_alignment(val_x, val_labels, weight, bias, *, val_classes: Sequence[int] | None = None,
+                       device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """M = mean over the validation samples (of ``val_classes`` if given) of their unit head
+    gradients ĝ_v = (r_v / |r_v|) ⊗ (x~_v / |x~_v|), with their true labels: (C, D+1)."""
+    dev = torch.device(device)
+    W, b, vx = (_to(a, dev, dtype) for a in (weight, bias, val_x))
+    vy, num_classes = _to(val_labels, dev, torch.int64), W.shape[0]
+    _check_labels(vy, num_classes, "val_labels")
+    keep = _class_mask(vy, val_classes, num_classes)
+    if not bool(keep.any()):
+        raise ValueError(f"none of the {len(vy)} validation samples is in val_classes {tuple(val_classes or ())}"
+                         if len(vy) else "gradient alignment needs validation samples; got none")
+    vx, vy = vx[keep], vy[keep]
+    r = unit_residuals(torch.addmm(b, vx, W.T), vy)
+    xs, inv = _unit_inputs(vx)
+    return torch.cat([r.T @ xs, r.T @ inv], dim=1) / len(vy)
+
+
+def head_alignment_scores(candidates, weight, bias, alignment, *, labels=None, batch_size: int = 65536,
+                          device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> np.ndarray:
+    """score_i = ĝ_i · M: the mean cosine between candidate i's head gradient (its label, or the
+    head's argmax where ``labels`` is None) and the validation samples'; (N,) float32 in [-1, 1],
+    higher = a step on it lowers the validation losses more.
+
+    candidates (N, D), streamed ``batch_size`` rows at a time; alignment M (C, D+1) from
+    :func:`head_val_alignment`. One GEMM per batch against [W; M[:, :D]], as head_influence_scores.
+    """
+    dev = torch.device(device)
+    W, b, M = (_to(a, dev, dtype) for a in (weight, bias, alignment))
+    C, D = W.shape
+    if M.shape != (C, D + 1):
+        raise ValueError(f"alignment has shape {tuple(M.shape)}, expected (C, D+1) = {(C, D + 1)}")
+    n = candidates.shape[0]
+    if labels is not None:
+        labels = _to(labels, torch.device("cpu"), torch.int64)
+        if labels.shape != (n,):
+            raise ValueError(f"labels have shape {tuple(labels.shape)}, expected ({n},)")
+        _check_labels(labels, C, "candidate labels")
+    stacked_w, stacked_b = torch.cat([W, M[:, :D]]), torch.cat([b, M[:, D]])
+    out = np.empty(n, dtype=np.float32)
+    for start in range(0, n, batch_size):
+        xb = _to(candidates[start : start + batch_size], dev, dtype)
+        z = torch.addmm(stacked_b, xb, stacked_w.T)
+        y = z[:, :C].argmax(1) if labels is None else labels[start : start + len(xb)].to(dev)
+        u = unit_residuals(z[:, :C], y)
+        # (M[:, :D] x + M[:, D]) / |x~| is M applied to the unit x~
+        s = (u * z[:, C:]).sum(1) * torch.rsqrt((xb * xb).sum(1) + 1.0)
+        out[start : start + len(xb)] = s.float().cpu().numpy()
+    return out
+
+
 __all__ = [
     "SOLVERS",
     "KERNEL_CHOICES",
@@ -245,4 +333,7 @@ __all__ = [
     "head_loss_gradient",
     "head_s_test",
     "head_influence_scores",
+    "unit_residuals",
+    "head_val_alignment",
+    "head_alignment_scores",
 ]

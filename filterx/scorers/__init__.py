@@ -40,6 +40,7 @@ _SCORER_MODULES = (
     "filterx.scorers.domain",
     "filterx.scorers.domain_pixels",
     "filterx.scorers.entropy",
+    "filterx.scorers.gradalign",
     "filterx.scorers.influence",
     "filterx.scorers.lastblock",
     "filterx.scorers.classlevel",

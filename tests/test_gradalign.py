@@ -1,0 +1,174 @@
+"""grad-align: the definition (autograd cosines), one-step retraining, and what it ranks where the
+head is surer of far images than of target-like ones."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.stats import spearmanr
+
+from filterx.math.influence import head_alignment_scores, head_val_alignment, unit_residuals
+from filterx.scorers import ScoreInputs, run_scorer
+from tests.test_influence import F64, _train, blobs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _head(seed=0, n=240, dim=6, classes=3):
+    x, y, _ = blobs(n, dim, classes, seed=seed, flip=0.05)
+    theta = _train(x, y, torch.ones(n, dtype=F64), 0.01, torch.zeros(classes, dim + 1, dtype=F64))
+    return x, y, theta[:, :dim].contiguous(), theta[:, dim].contiguous()
+
+
+def _gradient(theta, x, y):
+    """∇θ CE(x, y) by autograd, θ = [W, b] (C, D+1)."""
+    theta = theta.clone().requires_grad_(True)
+    loss = F.cross_entropy((x @ theta[:, :-1].T + theta[:, -1])[None], y[None])
+    return torch.autograd.grad(loss, theta)[0]
+
+
+def test_unit_residuals_keep_their_direction_where_float32_rounds_p_to_one():
+    logits = torch.tensor([[40.0, 2.0, 1.0], [0.3, 0.1, -0.2]])
+    labels = torch.tensor([0, 2])
+    u = unit_residuals(logits, labels)
+    exact = torch.softmax(logits.double(), 1)
+    rows = torch.arange(2)
+    exact[rows, labels] = 0.0
+    exact[rows, labels] = -exact.sum(1)  # p_y - 1 = -(sum of the others), which float64 keeps at e^-38
+    np.testing.assert_allclose(u.double(), exact / exact.norm(dim=1, keepdim=True), rtol=1e-5, atol=1e-7)
+    plain = torch.softmax(logits, 1)
+    plain[0, 0] -= 1.0
+    assert plain[0].abs().max() < 1e-15  # what p - onehot(y) gives in float32: no direction left
+
+
+def test_scores_are_mean_cosines_of_autograd_gradients():
+    x, y, W, b = _head()
+    vx, vy, _ = blobs(40, 6, 3, seed=1)
+    cand, _, _ = blobs(25, 6, 3, seed=2)
+    theta = torch.cat([W, b[:, None]], 1)
+    M = head_val_alignment(vx, vy, W, b)
+    scores = head_alignment_scores(cand, W, b, M, batch_size=7, dtype=F64)
+    pseudo = (cand @ W.T + b).argmax(1)
+    gv = torch.stack([_gradient(theta, xv, yv).reshape(-1) for xv, yv in zip(vx, vy)])
+    gv = gv / gv.norm(dim=1, keepdim=True)
+    expected = []
+    for xc, yc in zip(cand, pseudo):
+        g = _gradient(theta, xc, yc).reshape(-1)
+        expected.append(float((gv @ (g / g.norm())).mean()))
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
+    # given labels and val_classes follow the same definition
+    one = head_val_alignment(vx, vy, W, b, val_classes=[1])
+    keep = vy == 1
+    np.testing.assert_allclose(one, head_val_alignment(vx[keep], vy[keep], W, b), rtol=1e-12)
+    given = head_alignment_scores(cand, W, b, M, labels=torch.zeros(25, dtype=torch.int64), dtype=F64)
+    g0 = [(gv @ (g / g.norm())).mean() for g in (_gradient(theta, xc, torch.tensor(0)).reshape(-1) for xc in cand)]
+    np.testing.assert_allclose(given, torch.stack(g0), rtol=1e-5, atol=1e-6)
+
+
+def test_one_sgd_step_on_a_candidate_changes_the_validation_losses_as_scored():
+    """Retraining check: a step of length eta along -ĝ_z from the trained head lowers
+    Σ_v L_v / |g_v| by eta * V * score(z), to first order; measured by taking the step."""
+    x, y, W, b = _head()
+    vx, vy, _ = blobs(60, 6, 3, seed=3)
+    cand, _, _ = blobs(30, 6, 3, seed=4, spread=2.5)
+    theta = torch.cat([W, b[:, None]], 1)
+    scores = head_alignment_scores(cand, W, b, head_val_alignment(vx, vy, W, b), dtype=F64).astype(np.float64)
+    gnorm = torch.stack([_gradient(theta, xv, yv).norm() for xv, yv in zip(vx, vy)])
+
+    def weighted_val_loss(t):
+        ce = F.cross_entropy(vx @ t[:, :-1].T + t[:, -1], vy, reduction="none")
+        return float((ce / gnorm).sum())
+
+    base, eta = weighted_val_loss(theta), 1e-4
+    pseudo = (cand @ W.T + b).argmax(1)
+    actual = []
+    for xc, yc in zip(cand, pseudo):
+        g = _gradient(theta, xc, yc)
+        actual.append((base - weighted_val_loss(theta - eta * g / g.norm())) / (eta * len(vy)))
+    np.testing.assert_allclose(actual, scores, rtol=1e-3, atol=1e-4)
+    assert spearmanr(actual, scores).statistic > 0.99
+
+
+def test_several_sgd_steps_follow_the_ranking():
+    """Fine-tuning the head on one candidate for 20 normalised steps: the validation split's
+    (weighted) loss falls most for the candidates scored highest."""
+    x, y, W, b = _head()
+    vx, vy, _ = blobs(60, 6, 3, seed=3)
+    cand, _, _ = blobs(30, 6, 3, seed=4, spread=2.5)
+    theta = torch.cat([W, b[:, None]], 1)
+    scores = head_alignment_scores(cand, W, b, head_val_alignment(vx, vy, W, b), dtype=F64)
+    gnorm = torch.stack([_gradient(theta, xv, yv).norm() for xv, yv in zip(vx, vy)])
+
+    def weighted_val_loss(t):
+        return float((F.cross_entropy(vx @ t[:, :-1].T + t[:, -1], vy, reduction="none") / gnorm).sum())
+
+    pseudo = (cand @ W.T + b).argmax(1)
+    drops = []
+    for xc, yc in zip(cand, pseudo):
+        t = theta.clone()
+        for _ in range(20):
+            g = _gradient(t, xc, yc)
+            t = t - 0.01 * g / g.norm()
+        drops.append(weighted_val_loss(theta) - weighted_val_loss(t))
+    assert spearmanr(drops, scores).statistic > 0.9
+
+
+def _confident_far_pool():
+    """Non-negative (post-ReLU-like) embeddings: 3 target classes, each strong in its own
+    coordinate; a pool of target-like images and far ones, dominated by a coordinate the
+    target never uses and with a moderate class coordinate, which the head is surer of than
+    of the target-like ones (its logits read the class coordinates only)."""
+    def make(n, seed):
+        g = np.random.default_rng(seed)
+        y = g.integers(0, 3, n)
+        x = np.abs(g.normal(0, 0.7, (n, 8)))
+        x[np.arange(n), y] += 3.0
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+    x, y = make(240, 1)
+    vx, vy = make(60, 2)
+    near, _ = make(100, 3)
+    theta = _train(x, y, torch.ones(240, dtype=F64), 0.01, torch.zeros(3, 9, dtype=F64))
+    g = np.random.default_rng(4)
+    far = np.abs(g.normal(0, 0.7, (100, 8)))
+    far[:, 5] += 12.0
+    far[np.arange(100), g.integers(0, 3, 100)] += 5.0
+    pool = torch.cat([near, torch.from_numpy(far)])
+    return pool, np.r_[np.ones(100, bool), np.zeros(100, bool)], x, y, vx, vy, theta[:, :8], theta[:, 8]
+
+
+def test_it_ranks_target_like_images_first_where_the_head_is_surest_of_far_ones():
+    pool, relevant, x, y, vx, vy, W, b = _confident_far_pool()
+    sure = torch.softmax(pool @ W.T + b, 1).max(1).values
+    assert float(sure[~relevant].median()) > float(sure[relevant].median())
+    inputs = ScoreInputs(num_source=len(pool), source_emb=pool.float().numpy(), target_emb=x.float().numpy(),
+                         target_labels=y.numpy(), target_val_emb=vx.float().numpy(),
+                         target_val_labels=vy.numpy(), head_weight=W.float().numpy(),
+                         head_bias=b.float().numpy())
+    top = np.argsort(-run_scorer("grad-align", inputs).scores, kind="stable")[:100]
+    assert relevant[top].mean() > 0.9
+    low_entropy = np.argsort(-run_scorer("entropy", inputs, order="low").scores, kind="stable")[:100]
+    assert relevant[low_entropy].mean() < 0.5  # what "surest first" keeps here
+
+
+def test_scorer_attrs_and_refusals():
+    pool, _, x, y, vx, vy, W, b = _confident_far_pool()
+    inputs = ScoreInputs(num_source=len(pool), source_emb=pool.float().numpy(), target_emb=x.float().numpy(),
+                         target_labels=y.numpy(), target_val_emb=vx.float().numpy(),
+                         target_val_labels=vy.numpy(), head_weight=W.float().numpy(),
+                         head_bias=b.float().numpy())
+    res = run_scorer("grad-align", inputs, val_classes=[0, 2])
+    assert res.attrs["num_val"] == int(np.isin(vy.numpy(), [0, 2]).sum())
+    assert "confidence left out" in res.attrs["ranks"]
+    assert res.scores.dtype == np.float32 and np.all(np.abs(res.scores) <= 1 + 1e-6)
+    with pytest.raises(ValueError, match="unknown labels 'true'; valid: pseudo, given"):
+        run_scorer("grad-align", inputs, labels="true")
+    no_val = dataclasses.replace(inputs, target_val_emb=vx[:0].float().numpy(), target_val_labels=vy[:0].numpy())
+    with pytest.raises(ValueError, match="--val-fraction 0.1"):
+        run_scorer("grad-align", no_val)
+    with pytest.raises(ValueError, match=r"need class indices in \[0, 3\)"):
+        run_scorer("grad-align", inputs, val_classes=[3])
