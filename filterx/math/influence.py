@@ -195,6 +195,22 @@ def _head_kernel(kernel: str | None, device: torch.device, dtype: torch.dtype):
     return lambda x, r, s: head_influence(x, r, s, impl=kernel)
 
 
+def _head_pass_inputs(candidates, weight, bias, vector, labels, what: str, dev: torch.device, dtype):
+    """(W, b, vector, labels) of a streamed pass over the candidates, checked: the (C, D+1)
+    vector it dots each candidate's gradient with, and labels as CPU int64 (or None)."""
+    W, b, V = (_to(a, dev, dtype) for a in (weight, bias, vector))
+    C, D = W.shape
+    if V.shape != (C, D + 1):
+        raise ValueError(f"{what} has shape {tuple(V.shape)}, expected (C, D+1) = {(C, D + 1)}")
+    if labels is not None:
+        n = candidates.shape[0]
+        labels = _to(labels, torch.device("cpu"), torch.int64)
+        if labels.shape != (n,):
+            raise ValueError(f"labels have shape {tuple(labels.shape)}, expected ({n},)")
+        _check_labels(labels, C, "candidate labels")
+    return W, b, V, labels
+
+
 def head_influence_scores(candidates, weight, bias, s_test, *, labels=None,
                           batch_size: int = 65536, device: str | torch.device = "cpu",
                           dtype: torch.dtype = torch.float32,
@@ -209,16 +225,9 @@ def head_influence_scores(candidates, weight, bias, s_test, *, labels=None,
     "torch" force that kernel impl; None keeps the plain-torch reference path of this module.
     """
     dev = torch.device(device)
-    W, b, S = (_to(a, dev, dtype) for a in (weight, bias, s_test))
+    W, b, S, labels = _head_pass_inputs(candidates, weight, bias, s_test, labels, "s_test", dev, dtype)
     C, D = W.shape
-    if S.shape != (C, D + 1):
-        raise ValueError(f"s_test has shape {tuple(S.shape)}, expected (C, D+1) = {(C, D + 1)}")
     n = candidates.shape[0]
-    if labels is not None:
-        labels = _to(labels, torch.device("cpu"), torch.int64)
-        if labels.shape != (n,):
-            raise ValueError(f"labels have shape {tuple(labels.shape)}, expected ({n},)")
-        _check_labels(labels, C, "candidate labels")
     fused = _head_kernel(kernel, dev, dtype)
     # Without the kernel, one GEMM against [W; S[:, :D]] gives logits | x·S_c + S_c[D].
     stacked_w, stacked_b = (W, b) if fused else (torch.cat([W, S[:, :D]]), torch.cat([b, S[:, D]]))
@@ -299,16 +308,9 @@ def head_alignment_scores(candidates, weight, bias, alignment, *, labels=None, b
     :func:`head_val_alignment`. One GEMM per batch against [W; M[:, :D]], as head_influence_scores.
     """
     dev = torch.device(device)
-    W, b, M = (_to(a, dev, dtype) for a in (weight, bias, alignment))
+    W, b, M, labels = _head_pass_inputs(candidates, weight, bias, alignment, labels, "alignment", dev, dtype)
     C, D = W.shape
-    if M.shape != (C, D + 1):
-        raise ValueError(f"alignment has shape {tuple(M.shape)}, expected (C, D+1) = {(C, D + 1)}")
     n = candidates.shape[0]
-    if labels is not None:
-        labels = _to(labels, torch.device("cpu"), torch.int64)
-        if labels.shape != (n,):
-            raise ValueError(f"labels have shape {tuple(labels.shape)}, expected ({n},)")
-        _check_labels(labels, C, "candidate labels")
     stacked_w, stacked_b = torch.cat([W, M[:, :D]]), torch.cat([b, M[:, D]])
     out = np.empty(n, dtype=np.float32)
     for start in range(0, n, batch_size):
