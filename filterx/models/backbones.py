@@ -160,7 +160,7 @@ def load_backbone(spec: BackboneSpec | str, device: str = "cpu") -> Backbone:
 
 
 class NoHead(dict):
-    """The state dict of a bare backbone spec: asking it for the head (entropy, influence)
+    """The state dict of a bare backbone spec: asking it for the head (entropy, influence, grad-align)
     raises one clear error saying how to make one."""
 
     def __init__(self, spec: str):

@@ -14,8 +14,8 @@ drops that factor and weights every validation sample alike; it has no inverse H
 first-order, one-step quantity, not a leave-one-out estimate). For a linear head the score
 factors into the residuals' cosine times the embeddings' cosine, so it ranks an image by how
 near it lies, in embedding angle, to the validation samples of the class the head gives it;
-where an encoder's embeddings all point almost the same way (a random-init backbone: cosines
-of 0.98-0.99 between any two images) the residuals' factor decides, and the ranking is the
+where an encoder's embeddings all point almost the same way (a random-init backbone: a pool
+image's mean cosine to the validation samples 0.98-0.99, relevant or not) the residuals' factor decides, and the ranking is the
 head's rather than the target's (README: Influence, Selection quality).
 """
 
