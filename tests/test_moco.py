@@ -20,7 +20,8 @@ from filterx.decode.loader import Batch
 from filterx.train.moco import MoCo, GroupedBN, bn_groups, default_queue_size, info_nce
 from filterx.train.moco_views import (SMALL_IMAGE_VIEWS, _jitter_op, crop_boxes, MocoAugment, moco_augment,
                                       resized_crops, two_crops)
-from filterx.stages.probe import _accuracy, fit_linear_probe
+from filterx.math.probe import fit_linear_probe
+from filterx.stages.probe import _accuracy
 from filterx.io.sampledata import make_sample_data
 from filterx.stages.shard import ShardConfig, shard
 from filterx.train.pretrain import FinetuneConfig, PretrainConfig, finetune, pretrain

@@ -6,7 +6,7 @@ on every target image, labels unread, and with ``with_pool`` on the pool's image
 pool is large even when the target is small: the conditional pre-training setting of an
 encoder for users without pretrained weights). Then a linear probe on the frozen features
 gives the target classifier entropy and influence need: the probe of ``--probe-only``
-(:func:`filterx.stages.probe.fit_linear_probe`: mean cross-entropy + wd/2 ||theta||^2, L-BFGS to
+(:func:`filterx.math.probe.fit_linear_probe`: mean cross-entropy + wd/2 ||theta||^2, L-BFGS to
 convergence) on the target's seeded stratified training split, its held-out accuracy
 measured on the rest. The contrastive stage sees the held-out images too, without their
 labels; only the probe's training is restricted to the training split.
@@ -38,7 +38,8 @@ from filterx.math.splits import stratified_split
 from filterx.decode.loader import IMAGENET_MEAN, IMAGENET_STD, load_batches, resolve_backend
 from filterx.train.moco import default_queue_size
 from filterx.train.moco_views import MocoAugment
-from filterx.stages.probe import _accuracy, fit_linear_probe
+from filterx.math.probe import fit_linear_probe
+from filterx.stages.probe import _accuracy
 from filterx.core.progress import progress
 from filterx.core.runtime import resolve_device, seed_everything
 from filterx.train.common import Schedule, reseed

@@ -3,13 +3,9 @@
 The target is embedded with the backbone (``filterx.stages.embed``; the embeddings are stored with
 the target, so that ``score`` reuses exactly the features the probe was fitted on), split
 with train-encoder's seeded stratified split (``filterx.math.splits.stratified_split``, with its
-held-out checks), and a multinomial logistic regression is fitted on the training part:
-
-    minimise  R(W, b) = mean_j CE(W x_j + b, y_j) + (wd / 2) (||W||² + ||b||²)
-
-in float64 with L-BFGS from zero to a gradient norm of ``tol`` (the problem is strictly
-convex for wd > 0, so the result does not depend on a seed). This is the objective whose
-Hessian influence (``filterx.math.influence``) uses; the file records wd for it.
+held-out checks), and a multinomial logistic regression is fitted on the training part
+(``filterx.math.probe.fit_linear_probe``: mean cross-entropy + (wd / 2) ||theta||², L-BFGS to
+convergence from zero, the objective whose Hessian influence uses; the file records wd for it).
 
 The encoder file holds the backbone spec (and its weights file's hash), the probe as
 ``state_dict`` ``fc.weight`` (C, D) / ``fc.bias`` (C,), the split and the metrics, in the same
@@ -34,6 +30,7 @@ from filterx.io.dataset import Dataset
 from filterx.stages.embed import ensure_embeddings, read_embeddings
 from filterx.models.encoder import ENCODER_FORMAT
 from filterx.train.encoder import check_held_out, empty_classes
+from filterx.math.probe import fit_linear_probe
 from filterx.math.splits import stratified_split
 
 log = logging.getLogger(__name__)
@@ -77,38 +74,6 @@ class ProbeSummary:
                 f"{self.train_count} target images in {self.seconds:.1f}s (weight decay {self.weight_decay:g}, "
                 f"{self.iterations} L-BFGS iterations, gradient norm {self.grad_norm:.1e}): {held} "
                 f"(train {self.train_acc:.1%}); saved to {self.out}")
-
-
-def fit_linear_probe(x: np.ndarray, y: np.ndarray, num_classes: int, weight_decay: float, *,
-                     max_iter: int = 1000, tol: float = 1e-6) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(W (C, D) float32, b (C,) float32, stats) minimising the module docstring's R on
-    (N, D) ``x`` and int labels ``y`` in [0, C); stats: loss, grad_norm, iterations."""
-    if weight_decay <= 0:
-        raise ValueError(f"the probe needs a weight decay > 0 (without one a separable target has no "
-                         f"minimum), got {weight_decay}")
-    X = torch.from_numpy(np.asarray(x, dtype=np.float64))
-    Y = torch.from_numpy(np.asarray(y, dtype=np.int64))
-    theta = torch.zeros(num_classes, X.shape[1] + 1, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=max_iter, tolerance_grad=tol, tolerance_change=0.0,
-                            history_size=20, line_search_fn="strong_wolfe")
-
-    def objective() -> torch.Tensor:
-        logits = X @ theta[:, :-1].T + theta[:, -1]
-        return torch.nn.functional.cross_entropy(logits, Y) + 0.5 * weight_decay * theta.pow(2).sum()
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = objective()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    loss = closure().detach()
-    # the largest absolute component, what L-BFGS's tolerance_grad bounds
-    stats = {"loss": float(loss), "grad_norm": float(theta.grad.abs().max()),
-             "iterations": int(opt.state[opt._params[0]].get("n_iter", 0))}
-    w = theta.detach()
-    return w[:, :-1].float().numpy(), w[:, -1].float().numpy(), stats
 
 
 def _accuracy(x: np.ndarray, y: np.ndarray, w: np.ndarray, b: np.ndarray) -> float:
