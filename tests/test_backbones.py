@@ -332,6 +332,22 @@ def test_probe_gives_entropy_scores(probe_run):
     np.testing.assert_allclose(scores, entropy, rtol=1e-4, atol=1e-5)
 
 
+def test_probe_gives_outlier_exposure_entropy(probe_run):
+    """--head outlier-exposure refits the probe's objective (the decay the file records) with the
+    outlier term on the pool, and records the choice and the refitted heads' held-out accuracy."""
+    from filterx.io.scores import read_scores
+
+    src, tgt, spec, out, _ = probe_run
+    code, _, err = cli("score", "--method", "entropy", "--head", "outlier-exposure", "--order", "low",
+                       "--source", src, "--target", tgt, "--encoder", out, "--name", "oe", *RUN)
+    assert code == 0, err
+    scores, attrs = read_scores(Dataset.open(src), "oe")
+    assert attrs["params"]["head"] == "outlier-exposure" and attrs["params"]["order"] == "low"
+    assert attrs["params"]["weight_decay"] == 5e-4
+    assert np.isfinite(scores).all() and (scores <= 0).all()  # negated entropies
+    assert len(attrs["result"]["val_acc"]) == 2 and attrs["result"]["folds"] == 2
+
+
 def test_a_bare_spec_has_no_head_for_entropy(probe_run):
     src, tgt, spec, _, _ = probe_run
     code, _, err = cli("score", "--method", "entropy", "--source", src, "--target", tgt, "--encoder", spec, *RUN)

@@ -129,6 +129,7 @@ CASES = [
     ("clustering", {"k": 8, "distance": "min"}),
     ("clustering", {"k": 8, "distance": "avg"}),
     ("entropy", {}),
+    ("entropy/outlier-exposure", {"max_outliers": 2000, "order": "low"}),
     ("domain-cls", {"steps": 20, "folds": 3}),
     ("knn-target", {"k": 5}),
     ("pool-clusters", {"k": 20, "niter": 5}),

@@ -351,13 +351,18 @@ def test_scorer_defaults_shown_in_help_are_the_registry_s():
             else:
                 registry.setdefault(name, scorer.defaults[name])
     for name, text in shown.items():
-        if name in ("val_classes", "k"):
+        if name in ("val_classes", "k", "folds"):
             continue
         assert str(registry[name]) == text, name
     # --k serves three methods, each with its own default, named in its help
     k_help = next(p.help for p in main.commands["score"].params if p.name == "k")
     assert shown["k"] == "per method" and f"({get_scorer('clustering').defaults['k']})" in k_help
     assert f"({get_scorer('knn-target').defaults['k']})" in k_help
+    # --folds: domain-cls's and entropy --head outlier-exposure's
+    folds_help = next(p.help for p in main.commands["score"].params if p.name == "folds")
+    assert shown["folds"] == "per method"
+    assert f"domain-cls: cross-fitting folds ({get_scorer('domain-cls').defaults['folds']})" in folds_help
+    assert f"entropy: cross-fitting folds ({get_scorer('entropy/outlier-exposure').defaults['folds']})" in folds_help
 
 
 def test_json_summary_is_the_only_thing_on_stdout_of_a_real_process(scored_src, tmp_path):
