@@ -40,6 +40,7 @@ SCORERS = (
     ("clustering-min", "clustering", {"distance": "min"}),
     ("clustering-avg", "clustering", {"distance": "avg"}),
     ("entropy", "entropy", {}),
+    ("entropy-outlier-exposure", "entropy", {"head": "outlier-exposure"}),
     ("domain-cls", "domain-cls", {}),
     ("domain-cls-folds5", "domain-cls", {"folds": 5}),
     ("knn-target", "knn-target", {}),
@@ -48,6 +49,7 @@ SCORERS = (
     ("hard-classes", "hard-classes", {"count": 50, "epochs": 1}),
     ("class-mask", "class-mask", {"classes": "c0000,c0001,c0002"}),
     ("influence-head", "influence", {}),
+    ("grad-align", "grad-align", {}),
     ("random", "random", {}),
 )
 SELECTS = (

@@ -51,13 +51,12 @@ ENCODERS = ("target", "backbone", "moco")
 # The moco encoder's resolution: 32 px (a quarter of 64 px's compute, for CPU runs), with the
 # views for 32 px images (filterx.train.moco_views.SMALL_IMAGE_VIEWS).
 MOCO_RESOLUTION = 32
-# Pool-level methods, influence's variant for choosing data and entropy with a head refitted with
-# outlier exposure, at their defaults; the demo's variants come first (filterx.stages.demo.VARIANTS).
+# Pool-level methods and influence's variant for choosing data, at their defaults; the demo's
+# variants come first (filterx.stages.demo.VARIANTS).
 EXTRA_VARIANTS = (
     ("knn-target (k=10)", "knn-target", {}),
     ("pool-clusters", "pool-clusters", {}),
     ("grad-align (pseudo-labels)", "grad-align", {}),
-    ("entropy (low, outlier exposure)", "entropy", {"head": "outlier-exposure", "order": "low"}),
 )
 # Rank fusion at select time (select --method a,b --combine ...) of stored scores, chosen before
 # any run: the best distance method with the classifier, two different signals.

@@ -26,6 +26,7 @@ VARIANTS = (
     ("domain-cls (mlp, 2 folds)", "domain-cls", {"model": "mlp", "folds": 2, "steps": 300}),
     ("entropy (high)", "entropy", {"order": "high"}),
     ("entropy (low)", "entropy", {"order": "low"}),
+    ("entropy (low, outlier exposure)", "entropy", {"head": "outlier-exposure", "order": "low"}),
     ("influence (pseudo-labels)", "influence", {"labels": "pseudo"}),
 )
 
@@ -52,14 +53,15 @@ class DemoSummary:
     pool: int = 0  # images in the pool
 
     def table(self) -> str:
-        lines = [f"{'method':<27} {'selected':>8} {'precision':>18} {'x expected random':>18} {'seconds':>7}",
-                 f"{'':<27} {'':>8} {'classes':>9}{'domain':>9} {'classes':>9}{'domain':>9}"]
+        w = max([27, *(len(r["label"]) for r in self.rows)])
+        lines = [f"{'method':<{w}} {'selected':>8} {'precision':>18} {'x expected random':>18} {'seconds':>7}",
+                 f"{'':<{w}} {'':>8} {'classes':>9}{'domain':>9} {'classes':>9}{'domain':>9}"]
         for r in self.rows:
             lines.append(
-                f"{r['label']:<27} {r['selected']:>8d} {r['precision']:>9.3f}{r['domain_precision']:>9.3f} "
+                f"{r['label']:<{w}} {r['selected']:>8d} {r['precision']:>9.3f}{r['domain_precision']:>9.3f} "
                 f"{r['precision'] / max(self.relevant_share, 1e-9):>9.2f}"
                 f"{r['domain_precision'] / max(self.domain_share, 1e-9):>9.2f} {r['seconds']:>7.1f}")
-        lines.append(f"{'expected random':<27} {'':>8} {self.relevant_share:>9.3f}{self.domain_share:>9.3f}")
+        lines.append(f"{'expected random':<{w}} {'':>8} {self.relevant_share:>9.3f}{self.domain_share:>9.3f}")
         return "\n".join(lines)
 
     def line(self) -> str:
