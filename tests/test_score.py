@@ -129,6 +129,21 @@ def test_grad_align_on_the_pool_and_on_the_target(dirs):
         score(ScoreConfig("grad-align", src, tgt, enc, {"labels": "given"}, **KW))
 
 
+def test_outlier_exposure_entropy_scores_the_pool_with_the_recorded_decay(dirs):
+    from filterx.models.encoder import read_encoder_file
+
+    src, tgt, enc = dirs
+    score(ScoreConfig("entropy", src, tgt, enc, {"head": "outlier-exposure", "order": "low"}, name="entropy-oe", **KW))
+    scores, attrs = read_scores(Dataset.open(src), "entropy-oe")
+    assert np.isfinite(scores).all() and (scores <= 0).all()
+    assert attrs["params"]["head"] == "outlier-exposure"
+    assert attrs["params"]["weight_decay"] == read_encoder_file(enc)["config"]["weight_decay"]
+    assert len(attrs["result"]["lbfgs_grad_norm"]) == attrs["result"]["folds"] == 2
+    with pytest.raises(ValueError, match="scores the pool .*not 'target-train'"):
+        score(ScoreConfig("entropy", src, tgt, enc, {"head": "outlier-exposure"}, candidates="target-train",
+                          name="entropy-oe-t", **KW))
+
+
 def test_influence_last_block_from_pixels(dirs):
     src, tgt, enc = dirs
     # ResNet-18's layer4 is 8.4M parameters: a strong damping keeps CG to a few passes on a CPU

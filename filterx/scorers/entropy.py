@@ -22,16 +22,26 @@ whose embeddings all point almost the same way, it does not: README, Selection q
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from filterx.math.blocks import row_blocks, sample_rows
 from filterx.scorers import Option, ScoreInputs, ScoreResult, register_scorer
 
+log = logging.getLogger(__name__)
+
 ORDERS = ("high", "low")
-HEADS = ("given", "outlier-exposure")
 MAX_OUTLIERS = 20_000  # pool rows each fold's outlier-exposure head is fitted on (at most)
 ORDER_OPTION = Option("keep high (active learning) or low entropy first; with the encoder's head low keeps what it "
                       "is surest of, which is not the same as target-like (README: selection quality)", choices=ORDERS)
+
+
+def check_pool_candidates(params, candidates: str) -> None:
+    """The outlier-exposure head is fitted against the pool: it scores the pool only."""
+    if candidates != "source":
+        raise ValueError(f"entropy --head outlier-exposure scores the pool (--candidates source), not {candidates!r}: "
+                         "its head is fitted to be unsure of the pool's images")
 
 
 def _check_order(order: str) -> None:
@@ -69,7 +79,7 @@ def entropy_scores(inputs: ScoreInputs, *, seed: int, order: str = "high") -> np
 
 @register_scorer(
     "entropy/outlier-exposure", variant_of="entropy", choose_by=("head", "outlier-exposure"),
-    needs=("source_emb", "target_emb", "target_labels", "target_val_emb", "target_val_labels", "head_weight"),
+    check=check_pool_candidates, needs=("source_emb", "target_emb", "target_labels", "target_val_emb", "target_val_labels", "head_weight"),
     options={
         "order": ORDER_OPTION,
         "outlier_weight": Option("with --head outlier-exposure, the weight of the outlier term (0.5 as published)",
@@ -96,7 +106,7 @@ def outlier_exposure_entropy(inputs: ScoreInputs, *, seed: int, order: str = "hi
     rng = np.random.default_rng(seed)
     fold_of = rng.permutation(np.arange(n) % folds)  # every fold non-empty
     out = np.empty(n, dtype=np.float32)
-    val_acc, val_entropy, iterations, fitted_on = [], [], [], []
+    val_acc, val_entropy, iterations, grad_norms, fitted_on = [], [], [], [], []
     for f in range(folds):
         outliers = sample_rows(source, max_outliers, rng, rows=np.flatnonzero(fold_of != f))
         w, b, stats = fit_linear_probe(inputs.target_emb, inputs.target_labels, num_classes, weight_decay,
@@ -106,12 +116,17 @@ def outlier_exposure_entropy(inputs: ScoreInputs, *, seed: int, order: str = "hi
         rows = np.flatnonzero(fold_of == f)
         out[rows] = head_entropy(source, w, b, device=inputs.device, rows=rows)
         iterations.append(stats["iterations"])
+        grad_norms.append(stats["grad_norm"])
+        if stats["grad_norm"] > 1e-4:
+            log.warning("entropy --head outlier-exposure: fold %d's head stopped after %d L-BFGS iterations at "
+                        "gradient norm %.1e (a larger --weight-decay converges sooner)", f, stats["iterations"],
+                        stats["grad_norm"])
         if len(inputs.target_val_labels):
             logits = np.asarray(inputs.target_val_emb, np.float32) @ w.T + b
             val_acc.append(float((logits.argmax(1) == inputs.target_val_labels).mean()))
             val_entropy.append(float(head_entropy(inputs.target_val_emb, w, b, device=inputs.device).mean()))
     attrs = {"folds": folds, "outliers_per_fold": fitted_on,
-             "lbfgs_iterations": iterations, "mean_pool_entropy": float(out.mean()),
+             "lbfgs_iterations": iterations, "lbfgs_grad_norm": grad_norms, "mean_pool_entropy": float(out.mean()),
              # the refitted heads on the target's held-out split: still the target's classifier?
              "val_acc": val_acc or None, "mean_val_entropy": val_entropy or None}
     return ScoreResult(out if order == "high" else -out, attrs=attrs)
