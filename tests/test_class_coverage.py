@@ -180,6 +180,18 @@ def test_embedding_methods_score_every_pool_image_whatever_its_class(world, meth
         assert attrs["result"]["residual"] < 1e-4
 
 
+def test_outlier_exposure_entropy_scores_every_pool_image_with_an_empty_target_class(world):
+    # the refitted heads keep the encoder's 4 outputs, the empty class's included: its logit has
+    # no target image, only the decay and the outlier term, and the fit still converges
+    with _Records() as rec:
+        summary = _score(world, "entropy", head="outlier-exposure", name="entropy-oe")
+    assert [r.getMessage() for r in rec.records] == []
+    scores, attrs = read_scores(Dataset.open(world["pool"]), "entropy-oe")
+    assert summary.scored == 30 and np.isfinite(scores).all()
+    assert (scores > 0).all() and scores.max() <= math.log(4) + 1e-5  # entropies over 4 outputs
+    assert max(attrs["result"]["lbfgs_grad_norm"]) <= 1e-4
+
+
 def test_influence_given_labels_on_the_pool_is_one_line(world):
     # Pool labels are pool classes, not the target's: given labels make no sense there.
     code, _, err = run_cli("score", "--method", "influence", "--labels", "given", "--source", world["pool"],
