@@ -61,8 +61,10 @@ def test_the_fit_is_the_minimiser_of_the_objective_with_the_outlier_term():
     assert stats["loss"] == pytest.approx(loss, rel=1e-5)
     # and the term does what it is for: the head is less sure of the outliers than without it
     W0, b0, _ = fit_linear_probe(x, y, 3, wd)
-    sure = lambda w, c: float(torch.softmax(O.float() @ torch.as_tensor(w).T + torch.as_tensor(c), 1).max(1)  # noqa: E731
-                              .values.mean())
+
+    def sure(w, c):  # mean max-probability on the outliers
+        return float(torch.softmax(O.float() @ torch.as_tensor(w).T + torch.as_tensor(c), 1).max(1).values.mean())
+
     assert sure(W.detach().float(), b.detach().float()) < sure(W0, b0) - 0.2
 
 
