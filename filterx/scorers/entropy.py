@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 ORDERS = ("high", "low")
 MAX_OUTLIERS = 20_000  # pool rows each fold's outlier-exposure head is fitted on (at most)
+# a fit warned about as unconverged: 100x its L-BFGS tolerance (1e-6), as train-encoder --probe-only warns
+UNCONVERGED_GRAD_NORM = 1e-4
 ORDER_OPTION = Option("keep high (active learning) or low entropy first; with the encoder's head low keeps what it "
                       "is surest of, which is not the same as target-like (README: selection quality)", choices=ORDERS)
 
@@ -79,7 +81,8 @@ def entropy_scores(inputs: ScoreInputs, *, seed: int, order: str = "high") -> np
 
 @register_scorer(
     "entropy/outlier-exposure", variant_of="entropy", choose_by=("head", "outlier-exposure"),
-    check=check_pool_candidates, needs=("source_emb", "target_emb", "target_labels", "target_val_emb", "target_val_labels", "head_weight"),
+    check=check_pool_candidates,
+    needs=("source_emb", "target_emb", "target_labels", "target_val_emb", "target_val_labels", "head_weight"),
     options={
         "order": ORDER_OPTION,
         "outlier_weight": Option("with --head outlier-exposure, the weight of the outlier term (0.5 as published)",
@@ -117,7 +120,7 @@ def outlier_exposure_entropy(inputs: ScoreInputs, *, seed: int, order: str = "hi
         out[rows] = head_entropy(source, w, b, device=inputs.device, rows=rows)
         iterations.append(stats["iterations"])
         grad_norms.append(stats["grad_norm"])
-        if stats["grad_norm"] > 1e-4:
+        if stats["grad_norm"] > UNCONVERGED_GRAD_NORM:
             log.warning("entropy --head outlier-exposure: fold %d's head stopped after %d L-BFGS iterations at "
                         "gradient norm %.1e (a larger --weight-decay converges sooner)", f, stats["iterations"],
                         stats["grad_norm"])

@@ -15,8 +15,9 @@ first-order, one-step quantity, not a leave-one-out estimate). For a linear head
 factors into the residuals' cosine times the embeddings' cosine, so it ranks an image by how
 near it lies, in embedding angle, to the validation samples of the class the head gives it;
 where an encoder's embeddings all point almost the same way (a random-init backbone: a pool
-image's mean cosine to the validation samples 0.98-0.99, relevant or not) the residuals' factor decides, and the ranking is the
-head's rather than the target's (README: Influence, Selection quality).
+image's mean cosine to the validation samples 0.98-0.99, relevant or not) the residuals'
+factor decides, and the ranking is the head's rather than the target's (README: Influence,
+Selection quality).
 """
 
 from __future__ import annotations
