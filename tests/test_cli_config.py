@@ -347,7 +347,8 @@ def test_scorer_defaults_shown_in_help_are_the_registry_s():
     for scorer in all_scorers():
         for name in scorer.options:
             if scorer.choose_by and name == scorer.choose_by[0]:
-                registry[name + "_"] = scorer.choose_by[1]  # a choosing option: --params, --on
+                # a choosing option (--params, --on): its own value, or auto where the method has choose_auto
+                registry[name + "_"] = "auto" if scorer.choose_auto else scorer.choose_by[1]
             else:
                 registry.setdefault(name, scorer.defaults[name])
     for name, text in shown.items():

@@ -102,8 +102,17 @@ def test_the_variant_is_chosen_by_head_and_refuses_what_it_cannot_do():
     assert scorer.name == "entropy/outlier-exposure" and params == {"order": "low"}
     assert chosen == {"head": "outlier-exposure"}
     assert resolve_scorer("entropy", {"head": "given"})[0].name == "entropy"
-    with pytest.raises(ValueError, match="unknown entropy head 'oe'; valid: given, outlier-exposure"):
+    with pytest.raises(ValueError, match="unknown entropy head 'oe'; valid: given, outlier-exposure, auto"):
         resolve_scorer("entropy", {"head": "oe"})
+    # auto, the default: this head for order low over the pool, the encoder's head otherwise
+    for params, candidates, name in [({"order": "low"}, "source", "entropy/outlier-exposure"),
+                                     ({"head": "auto", "order": "low"}, "source", "entropy/outlier-exposure"),
+                                     ({"order": "low"}, "target-train", "entropy"),
+                                     ({}, "source", "entropy"), ({"order": "high"}, "source", "entropy")]:
+        scorer, rest, chosen = resolve_scorer("entropy", params, candidates)
+        assert scorer.name == name and chosen == {"head": "given" if name == "entropy" else "outlier-exposure"}
+        assert "head" not in rest
+    assert resolve_scorer("influence", {})[2] == {}  # a method without choose_auto records no choice
     inputs, _ = _inputs()
     with pytest.raises(ValueError, match="folds must be >= 2, got 1"):
         run_scorer("entropy/outlier-exposure", inputs, folds=1)

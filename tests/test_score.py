@@ -42,7 +42,7 @@ def test_score_embeds_what_is_missing_and_stores_attrs(dirs):
 
 def test_entropy_uses_the_encoder_head_and_named_store(dirs):
     src, tgt, enc = dirs
-    score(ScoreConfig("entropy", src, tgt, enc, {"order": "low"}, name="entropy-low", **KW))
+    score(ScoreConfig("entropy", src, tgt, enc, {"head": "given", "order": "low"}, name="entropy-low", **KW))
     ds = Dataset.open(src)
     scores, attrs = read_scores(ds, "entropy-low")
     # the same entropy from the stored embeddings and the encoder file's own head, in float64
@@ -142,6 +142,21 @@ def test_outlier_exposure_entropy_scores_the_pool_with_the_recorded_decay(dirs):
     with pytest.raises(ValueError, match="scores the pool .*not 'target-train'"):
         score(ScoreConfig("entropy", src, tgt, enc, {"head": "outlier-exposure"}, candidates="target-train",
                           name="entropy-oe-t", **KW))
+    # the default head (auto): outlier exposure for order low on the pool, the same scores as
+    # asking for it; the encoder's head for order high and on the target's training split
+    score(ScoreConfig("entropy", src, tgt, enc, {"order": "low"}, name="entropy-auto", **KW))
+    auto, auto_attrs = read_scores(Dataset.open(src), "entropy-auto")
+    np.testing.assert_array_equal(auto, scores)
+    assert auto_attrs["params"]["head"] == "outlier-exposure" and "lbfgs_grad_norm" in auto_attrs["result"]
+    score(ScoreConfig("entropy", src, tgt, enc, {"order": "low"}, candidates="target-train", name="entropy-auto-t",
+                      **KW))
+    score(ScoreConfig("entropy", src, tgt, enc, {"head": "given", "order": "low"}, candidates="target-train",
+                      name="entropy-given-t", **KW))
+    on_train, train_attrs = read_scores(Dataset.open(tgt), "entropy-auto-t")
+    np.testing.assert_array_equal(on_train, read_scores(Dataset.open(tgt), "entropy-given-t")[0])
+    assert train_attrs["params"]["head"] == "given" and train_attrs["result"] == {}
+    score(ScoreConfig("entropy", src, tgt, enc, {}, name="entropy-auto-high", **KW))
+    assert read_scores(Dataset.open(src), "entropy-auto-high")[1]["params"]["head"] == "given"
 
 
 def test_influence_last_block_from_pixels(dirs):

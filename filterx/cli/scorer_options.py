@@ -30,7 +30,7 @@ def scorer_options() -> list[click.Option]:
     """``filterx score``'s method options, made from the scorer registry: one ``--NAME`` per
     parameter some scorer declares as an Option, its help naming each method that takes it
     (with that method's default), its choices and bounds those declared."""
-    from filterx.scorers import all_scorers
+    from filterx.scorers import AUTO, all_scorers
 
     by_name: dict[str, list] = {}
     for scorer in all_scorers():
@@ -48,8 +48,9 @@ def scorer_options() -> list[click.Option]:
         _, first, opt = takers[0]
         # the parameter that chooses among a method's variants (--params, --on) takes their values
         choosing = first.choose_by is not None and first.choose_by[0] == name
-        choices = (first.choose_by[1], *variants.get(first.name, ())) if choosing else opt.choices
-        defaults = [first.choose_by[1] if choosing and m == first.name else sc.defaults.get(name)
+        auto = (AUTO,) if choosing and first.choose_auto else ()
+        choices = (*auto, first.choose_by[1], *variants.get(first.name, ())) if choosing else opt.choices
+        defaults = [(auto or first.choose_by[1:])[0] if choosing and m == first.name else sc.defaults.get(name)
                     for m, sc, _ in takers]
         shown = [d for d in defaults if d not in (None, "", 0, False)]
         several = len({repr(d) for d in shown}) > 1

@@ -122,6 +122,8 @@ class Scorer:
     types: Mapping[str, Any] = field(default_factory=dict)  # parameter -> its annotation
     kind: str = "array"  # "array": fn(ScoreInputs, ...); "streaming": fn(StreamContext, ...) -> (ids, result)
     choose_by: tuple[str, Any] | None = None  # (parameter, value of this scorer) that picks among variants
+    # (params, candidates) -> the variant's value of the choosing parameter when it is "auto" (its default)
+    choose_auto: Callable[[Mapping[str, Any], str], Any] | None = None
     check: Callable[[Mapping[str, Any], str], None] | None = None  # (params, candidates) -> raise ValueError
     variant_of: str | None = None  # the method this scorer is a variant of (not listed on its own)
     options: Mapping[str, Option] = field(default_factory=dict)  # parameters with a `score` option
@@ -167,6 +169,7 @@ class StreamContext:
     key: Mapping[str, Any] = field(default_factory=dict)
 
 
+AUTO = "auto"  # the choosing parameter's default where the method has choose_auto
 _REGISTRY: dict[str, Scorer] = {}
 _loaded = False
 
@@ -174,6 +177,7 @@ _loaded = False
 def register_scorer(name: str, *, needs: tuple[str, ...] = (), kind: str = "array",
                     choose_by: tuple[str, Any] | None = None, variant_of: str | None = None,
                     check: Callable[[Mapping[str, Any], str], None] | None = None,
+                    choose_auto: Callable[[Mapping[str, Any], str], Any] | None = None,
                     options: Mapping[str, Option] | None = None) -> Callable:
     """Decorator registering ``fn`` under ``name``.
 
@@ -181,6 +185,8 @@ def register_scorer(name: str, *, needs: tuple[str, ...] = (), kind: str = "arra
     their defaults become ``Scorer.defaults``. ``kind``: "array" or "streaming" (module
     docstring). ``choose_by=(param, value)``: the parameter of the method that picks its
     variants and this scorer's value of it; a variant names its method in ``variant_of``.
+    ``choose_auto(params, candidates)``: makes "auto" the choosing parameter's default, the
+    value it stands for depending on the other parameters and the candidates.
     ``check(params, candidates)``: a scorer's own refusal of a combination (ValueError).
     ``needs`` of a streaming scorer name the inputs it derives itself, so that the stage asks
     for the encoder and the target it needs. ``options``: the parameters ``filterx score``
@@ -194,6 +200,8 @@ def register_scorer(name: str, *, needs: tuple[str, ...] = (), kind: str = "arra
         raise ValueError(f"scorer {name!r}: unknown kind {kind!r}; valid: array, streaming")
     if variant_of is not None and choose_by is None:
         raise ValueError(f"variant {name!r} of {variant_of!r} needs choose_by=(parameter, value)")
+    if choose_auto is not None and (choose_by is None or variant_of is not None):
+        raise ValueError(f"scorer {name!r}: choose_auto belongs to a method with variants (choose_by, no variant_of)")
 
     def wrap(fn: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
         if name in _REGISTRY:
@@ -213,7 +221,7 @@ def register_scorer(name: str, *, needs: tuple[str, ...] = (), kind: str = "arra
         if stray:
             raise ValueError(f"scorer {name!r} declares options {stray} that are not its parameters")
         _REGISTRY[name] = Scorer(name, fn, tuple(needs), defaults, doc[0] if doc else "", types, kind, choose_by,
-                                 check, variant_of, declared)
+                                 choose_auto, check, variant_of, declared)
         return fn
 
     return wrap
@@ -239,21 +247,27 @@ def list_scorers() -> list[str]:
     return sorted(n for n, s in _REGISTRY.items() if s.variant_of is None)
 
 
-def resolve_scorer(method: str, params: Mapping[str, Any]) -> tuple[Scorer, dict[str, Any], dict[str, Any]]:
-    """The scorer that runs ``method`` with ``params``: the method itself, or the variant its
-    choosing parameter names. Returns (scorer, params without the choosing one, {choosing
-    parameter: value} when a variant was chosen, else {})."""
+def resolve_scorer(method: str, params: Mapping[str, Any],
+                   candidates: str = "source") -> tuple[Scorer, dict[str, Any], dict[str, Any]]:
+    """The scorer that runs ``method`` with ``params`` on ``candidates``: the method itself, or
+    the variant its choosing parameter names ("auto", the default of a method registered with
+    ``choose_auto``, names the one that function picks). Returns (scorer, params without the
+    choosing one, {choosing parameter: value} when a variant or "auto" chose, else {})."""
     base = get_scorer(method)
     params = dict(params)
     if base.choose_by is None:
         return base, params, {}
     key, own = base.choose_by
-    value = params.pop(key, own)
-    if value == own:
-        return base, params, {}
+    value = params.pop(key, AUTO if base.choose_auto else own)
+    automatic = value == AUTO and base.choose_auto is not None
+    if automatic:
+        value = base.choose_auto({**base.defaults, **params}, candidates)
     variants = {s.choose_by[1]: s for s in _REGISTRY.values() if s.variant_of == method}
+    if value == own:
+        return base, params, ({key: value} if automatic else {})
     if value not in variants:
-        raise ValueError(f"unknown {method} {key} {value!r}; valid: {', '.join(map(str, [own, *variants]))}")
+        valid = [own, *variants, *([AUTO] if base.choose_auto else [])]
+        raise ValueError(f"unknown {method} {key} {value!r}; valid: {', '.join(map(str, valid))}")
     return variants[value], params, {key: value}
 
 
@@ -354,5 +368,6 @@ __all__ = [
     "StreamContext",
     "Option",
     "all_scorers",
+    "AUTO",
     "INPUT_FIELDS",
 ]

@@ -18,6 +18,9 @@ a small part of a pool: the head learns to be unsure of what the pool mostly is,
 of images like the target's, so ``order="low"`` keeps target-like images. It needs features in
 which a linear head can tell the target from the pool (on the benchmark's random-init backbone,
 whose embeddings all point almost the same way, it does not: README, Selection quality).
+
+``head="auto"``, the default, is that head for ``order="low"`` over the pool and the encoder's
+head otherwise (``head="given"`` asks for the encoder's head with ``order="low"`` too).
 """
 
 from __future__ import annotations
@@ -46,6 +49,13 @@ def check_pool_candidates(params, candidates: str) -> None:
                          "its head is fitted to be unsure of the pool's images")
 
 
+def auto_head(params, candidates: str) -> str:
+    """``--head auto``: the outlier-exposure head where it is the one that keeps target-like
+    images (``order="low"`` over the pool), the encoder's head otherwise (``order="high"``,
+    and the target's training split, which the outlier-exposure head does not score)."""
+    return "outlier-exposure" if params.get("order") == "low" and candidates == "source" else "given"
+
+
 def _check_order(order: str) -> None:
     if order not in ORDERS:
         raise ValueError(f"unknown order {order!r}; valid: {', '.join(ORDERS)}")
@@ -68,10 +78,12 @@ def head_entropy(emb: np.ndarray, weight: np.ndarray, bias: np.ndarray, *, devic
     return out
 
 
-@register_scorer("entropy", needs=("source_emb", "head_weight", "head_bias"), choose_by=("head", "given"), options={
+@register_scorer("entropy", needs=("source_emb", "head_weight", "head_bias"), choose_by=("head", "given"),
+                 choose_auto=auto_head, options={
     "order": ORDER_OPTION,
-    "head": Option("the classifier whose entropy ranks: the encoder's head, or one refitted with outlier exposure "
-                   "on the pool, unsure of what the pool mostly is (with --order low: target-like images first)")})
+    "head": Option("the classifier whose entropy ranks: the encoder's head (given), or one refitted with outlier "
+                   "exposure on the pool, unsure of what the pool mostly is (with --order low: target-like images "
+                   "first); auto: outlier-exposure for --order low on the pool, given otherwise")})
 def entropy_scores(inputs: ScoreInputs, *, seed: int, order: str = "high") -> np.ndarray:
     """Prediction entropy (nats) of the target classifier; negated for order="low"."""
     _check_order(order)

@@ -25,8 +25,8 @@ VARIANTS = (
     ("domain-cls (linear)", "domain-cls", {"model": "linear", "steps": 300}),
     ("domain-cls (mlp, 2 folds)", "domain-cls", {"model": "mlp", "folds": 2, "steps": 300}),
     ("entropy (high)", "entropy", {"order": "high"}),
-    ("entropy (low)", "entropy", {"order": "low"}),
-    ("entropy (low, outlier exposure)", "entropy", {"head": "outlier-exposure", "order": "low"}),
+    ("entropy (low, encoder's head)", "entropy", {"head": "given", "order": "low"}),
+    ("entropy (low, outlier exposure)", "entropy", {"order": "low"}),  # --head auto: outlier exposure
     ("influence (pseudo-labels)", "influence", {"labels": "pseudo"}),
 )
 

@@ -94,7 +94,7 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
 
     t0 = time.perf_counter()
     # the method, or the variant one of its parameters chooses (influence --params last-block)
-    scorer, cfg_params, chosen = resolve_scorer(cfg.method, cfg.params)
+    scorer, cfg_params, chosen = resolve_scorer(cfg.method, cfg.params, cfg.candidates)
     cfg_params = check_params(scorer.name, cfg_params)  # before anything is embedded
     needs = set(scorer.needs)
     if cfg.candidates == "target-train":
