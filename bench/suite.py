@@ -108,12 +108,17 @@ def _version(module: str) -> str | None:
 
 
 def _git_commit() -> str | None:
+    """HEAD's short hash, with "+changes" when tracked files differ from it (the code measured
+    is then not that commit's)."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
                              capture_output=True, text=True, timeout=10)
+        changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=REPO_ROOT,
+                                 capture_output=True, timeout=30).returncode == 1
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    commit = out.stdout.strip()
+    return (commit + ("+changes" if changed else "")) if commit else None
 
 
 def usable_cores() -> int:

@@ -75,6 +75,26 @@ def test_machine_slug_names_gpu_else_cpu():
     assert stem == "decode-quick_intel-xeon-gold-6248_2c_20250304-0506"
 
 
+def test_the_commit_recorded_says_when_the_code_measured_differs_from_it(tmp_path, monkeypatch):
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("commit", "-q", "-m", "a")
+    monkeypatch.setattr(suite, "REPO_ROOT", tmp_path)
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True,
+                          text=True).stdout.strip()
+    (tmp_path / "untracked.txt").write_text("not code\n")
+    assert suite._git_commit() == head
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert suite._git_commit() == head + "+changes"
+
+
 def test_format_table_aligns_rows_with_different_keys():
     text = suite.format_table([{"a": 1, "b": 2.5}, {"a": 10, "c": "x"}, {"b": 1234.5}])
     lines = text.splitlines()
