@@ -47,7 +47,7 @@ from bench.suite import Rows, option_tuple
 
 BUDGETS = (0.06, 0.12)
 DEFAULT_BACKBONE = "torchvision:resnet18:none"
-ENCODERS = ("target", "backbone", "moco")
+ENCODERS = ("target", "backbone", "moco", "moco-ft")
 # The moco encoder's resolution: 32 px (a quarter of 64 px's compute, for CPU runs), with the
 # views for 32 px images (filterx.train.moco_views.SMALL_IMAGE_VIEWS).
 MOCO_RESOLUTION = 32
@@ -132,26 +132,45 @@ def _row(method: str, encoder: str, values: dict, seconds: float | None) -> dict
 def _train_encoders(root: Path, target: Path, pools: dict, chosen, *, backbone: str, epochs: int,
                     resolution: int, moco_epochs: int, seed: int, device: str) -> dict[str, dict]:
     """Per encoder key: ``paths`` (pool name -> encoder file: one file for every pool, except
-    moco's, trained on each pool), ``val_accs`` (pool name -> held-out accuracy), ``label``,
-    ``seconds`` (training, all pools)."""
+    moco's and moco-ft's, trained on each pool), ``val_accs`` (pool name -> held-out accuracy),
+    ``label``, ``seconds`` (training, all pools; moco-ft's includes the MoCo training where moco
+    did not run before it)."""
     from filterx.train.encoder import EncoderConfig, train_encoder
     from filterx.stages.moco_encoder import MocoEncoderConfig, train_moco_encoder
     from filterx.stages.probe import ProbeConfig, train_probe
     from filterx.train.moco_views import SMALL_IMAGE_VIEWS, moco_augment
 
     out = {}
+    moco = {}  # pool name -> MoCo encoder file and held-out accuracy, trained once for moco and moco-ft
+
+    def moco_encoders() -> dict[str, tuple[Path, float]]:
+        for name, pool in pools.items():
+            if name not in moco:
+                path = root / f"encoder-moco-{name}.pt"
+                s = train_moco_encoder(MocoEncoderConfig(
+                    target, path, arch="resnet18", resolution=MOCO_RESOLUTION, epochs=moco_epochs,
+                    with_pool=pool["ds"], augment=moco_augment(SMALL_IMAGE_VIEWS), device=device, seed=seed,
+                    quiet=True))
+                moco[name] = (path, s.val_acc)
+        return moco
+
     for key in chosen:
         t = time.perf_counter()
         if key == "moco":
-            paths, accs = {}, {}
-            for name, pool in pools.items():
-                paths[name] = root / f"encoder-moco-{name}.pt"
-                s = train_moco_encoder(MocoEncoderConfig(
-                    target, paths[name], arch="resnet18", resolution=MOCO_RESOLUTION, epochs=moco_epochs,
-                    with_pool=pool["ds"], augment=moco_augment(SMALL_IMAGE_VIEWS), device=device, seed=seed,
-                    quiet=True))
-                accs[name] = s.val_acc
+            trained = moco_encoders()
+            paths = {name: path for name, (path, _) in trained.items()}
+            accs = {name: acc for name, (_, acc) in trained.items()}
             label = f"resnet18 by MoCo v2 on each pool + target ({MOCO_RESOLUTION} px, {moco_epochs} ep) + probe"
+        elif key == "moco-ft":
+            paths, accs = {}, {}
+            for name, (init, _) in moco_encoders().items():
+                paths[name] = root / f"encoder-moco-ft-{name}.pt"
+                s = train_encoder(EncoderConfig(target, paths[name], arch="resnet18", resolution=MOCO_RESOLUTION,
+                                                epochs=epochs, batch_size=64, device=device, seed=seed, quiet=True,
+                                                init=init))
+                accs[name] = s.val_acc
+            label = (f"moco's encoders fine-tuned on the target's labels ({MOCO_RESOLUTION} px, {epochs} ep, "
+                     f"train-encoder --init)")
         else:
             path = root / f"encoder-{key}.pt"
             if key == "target":

@@ -308,7 +308,7 @@ def test_selection_suite_covers_the_registry_and_refuses_unknown_encoders():
 
 @pytest.mark.slow
 def test_selection_suite_end_to_end_at_a_tiny_size(tmp_path):
-    """The whole chain on tiny pools (141 s with the three encoders on 2 idle AMD EPYC cores)."""
+    """The whole chain on tiny pools (113 s with the four encoders on 2 idle AMD EPYC cores)."""
     from bench import bench_selection
 
     rows = bench_selection.run(True, per_class=6, digits_per_class=3, target_per_class=8, epochs=1, moco_epochs=1,
@@ -339,3 +339,7 @@ def test_selection_suite_end_to_end_at_a_tiny_size(tmp_path):
         enc = torch.load(tmp_path / "work" / f"encoder-moco-{pool}.pt", weights_only=True)
         assert enc["objective"] == "moco" and enc["resolution"] == bench_selection.MOCO_RESOLUTION
         assert Path(enc["pool"]["root"]).name == pool and Path(enc["target"]["root"]).name == "target"
+        # moco-ft: that pool's MoCo encoder fine-tuned on the target's labels (train-encoder --init)
+        ft = torch.load(tmp_path / "work" / f"encoder-moco-ft-{pool}.pt", weights_only=True)
+        assert ft["config"]["init"] == str(tmp_path / "work" / f"encoder-moco-{pool}.pt")
+        assert ft["resolution"] == bench_selection.MOCO_RESOLUTION
