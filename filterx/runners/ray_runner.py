@@ -136,10 +136,12 @@ class RayRunner(Runner):
                 i, actor = running.pop(ref)
                 result = self._result(ray, ref, work, i)
                 bar.update(work.unit_sizes[i])
+                # before the actor is handed its next unit: a test that kills the driver here
+                # knows which units are done (none in flight on this actor)
+                crash_point("runner.unit")
                 if todo:
                     j = todo.pop()
                     running[actor.run.remote(work.units[j])] = (j, actor)
-                crash_point("runner.unit")
                 yield i, result
         finally:
             bar.close()
