@@ -22,13 +22,14 @@ from filterx.train.common import MODEL
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = """
-import json, sys
+import json, os, sys
 from pathlib import Path
 from filterx.train.pretrain import PretrainConfig, pretrain
 cfg = json.loads(sys.argv[1])
 cfg["data"], cfg["out"] = Path(cfg["data"]), Path(cfg["out"])
 s = pretrain(PretrainConfig(**cfg))
-print(json.dumps({"losses": [r["loss"] for r in s.history], "start_epoch": s.start_epoch}))
+if os.environ["RANK"] == "0":  # one line: two ranks printing at once can share a line of the pipe
+    print(json.dumps({"losses": [r["loss"] for r in s.history], "start_epoch": s.start_epoch}))
 """
 
 
