@@ -476,6 +476,10 @@ def write_results(out_dir: Path, result: SuiteResult, machine: dict, command: st
 
 
 def _parse_value(text: str):
+    """An --opt value: true / false (any case) as bools, then int, then float, else the text
+    (a bare "false" string would be truthy: ``--opt selection.references=false`` ran them)."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
     for cast in (int, float):
         try:
             return cast(text)

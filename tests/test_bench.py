@@ -343,3 +343,13 @@ def test_selection_suite_end_to_end_at_a_tiny_size(tmp_path):
         ft = torch.load(tmp_path / "work" / f"encoder-moco-ft-{pool}.pt", weights_only=True)
         assert ft["config"]["init"] == str(tmp_path / "work" / f"encoder-moco-{pool}.pt")
         assert ft["resolution"] == bench_selection.MOCO_RESOLUTION
+
+
+def test_opt_values_true_and_false_are_bools_not_truthy_strings():
+    """``--opt selection.references=false`` must turn the references off: the text "false"
+    is truthy, and the suite ran them."""
+    opts = suite._parse_options(["selection.references=false", "fresh=True", "decode.images=500",
+                                 "scale=0.5", "encoders=target,moco", "name=falsey"])
+    assert opts == {"selection.references": False, "fresh": True, "decode.images": 500, "scale": 0.5,
+                    "encoders": "target,moco", "name": "falsey"}
+    assert type(opts["decode.images"]) is int and opts["selection.references"] is False
