@@ -1,8 +1,5 @@
 """MoCo v2 (filterx.train.moco, moco_augment, train_moco, encoder_moco) on tiny data: 32 px, CPU."""
 
-import math
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch

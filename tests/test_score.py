@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import zarr
 
 from filterx.io.dataset import Dataset
 from filterx.stages.embed import embeddings_complete
