@@ -38,9 +38,10 @@ ORDERS = ("high", "low")
 MAX_OUTLIERS = 20_000  # pool rows each fold's outlier-exposure head is fitted on (at most)
 # The outlier term's weight λ. Hendrycks et al. publish 0.5 for fine-tuning a network; for this
 # linear head refitted on frozen embeddings 0.1 kept more relevant images on the selection
-# benchmark (bench selection --quick, three pools, seeds 0-3) with every trained encoder (moco,
-# target, moco-ft: 29 of 30 pool x seed cells at 6% as high or higher), less with the random-init
-# backbone, where neither weight reaches twice random (README, Selection quality).
+# benchmark (bench selection --quick, three pools, seeds 0-3 on moco, 0-2 on the others) with every
+# trained encoder (moco, target, moco-ft: 29 of 30 pool x seed cells at 6% as high or higher), less
+# with the random-init backbone, where neither weight reaches twice random (README, Selection
+# quality).
 OUTLIER_WEIGHT = 0.1
 # a fit warned about as unconverged: 100x its L-BFGS tolerance (1e-6), as train-encoder --probe-only warns
 UNCONVERGED_GRAD_NORM = 1e-4
@@ -109,8 +110,8 @@ def entropy_scores(inputs: ScoreInputs, *, seed: int, order: str = "high") -> np
         "folds": Option("cross-fitting folds", min=1),
         "max_outliers": Option("with --head outlier-exposure, pool rows each fold's head is fitted on (at most)",
                                min=1)})
-def outlier_exposure_entropy(inputs: ScoreInputs, *, seed: int, order: str = "high", outlier_weight: float = OUTLIER_WEIGHT,
-                             folds: int = 2, max_outliers: int = MAX_OUTLIERS,
+def outlier_exposure_entropy(inputs: ScoreInputs, *, seed: int, order: str = "high",
+                             outlier_weight: float = OUTLIER_WEIGHT, folds: int = 2, max_outliers: int = MAX_OUTLIERS,
                              weight_decay: float = 5e-4) -> ScoreResult:
     """Prediction entropy (nats) of a head refitted on the target with outlier exposure on the
     pool, cross-fitted over ``folds`` folds of the pool; negated for order="low". weight_decay:
