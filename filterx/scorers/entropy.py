@@ -39,7 +39,7 @@ MAX_OUTLIERS = 20_000  # pool rows each fold's outlier-exposure head is fitted o
 # The outlier term's weight λ. Hendrycks et al. publish 0.5 for fine-tuning a network; for this
 # linear head refitted on frozen embeddings 0.1 kept more relevant images on the selection
 # benchmark (bench selection --quick, three pools, seeds 0-3 on moco, 0-2 on the others) with every
-# trained encoder (moco, target, moco-ft: 29 of 30 pool x seed cells at 6% as high or higher), less
+# trained encoder (moco, target, moco-ft: 28 of 30 pool x seed cells at 6% as high or higher), less
 # with the random-init backbone, where neither weight reaches twice random (README, Selection
 # quality).
 OUTLIER_WEIGHT = 0.1
