@@ -30,8 +30,8 @@ def fit_linear_probe(x: np.ndarray, y: np.ndarray, num_classes: int, weight_deca
                      device: str = "cpu") -> tuple[np.ndarray, np.ndarray, dict]:
     """(W (C, D) float32, b (C,) float32, stats) minimising the module docstring's R on
     (N, D) ``x`` and int labels ``y`` in [0, C), plus its outlier term on (No, D) ``outliers``
-    with weight ``outlier_weight`` (> 0, no default: the caller's choice) when they are given;
-    stats: loss, grad_norm, iterations."""
+    with weight ``outlier_weight`` when they are given (> 0: the 0.0 default is refused with outliers,
+    so the caller chooses the weight); stats: loss, grad_norm, iterations."""
     if weight_decay <= 0:
         raise ValueError(f"the probe needs a weight decay > 0 (without one a separable target has no "
                          f"minimum), got {weight_decay}")
