@@ -63,6 +63,14 @@ EXTRA_VARIANTS = (
 FUSED = (
     ("rank-mean(knn-target, domain-cls mlp)", ("knn-target (k=10)", "domain-cls (mlp, 2 folds)"), "rank-mean"),
 )
+# Rank fusion across encoders, run where both ran: the distance to the target on moco's features
+# (appearance, which fine-tuning loses) with the outlier-exposure head on moco-ft's (the target's
+# classes, which moco's probe tells apart less well). Added after the quick runs at seeds 0-2 were
+# rescored this way (README, "Selection quality"), so those seeds do not test the choice.
+CROSS_FUSED = tuple(
+    (f"{combine}(knn-target moco, entropy low OE moco-ft)",
+     (("moco", "knn-target (k=10)"), ("moco-ft", "entropy (low, outlier exposure)")), combine)
+    for combine in ("rank-mean", "rank-max"))
 # The paper's domain classifier on pixels (domain-cls --on pixels) needs no encoder: one row, run
 # once, at the CPU settings the README gives (a narrow ResNet-18 at 32 px, 300 steps).
 PIXEL_VARIANT = ("domain-cls (pixels, ResNet-18 width 16, 32 px)", "domain-cls",
@@ -224,6 +232,14 @@ def _filterx_rows(pools: dict, target: Path, encoders: dict, *, seed: int, devic
             for name, pool in pools.items():
                 _select_precisions(name, pool, stored, f"{key}-{_slug(label)}", values, combine=combine)
             rows.append(_row(label, key, values, time.perf_counter() - t))
+    for label, parts, combine in CROSS_FUSED:
+        if not all(key in encoders for key, _ in parts):
+            continue
+        values, t = {}, time.perf_counter()
+        stored = ",".join(f"{key}-{_slug(part)}" for key, part in parts)
+        for name, pool in pools.items():
+            _select_precisions(name, pool, stored, _slug(label), values, combine=combine)
+        rows.append(_row(label, " + ".join(key for key, _ in parts), values, time.perf_counter() - t))
     return rows
 
 

@@ -212,6 +212,9 @@ def test_fuse_ranks_by_hand():
     np.testing.assert_allclose(best, [1, 1, 2 / 3, np.nan, 0.5])
     assert select_ids(best, count=4).tolist() == [0, 1, 2, 4]  # the tie at 1 goes to the lower id
     assert select_ids(best, fraction=1.0).tolist() == [0, 1, 2, 4]  # NaN in one score: never selected
+    worst = fuse_ranks([a, b], "rank-max")
+    np.testing.assert_allclose(worst, [1 / 3, 0, 0.5, np.nan, 0])
+    assert select_ids(worst, count=4).tolist() == [2, 0, 1, 4]  # the tie at 0 goes to the lower id
     np.testing.assert_allclose(fuse_ranks([a, a, a], "rank-mean"), normalised_ranks(-a, scored))
 
 
@@ -220,8 +223,23 @@ def test_fuse_ranks_is_invariant_to_monotone_rescaling():
 
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=50), rng.normal(size=50)
-    for rule in ("rank-mean", "rank-min"):
+    for rule in ("rank-mean", "rank-min", "rank-max"):
         np.testing.assert_array_equal(fuse_ranks([a, b], rule), fuse_ranks([np.exp(a), 3 * b - 7], rule))
+
+
+def test_rank_max_keeps_the_intersection_and_rank_min_the_union_of_the_top_lists():
+    from filterx.stages.select import fuse_ranks, normalised_ranks
+
+    rng = np.random.default_rng(3)
+    a, b, c = rng.normal(size=(3, 200))
+    b[:40] = a[:40] + 0.1 * rng.normal(size=40)  # a part both rank alike
+    scored = np.ones(200, bool)
+    ranks = [normalised_ranks(x, scored) for x in (a, b, c)]
+    worst, best = fuse_ranks([a, b, c], "rank-max"), fuse_ranks([a, b, c], "rank-min")
+    for t in (0.5, 0.7, 0.9):  # a threshold on the fused score = each score's best 1 - t
+        tops = [set(np.flatnonzero(r <= 1 - t + 1e-12)) for r in ranks]
+        assert set(select_ids(worst, threshold=t)) == set.intersection(*tops)
+        assert set(select_ids(best, threshold=t)) == set.union(*tops)
 
 
 @pytest.fixture()
@@ -238,7 +256,7 @@ def two_scores(scored):
     return scored
 
 
-@pytest.mark.parametrize("rule", ["rank-mean", "rank-min"])
+@pytest.mark.parametrize("rule", ["rank-mean", "rank-min", "rank-max"])
 def test_select_combine_writes_the_fused_selection(two_scores, tmp_path, rule):
     from filterx.io.dataset import Dataset
     from filterx.io.scores import read_scores
@@ -264,9 +282,9 @@ def test_select_combine_writes_the_fused_selection(two_scores, tmp_path, rule):
 @pytest.mark.parametrize("args, msg", [
     (["--method", "s,nope", "--combine", "rank-mean"], "has no scores named 'nope' (stored: "),
     (["--method", "s", "--combine", "rank-min"], "--combine rank-min needs several scores (--method A,B[,C])"),
-    (["--method", "s,t"], "--method 's,t' names 2 scores; fuse them with --combine (rank-mean, rank-min)"),
+    (["--method", "s,t"], "--method 's,t' names 2 scores; fuse them with --combine (rank-mean, rank-min, rank-max)"),
     (["--method", "s,s", "--combine", "rank-mean"], "names a score twice"),
-    (["--method", "s,t", "--combine", "rank-max"], "'rank-max' is not one of 'rank-mean', 'rank-min'"),
+    (["--method", "s,t", "--combine", "rank-median"], "'rank-median' is not one of 'rank-mean', 'rank-min', 'rank-max'"),
 ])
 def test_select_combine_errors_are_one_line(two_scores, tmp_path, args, msg):
     out = tmp_path / "m.jsonl"

@@ -285,8 +285,9 @@ def score(method, source, target, encoder, name, candidates, seed, device, backe
 @click.option("--method", required=True, metavar="NAME[,NAME...]",
               help="Name of the stored scores: the method, or the --name given to score; "
                    "several, comma-separated, with --combine.")
-@click.option("--combine", type=click.Choice(["rank-mean", "rank-min"]),
-              help="Fuse several --method scores by rank: the mean of their normalised ranks, or the best one.")
+@click.option("--combine", type=click.Choice(["rank-mean", "rank-min", "rank-max"]),
+              help="Fuse several --method scores by rank: the mean of their normalised ranks, the best one "
+                   "(a union) or the worst one (an intersection).")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
               help="Manifest file (.jsonl, .npy, .txt), or a directory for --format wds.")
 @click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), help="Keep this share of the scored samples.")
@@ -308,9 +309,11 @@ def select(source, method, combine, output, fraction, count, threshold, per_clas
     sample id and unscored (NaN) samples are never kept, so the same scores give the same
     manifest; a budget that keeps nothing (a threshold above every score) writes an empty
     manifest and warns why. --per-class-cap leaves unlabelled samples (label -1) uncapped.
-    --method A,B with --combine (rank-mean or rank-min) selects from a fusion of several scores:
-    each turned into ranks (ties share their average rank; a sample some score leaves NaN is
-    never kept), then their mean or best rank; the header records the methods and the rule.
+    --method A,B with --combine (rank-mean, rank-min or rank-max) selects from a fusion of several
+    scores: each turned into ranks (ties share their average rank; a sample some score leaves NaN
+    is never kept), then their mean, best or worst rank (rank-max keeps what every score ranks
+    high); the header records the methods and the rule. The scores may come from different
+    encoders (score --name tells them apart).
     jsonl: a header line, then one line per sample (id, key, shard, label, score); npy:
     sorted ids (header in OUTPUT.json); txt: keys or paths (header in OUTPUT.json); wds: a
     directory of tars holding the selected images.

@@ -11,9 +11,11 @@ unlabelled pool to the cap).
 Rank fusion (``combine``): several stored score arrays, each turned into normalised ranks over
 the samples every one of them scores (0 = best, 1 = worst; tied scores share their average
 rank, so a method that ties many samples, such as a class mask, adds no id order of its own),
-combined per sample by their mean (``rank-mean``) or their best (``rank-min``); the fused score
-is 1 minus that, so higher still means keep first, and select ranks it as any other score (ties
-by the lower id). A sample some method left unscored (NaN) is NaN in the fused score: never
+combined per sample by their mean (``rank-mean``), their best (``rank-min``: the union of the
+scores' top lists) or their worst (``rank-max``: their intersection, a sample kept only as far
+as every score ranks it high, as DataComp intersects its filters); the fused score is 1 minus
+that, so higher still means keep first, and select ranks it as any other score (ties by the
+lower id). A sample some method left unscored (NaN) is NaN in the fused score: never
 selected.
 
 A NaN threshold is refused (no score is >= NaN). A budget that selects nothing (a threshold
@@ -46,7 +48,7 @@ def rank_ids(scores: np.ndarray) -> np.ndarray:
     return ids[order]
 
 
-COMBINE = ("rank-mean", "rank-min")
+COMBINE = ("rank-mean", "rank-min", "rank-max")
 
 
 def normalised_ranks(scores: np.ndarray, scored: np.ndarray) -> np.ndarray:
@@ -67,7 +69,9 @@ def fuse_ranks(arrays: list[np.ndarray], combine: str) -> np.ndarray:
     """(N,) float64 fused score of several (N,) score arrays, higher = keep first, in [0, 1].
 
     Ranks are taken over the samples every array scores; the rest are NaN. ``rank-mean``:
-    1 - the mean normalised rank; ``rank-min``: 1 - the best normalised rank.
+    1 - the mean normalised rank; ``rank-min``: 1 - the best normalised rank; ``rank-max``:
+    1 - the worst, so the samples at or above a fused score t are exactly those every array
+    ranks within its best 1 - t.
     """
     if combine not in COMBINE:
         raise ValueError(f"unknown --combine {combine!r}; valid: {', '.join(COMBINE)}")
@@ -76,7 +80,7 @@ def fuse_ranks(arrays: list[np.ndarray], combine: str) -> np.ndarray:
     arrays = [np.asarray(a, dtype=np.float64) for a in arrays]
     scored = np.logical_and.reduce([~np.isnan(a) for a in arrays])
     ranks = np.stack([normalised_ranks(a, scored) for a in arrays])
-    combined = ranks.mean(axis=0) if combine == "rank-mean" else ranks.min(axis=0)
+    combined = {"rank-mean": np.mean, "rank-min": np.min, "rank-max": np.max}[combine](ranks, axis=0)
     return 1.0 - combined
 
 
