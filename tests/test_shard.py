@@ -245,6 +245,38 @@ def test_wide_samples_are_scaled_to_8_bits(tmp_path, make, mode):
     assert out.mean() == pytest.approx(127.5, abs=2)
 
 
+def _transparent_corner(mode: str) -> Image.Image:
+    """A 32x32 image in ``mode`` whose left half is opaque dark red and whose right half is
+    transparent over a bright green no viewer shows (as PNG optimisers leave it)."""
+    rgba = np.zeros((32, 32, 4), dtype=np.uint8)
+    rgba[:, :16] = (120, 0, 0, 255)
+    rgba[:, 16:] = (0, 255, 0, 0)
+    im = Image.fromarray(rgba, "RGBA")
+    if mode == "LA":
+        return im.convert("LA")
+    if mode == "P":  # a palette image with one transparent index
+        p = Image.fromarray(rgba[..., :3]).convert("P", palette=Image.ADAPTIVE, colors=4)
+        green = p.getpixel((20, 0))
+        p.info["transparency"] = green
+        return p
+    return im
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparent_pixels_are_laid_over_white(tmp_path, mode):
+    import io
+
+    src = tmp_path / "src"
+    (src / "icons").mkdir(parents=True)
+    _transparent_corner(mode).save(src / "icons" / "icon.png")
+    shard(ShardConfig(src, tmp_path / "out", workers=1, quiet=True))
+    (sample,) = wds.WebDataset(str(Dataset.open(tmp_path / "out").shard_path(0)), shardshuffle=False)
+    out = np.asarray(Image.open(io.BytesIO(sample["jpg"])).convert("RGB"), dtype=np.float64)
+    assert out[:, 20:].mean(axis=(0, 1)) == pytest.approx([255, 255, 255], abs=3)  # white, not green
+    opaque = out[:, :12].mean(axis=(0, 1))
+    assert opaque[0] > opaque[1] + 20 if mode != "LA" else opaque.max() < 100  # the opaque half kept
+
+
 def test_skip_reasons_hold_no_object_addresses(dataset_dir):
     report = json.loads((dataset_dir / "shard_report.json").read_text())
     reasons = [r["reason"] for r in report["skipped_inputs"]]

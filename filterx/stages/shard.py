@@ -100,7 +100,7 @@ def encode_jpeg(data: bytes, resize_short: int | None) -> bytes:
         if resize_short and im.format == "JPEG":
             # DCT-domain downscale first (exact enough: the final resize is done below).
             im.draft("RGB", (resize_short, resize_short))
-        im = to_8bit(im).convert("RGB")
+        im = to_rgb(im)
         if resize_short and min(im.size) > resize_short:
             w, h = im.size
             s = resize_short / min(w, h)
@@ -108,6 +108,26 @@ def encode_jpeg(data: bytes, resize_short: int | None) -> bytes:
         buf = io.BytesIO()
         im.save(buf, format="JPEG", quality=JPEG_QUALITY)
         return buf.getvalue()
+
+
+# Transparent pixels are laid over white, as a viewer shows them. PIL's convert("RGB") keeps
+# whatever colour the encoder left under alpha 0 (PNG optimisers bleed neighbouring colours
+# there), which would put smeared backgrounds into the tars that no one meant to be seen.
+ALPHA_BACKGROUND = (255, 255, 255)
+
+
+def to_rgb(im):
+    """A PIL image as mode RGB: wide samples scaled to 8 bits (``to_8bit``), transparency
+    (an alpha band, or a palette / grey / RGB image's transparent colour) composited onto
+    ``ALPHA_BACKGROUND``."""
+    from PIL import Image
+
+    im = to_8bit(im)
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")
 
 
 def to_8bit(im):
