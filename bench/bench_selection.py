@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.selection_pools import POOLS, make_pool, make_target, pixel_features, reference_scores, relevant_mask
+from bench.selection_pools import PIXELS, POOLS, make_pool, make_target, pixel_features, reference_scores, relevant_mask
 from bench.suite import Rows, option_tuple
 
 BUDGETS = (0.06, 0.12)
@@ -128,9 +128,10 @@ def _select_precisions(name: str, pool: dict, stored: str, manifest_name: str, v
         values[(name, b)] = precision_at(pool["relevant"], read_manifest(manifest).ids)
 
 
-def _row(method: str, encoder: str, values: dict, seconds: float | None) -> dict:
+def _row(method: str, encoder: str, values: dict, seconds: float | None, pools) -> dict:
+    """One table row: precision per pool (``pools``: their names, in column order) and budget."""
     row = {"method": method, "encoder": encoder}
-    for pool in POOLS:
+    for pool in pools:
         for b in BUDGETS:
             row[f"{pool}@{round(b * 100)}%"] = values.get((pool, b))
     row["seconds"] = None if seconds is None else round(seconds, 1)
@@ -138,7 +139,8 @@ def _row(method: str, encoder: str, values: dict, seconds: float | None) -> dict
 
 
 def _train_encoders(root: Path, target: Path, pools: dict, chosen, *, backbone: str, epochs: int,
-                    resolution: int, moco_epochs: int, seed: int, device: str) -> dict[str, dict]:
+                    resolution: int, moco_epochs: int, seed: int, device: str,
+                    moco_resolution: int = MOCO_RESOLUTION) -> dict[str, dict]:
     """Per encoder key: ``paths`` (pool name -> encoder file: one file for every pool, except
     moco's and moco-ft's, trained on each pool), ``val_accs`` (pool name -> held-out accuracy),
     ``label``, ``seconds`` (training, all pools; moco-ft's includes the MoCo training where moco
@@ -156,7 +158,7 @@ def _train_encoders(root: Path, target: Path, pools: dict, chosen, *, backbone: 
             if name not in moco:
                 path = root / f"encoder-moco-{name}.pt"
                 s = train_moco_encoder(MocoEncoderConfig(
-                    target, path, arch="resnet18", resolution=MOCO_RESOLUTION, epochs=moco_epochs,
+                    target, path, arch="resnet18", resolution=moco_resolution, epochs=moco_epochs,
                     with_pool=pool["ds"], augment=moco_augment(SMALL_IMAGE_VIEWS), device=device, seed=seed,
                     quiet=True))
                 moco[name] = (path, s.val_acc)
@@ -168,16 +170,16 @@ def _train_encoders(root: Path, target: Path, pools: dict, chosen, *, backbone: 
             trained = moco_encoders()
             paths = {name: path for name, (path, _) in trained.items()}
             accs = {name: acc for name, (_, acc) in trained.items()}
-            label = f"resnet18 by MoCo v2 on each pool + target ({MOCO_RESOLUTION} px, {moco_epochs} ep) + probe"
+            label = f"resnet18 by MoCo v2 on each pool + target ({moco_resolution} px, {moco_epochs} ep) + probe"
         elif key == "moco-ft":
             paths, accs = {}, {}
             for name, (init, _) in moco_encoders().items():
                 paths[name] = root / f"encoder-moco-ft-{name}.pt"
-                s = train_encoder(EncoderConfig(target, paths[name], arch="resnet18", resolution=MOCO_RESOLUTION,
+                s = train_encoder(EncoderConfig(target, paths[name], arch="resnet18", resolution=moco_resolution,
                                                 epochs=epochs, batch_size=64, device=device, seed=seed, quiet=True,
                                                 init=init))
                 accs[name] = s.val_acc
-            label = (f"moco's encoders fine-tuned on the target's labels ({MOCO_RESOLUTION} px, {epochs} ep, "
+            label = (f"moco's encoders fine-tuned on the target's labels ({moco_resolution} px, {epochs} ep, "
                      f"train-encoder --init)")
         else:
             path = root / f"encoder-{key}.pt"
@@ -223,7 +225,7 @@ def _filterx_rows(pools: dict, target: Path, encoders: dict, *, seed: int, devic
                                   device=device, quiet=True))
                 _select_precisions(name, pool, stored, stored, values)
                 seconds += time.perf_counter() - t
-            rows.append(_row(label, key, values, seconds))
+            rows.append(_row(label, key, values, seconds, pools))
             _log(f"{key} {label}: " + ", ".join(f"{p}@{round(b * 100)}% {v:.2f}" for (p, b), v in values.items())
                  + f" ({seconds:.1f}s)")
         for label, parts, combine in FUSED:
@@ -231,7 +233,7 @@ def _filterx_rows(pools: dict, target: Path, encoders: dict, *, seed: int, devic
             stored = ",".join(f"{key}-{_slug(part)}" for part in parts)
             for name, pool in pools.items():
                 _select_precisions(name, pool, stored, f"{key}-{_slug(label)}", values, combine=combine)
-            rows.append(_row(label, key, values, time.perf_counter() - t))
+            rows.append(_row(label, key, values, time.perf_counter() - t, pools))
     for label, parts, combine in CROSS_FUSED:
         if not all(key in encoders for key, _ in parts):
             continue
@@ -239,7 +241,7 @@ def _filterx_rows(pools: dict, target: Path, encoders: dict, *, seed: int, devic
         stored = ",".join(f"{key}-{_slug(part)}" for key, part in parts)
         for name, pool in pools.items():
             _select_precisions(name, pool, stored, _slug(label), values, combine=combine)
-        rows.append(_row(label, " + ".join(key for key, _ in parts), values, time.perf_counter() - t))
+        rows.append(_row(label, " + ".join(key for key, _ in parts), values, time.perf_counter() - t, pools))
     return rows
 
 
@@ -256,7 +258,7 @@ def _pixel_rows(pools: dict, target: Path, *, seed: int, device: str) -> list[di
     seconds = time.perf_counter() - t
     _log(f"{label}: " + ", ".join(f"{p}@{round(b * 100)}% {v:.2f}" for (p, b), v in values.items())
          + f" ({seconds:.1f}s)")
-    return [_row(label, "none (pixels)", values, seconds)]
+    return [_row(label, "none (pixels)", values, seconds, pools)]
 
 
 def _reference_rows(pools: dict, target: Path, train_ids: np.ndarray, *, seed: int) -> list[dict]:
@@ -279,8 +281,51 @@ def _reference_rows(pools: dict, target: Path, train_ids: np.ndarray, *, seed: i
         # the four references share the features and are fitted together: the time is theirs together
         seconds[name] = time.perf_counter() - t - feature_s
     total = sum(seconds.values())
-    return [_row(label, f"pixels {16}x{16} (sklearn)", v, total if i == 0 else None)
+    return [_row(label, f"pixels {PIXELS}x{PIXELS} (sklearn)", v, total if i == 0 else None, pools)
             for i, (label, v) in enumerate(values.items())]
+
+
+def check_encoders(encoders) -> tuple[str, ...]:
+    """The encoder keys of an ``encoders`` option (a tuple or "a,b"), checked against
+    ``ENCODERS``; also refuses to run while a registered scorer is neither run nor in NOT_RUN."""
+    from filterx.scorers import list_scorers
+
+    chosen = option_tuple(encoders)
+    bad = [e for e in chosen if e not in ENCODERS]
+    if bad or not chosen:
+        raise ValueError(f"unknown encoders {bad or '(none)'}; valid: {', '.join(ENCODERS)}")
+    unknown = sorted(set(list_scorers()) - {m for _, m, _ in variants()} - set(NOT_RUN))
+    if unknown:
+        raise RuntimeError(f"scorers {unknown} are registered but neither benchmarked nor listed in NOT_RUN")
+    return chosen
+
+
+def evaluate(root: Path, target: Path, pools: dict, chosen, *, backbone: str, epochs: int, resolution: int,
+             moco_epochs: int, references: bool, seed: int, device: str,
+             moco_resolution: int = MOCO_RESOLUTION) -> tuple[list[dict], dict, np.ndarray]:
+    """Every row for ``pools`` (name -> ``{"ds": dataset dir, "relevant": (N,) bool, "size": N}``),
+    which share the sharded ``target``: the encoders ``chosen`` trained, each method scored and
+    selected, the pixel classifier, the references (where ``references``), random's expected
+    share and the best possible. Returns the rows, the encoders (``_train_encoders``) and the
+    target's training split (sample ids)."""
+    from filterx.models.encoder import read_encoder_file
+
+    encs = _train_encoders(root, target, pools, chosen, backbone=backbone, epochs=epochs,
+                           resolution=resolution, moco_epochs=moco_epochs, seed=seed, device=device,
+                           moco_resolution=moco_resolution)
+    rows = _filterx_rows(pools, target, encs, seed=seed, device=device)
+    rows += _pixel_rows(pools, target, seed=seed, device=device)
+    first = next(iter(encs.values()))["paths"]  # every encoder file holds the same target split
+    split = read_encoder_file(next(iter(first.values())))
+    train_ids = np.asarray(split["train_ids"], dtype=np.int64)
+    if references:
+        rows += _reference_rows(pools, target, train_ids, seed=seed)
+    expected = {(n, b): float(p["relevant"].mean()) for n, p in pools.items() for b in BUDGETS}
+    best = {(n, b): min(1.0, p["relevant"].sum() / max(round(b * p["size"]), 1))
+            for n, p in pools.items() for b in BUDGETS}
+    rows.append(_row("random (expected)", "-", expected, None, pools))
+    rows.append(_row("best possible", "-", best, None, pools))
+    return rows, encs, train_ids
 
 
 def run(quick: bool, *, per_class: int | None = None, digits_per_class: int | None = None,
@@ -312,20 +357,12 @@ def run(quick: bool, *, per_class: int | None = None, digits_per_class: int | No
 def _run(quick: bool, *, per_class, digits_per_class, target_per_class, epochs, resolution, backbone, moco_epochs,
          encoders, references, seed, device, work, threads) -> Rows:
     from filterx.io.dataset import Dataset
-    from filterx.models.encoder import read_encoder_file
-    from filterx.scorers import list_scorers
     from filterx.stages.shard import ShardConfig, shard
 
-    chosen = option_tuple(encoders)
-    bad = [e for e in chosen if e not in ENCODERS]
-    if bad or not chosen:
-        raise ValueError(f"unknown encoders {bad or '(none)'}; valid: {', '.join(ENCODERS)}")
+    chosen = check_encoders(encoders)
     sizes = dict(SIZES[bool(quick)])
     sizes.update({k: v for k, v in (("per_class", per_class), ("digits_per_class", digits_per_class))
                   if v is not None})
-    unknown = sorted(set(list_scorers()) - {m for _, m, _ in variants()} - set(NOT_RUN))
-    if unknown:
-        raise RuntimeError(f"scorers {unknown} are registered but neither benchmarked nor listed in NOT_RUN")
     t0 = time.perf_counter()
     with _workdir(work) as root:
         target = root / "target"
@@ -341,20 +378,9 @@ def _run(quick: bool, *, per_class, digits_per_class, target_per_class, epochs, 
         data_s = time.perf_counter() - t0
         _log("pools " + ", ".join(f"{n} {p['size']} ({p['relevant'].sum()} relevant)" for n, p in pools.items())
              + f"; made and sharded in {data_s:.0f}s")
-        encs = _train_encoders(root, target, pools, chosen, backbone=backbone, epochs=epochs,
-                               resolution=resolution, moco_epochs=moco_epochs, seed=seed, device=device)
-        rows = _filterx_rows(pools, target, encs, seed=seed, device=device)
-        rows += _pixel_rows(pools, target, seed=seed, device=device)
-        first = next(iter(encs.values()))["paths"]  # every encoder file holds the same target split
-        split = read_encoder_file(next(iter(first.values())))
-        train_ids = np.asarray(split["train_ids"], dtype=np.int64)
-        if references:
-            rows += _reference_rows(pools, target, train_ids, seed=seed)
-        expected = {(n, b): float(p["relevant"].mean()) for n, p in pools.items() for b in BUDGETS}
-        best = {(n, b): min(1.0, p["relevant"].sum() / max(round(b * p["size"]), 1))
-                for n, p in pools.items() for b in BUDGETS}
-        rows.append(_row("random (expected)", "-", expected, None))
-        rows.append(_row("best possible", "-", best, None))
+        rows, encs, train_ids = evaluate(root, target, pools, chosen, backbone=backbone, epochs=epochs,
+                                         resolution=resolution, moco_epochs=moco_epochs, references=references,
+                                         seed=seed, device=device)
         n_target = len(Dataset.open(target).labels)
     total = time.perf_counter() - t0
     notes = ["pools (images, relevant, share): " + "; ".join(

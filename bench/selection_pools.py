@@ -61,13 +61,16 @@ def relevant_mask(labels: np.ndarray, class_names: list[str]) -> np.ndarray:
 
 
 def pixel_features(paths, size: int = PIXELS) -> np.ndarray:
-    """(N, size*size*3) float32 in [0, 1]: each image resized (bilinear) to size x size RGB."""
+    """(N, size*size*3) float32 in [0, 1]: each image resized (bilinear) to size x size RGB,
+    made RGB as ``filterx shard`` makes it (transparency laid over white)."""
     from PIL import Image
+
+    from filterx.stages.shard import to_rgb
 
     out = np.empty((len(paths), size * size * 3), dtype=np.float32)
     for i, p in enumerate(paths):
         with Image.open(p) as im:
-            out[i] = np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR),
+            out[i] = np.asarray(to_rgb(im).resize((size, size), Image.BILINEAR),
                                 dtype=np.float32).reshape(-1) / 255.0
     return out
 

@@ -67,6 +67,9 @@ register_suite("kmeans", "bench.bench_kmeans", "FAISS k-means against filterx's 
 register_suite("selection", "bench.bench_selection",
                "precision of each method's selection at 6% and 12% on pools with a known relevant "
                "part (easy, medium, hard), per encoder, against scikit-learn references")
+register_suite("emoji", "bench.bench_emoji",
+               "the selection suite on real images new to filterx: emoji of four artists, a target "
+               "category drawn by a fifth; precision at 6% and 12% per method and encoder")
 register_suite("ray", "bench.bench_ray",
                "shard and embed with --runner ray against --runner local on this machine (ratio, one run)")
 register_suite("scale", "bench.bench_scale",

@@ -1,0 +1,93 @@
+"""emoji: the selection suite's methods and encoders on real images new to filterx.
+
+    python -m bench --suite emoji [--quick] [--opt emoji.category="Food & Drink"] [--opt emoji.work=DIR]
+
+One pool of real drawings with a known relevant part (``bench/emoji_pool.py``): the base emoji
+of four artists (Apple, Google, Twitter, Facebook; 7,590 images) and a target of one Unicode
+category drawn by a fifth (EmojiOne; "Animals & Nature" by default: 114 images in 8
+subcategories, its labels). Relevant: the pool images of that category, the target's object
+categories drawn by other artists (634, 8.4 %). With ``--quick`` the pool holds two artists'
+images (Apple, Google), with the same relevant share. The images are fetched once with
+``npm pack`` (``emoji-datasource-*``) into the bench's data cache.
+
+Everything else is the selection suite's (``bench/bench_selection.py``), unchanged: the same
+encoders (``target``: a ResNet-18 trained on the target's training split, 64 px, 20 epochs;
+``backbone``; ``moco``: MoCo v2 on the pool and the target, 32 px; ``moco-ft``), the same
+methods with the same settings, the pixel domain classifier, the scikit-learn references on
+16x16 pixels, the precision at 6 % and 12 % of the pool. Nothing in filterx was chosen on this
+pool.
+"""
+
+from __future__ import annotations
+
+import time
+
+from bench import emoji_pool
+from bench.bench_selection import (DEFAULT_BACKBONE, ENCODERS, MOCO_RESOLUTION, _accuracies, _log, _workdir, check_encoders,
+                                   evaluate)
+from bench.suite import Rows, option_tuple
+
+QUICK_VENDORS = ("apple", "google")
+
+
+def run(quick: bool, *, category: str = emoji_pool.TARGET_CATEGORY, vendors=None, epochs: int = 20,
+        resolution: int = 64, backbone: str = DEFAULT_BACKBONE, moco_epochs: int = 40,
+        moco_resolution: int = MOCO_RESOLUTION, encoders=ENCODERS,
+        references: bool = True, seed: int = 0, device: str = "auto", work: str | None = None,
+        threads: int = 1) -> Rows:
+    """The table: one row per (method, encoder) and per reference, columns the precision at
+    each budget on the pool. ``vendors``: the pool's artists (default all four, two with
+    ``quick``); ``threads``: torch's intra-op threads while it runs (as in the selection suite)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        return _run(quick, category=category, vendors=vendors, epochs=epochs, resolution=resolution,
+                    backbone=backbone, moco_epochs=int(moco_epochs), moco_resolution=int(moco_resolution),
+                    encoders=encoders, references=references,
+                    seed=seed, device=device, work=work, threads=int(threads))
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(quick, *, category, vendors, epochs, resolution, backbone, moco_epochs, moco_resolution, encoders, references, seed,
+         device, work, threads) -> Rows:
+    from bench.images import default_data_dir
+    from filterx.io.dataset import Dataset
+    from filterx.stages.shard import ShardConfig, shard
+
+    chosen = check_encoders(encoders)
+    vendors = option_tuple(vendors) if vendors else (QUICK_VENDORS if quick else emoji_pool.POOL_VENDORS)
+    t0 = time.perf_counter()
+    packages = emoji_pool.fetch(default_data_dir() / "emoji")
+    with _workdir(work) as root:
+        target = root / "target"
+        emoji_pool.make_target(packages, root / "raw-target", category)
+        shard(ShardConfig(root / "raw-target", target, shard_size=1000, workers=2, quiet=True))
+        emoji_pool.make_pool(packages, root / "raw-pool", vendors)
+        shard(ShardConfig(root / "raw-pool", root / "emoji", shard_size=1000, workers=2, quiet=True))
+        ds = Dataset.open(root / "emoji")
+        relevant = emoji_pool.relevant_mask(ds.labels, [c.name for c in ds.classes], category)
+        n_pool = int(ds.num_samples)
+        pools = {"emoji": {"ds": root / "emoji", "relevant": relevant, "size": n_pool}}
+        data_s = time.perf_counter() - t0
+        _log(f"pool emoji {n_pool} ({int(relevant.sum())} relevant); made and sharded in {data_s:.0f}s")
+        rows, encs, train_ids = evaluate(root, target, pools, chosen, backbone=backbone, epochs=epochs,
+                                         resolution=resolution, moco_epochs=moco_epochs, references=references,
+                                         moco_resolution=moco_resolution,
+                                         seed=seed, device=device)
+        tds = Dataset.open(target)
+        n_target, target_classes = len(tds.labels), [c.name for c in tds.classes]
+    total = time.perf_counter() - t0
+    notes = [f"pool: {', '.join(vendors)} (emoji-datasource {emoji_pool.POOL_VERSION}), {n_pool} images, "
+             f"{int(relevant.sum())} relevant ({relevant.mean():.1%}): category {category!r}",
+             f"target: {n_target} images of {category!r} by {emoji_pool.TARGET_VENDOR} (emoji-datasource-"
+             f"{emoji_pool.TARGET_VENDOR} {emoji_pool.TARGET_VERSION}), {len(target_classes)} classes "
+             f"({', '.join(target_classes)}); {len(train_ids)} in the encoders' training split, which the "
+             f"references use too",
+             *(f"encoder {e['label']}: held-out accuracy {_accuracies(e['val_accs'])}; trained in {e['seconds']:.0f}s, "
+               f"pool embedded in {e['embed_seconds']:.0f}s" for e in encs.values()),
+             "seconds: score + select (references: fitting and scoring, all four together)",
+             f"wall time {total:.0f}s (data {data_s:.0f}s), {threads} torch thread(s), seed {seed}"]
+    return Rows(rows, notes)
