@@ -136,3 +136,47 @@ def test_shard_lays_the_drawings_over_white(packages, tmp_path):
     feats = pixel_features([src / p for p in ds.paths], size=8)
     corners = feats.reshape(-1, 8, 8, 3)[:, 0, 0]
     np.testing.assert_allclose(corners, 1.0, atol=0.02)
+
+
+def test_emoji_suite_end_to_end_at_a_tiny_size(tmp_path, monkeypatch):
+    """The suite on a made-up emoji set laid out as the packages are (40 emoji, 16 of them
+    animals): every method's row on one pool, the references, random's share = the relevant one."""
+    from bench import bench_emoji, bench_selection
+
+    cache = tmp_path / "data" / "emoji"
+    rng = np.random.default_rng(0)
+    entries, old = [], []
+    for i in range(40):
+        animal = i < 16
+        code = f"1F{400 + i:03X}"
+        e = _entry(code, "Animals & Nature" if animal else "Objects",
+                   ("animal-mammal", "animal-bird")[i % 2] if animal else ("tool", "office")[i % 2],
+                   emoji_pool.POOL_VENDORS)
+        entries.append(e)
+        colour = tuple(int(c) for c in (rng.integers(120, 256), rng.integers(0, 80), 40)) if animal else \
+            tuple(int(c) for c in (40, rng.integers(0, 80), rng.integers(120, 256)))
+        for k, v in enumerate(emoji_pool.POOL_VENDORS):
+            _png(cache / f"emoji-datasource-{v}-{emoji_pool.POOL_VERSION}" / "img" / v / "64" / e["image"],
+                 colour, seed=i * 10 + k)
+        if animal:
+            for j in range(3):  # the target's artist draws every animal three times over (variants)
+                img = f"{code.lower()}-{j}.png"
+                old.append({"unified": code, "image": img, "category": "Animals & Nature", "has_img_emojione": True})
+                _png(cache / f"emoji-datasource-emojione-{emoji_pool.TARGET_VERSION}" / "img" / "emojione" / "64" / img,
+                     colour, seed=1000 + 3 * i + j)
+    for v in emoji_pool.POOL_VENDORS:
+        (cache / f"emoji-datasource-{v}-{emoji_pool.POOL_VERSION}" / "emoji.json").write_text(json.dumps(entries))
+    (cache / f"emoji-datasource-emojione-{emoji_pool.TARGET_VERSION}" / "emoji.json").write_text(json.dumps(old))
+    monkeypatch.setenv("FILTERX_BENCH_DATA", str(tmp_path / "data"))
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # nothing is fetched
+
+    rows = bench_emoji.run(True, epochs=1, moco_epochs=1, encoders="target,moco", work=str(tmp_path / "work"))
+    table = {(r["method"], r["encoder"]): r for r in rows}
+    assert all(set(r) == {"method", "encoder", "emoji@6%", "emoji@12%", "seconds"} for r in rows)
+    for enc in ("target", "moco"):
+        for label, _, _ in bench_selection.variants():
+            assert 0.0 <= table[(label, enc)]["emoji@6%"] <= 1.0
+    assert table[("random (expected)", "-")]["emoji@6%"] == pytest.approx(32 / 80)  # two artists with --quick
+    assert any(enc == "pixels 16x16 (sklearn)" for _, enc in table)
+    assert any("pool: apple, google" in n and "80 images, 32 relevant" in n for n in rows.notes)
+    assert any("48 images of 'Animals & Nature' by emojione" in n for n in rows.notes)
