@@ -23,8 +23,8 @@ from __future__ import annotations
 import time
 
 from bench import emoji_pool
-from bench.bench_selection import (DEFAULT_BACKBONE, ENCODERS, MOCO_RESOLUTION, _accuracies, _log, _workdir, check_encoders,
-                                   evaluate)
+from bench.bench_selection import (DEFAULT_BACKBONE, ENCODERS, MOCO_RESOLUTION, _log, _workdir, check_encoders,
+                                   evaluate, run_notes)
 from bench.suite import Rows, option_tuple
 
 QUICK_VENDORS = ("apple", "google")
@@ -86,8 +86,6 @@ def _run(quick, *, category, vendors, epochs, resolution, backbone, moco_epochs,
              f"{emoji_pool.TARGET_VENDOR} {emoji_pool.TARGET_VERSION}), {len(target_classes)} classes "
              f"({', '.join(target_classes)}); {len(train_ids)} in the encoders' training split, which the "
              f"references use too",
-             *(f"encoder {e['label']}: held-out accuracy {_accuracies(e['val_accs'])}; trained in {e['seconds']:.0f}s, "
-               f"pool embedded in {e['embed_seconds']:.0f}s" for e in encs.values()),
              "seconds: score + select (references: fitting and scoring, all four together)",
-             f"wall time {total:.0f}s (data {data_s:.0f}s), {threads} torch thread(s), seed {seed}"]
+             *run_notes(encs, total=total, data_s=data_s, threads=threads, seed=seed)]
     return Rows(rows, notes)

@@ -388,9 +388,15 @@ def _run(quick: bool, *, per_class, digits_per_class, target_per_class, epochs, 
              + f" (per_class {sizes['per_class']} for photos and textures, {sizes['digits_per_class']} per digit class)",
              f"target: {n_target} images of digits 0-4 ({len(train_ids)} in the encoders' training split, "
              f"which the references use too)",
-             *(f"encoder {e['label']}: held-out accuracy {_accuracies(e['val_accs'])}; trained in {e['seconds']:.0f}s, "
-               f"pools embedded in {e['embed_seconds']:.0f}s" for e in encs.values()),
              "seconds: score + select over the three pools (references: fitting and scoring, all four together)",
-             *(f"not run: {m}: {why}" for m, why in NOT_RUN.items()),
-             f"wall time {total:.0f}s (data {data_s:.0f}s), {threads} torch thread(s), seed {seed}"]
+             *run_notes(encs, total=total, data_s=data_s, threads=threads, seed=seed)]
     return Rows(rows, notes)
+
+
+def run_notes(encs: dict, *, total: float, data_s: float, threads: int, seed: int) -> list[str]:
+    """The notes every selection table ends with: the encoders (held-out accuracy, times), the
+    methods not run and why, the wall time."""
+    return [*(f"encoder {e['label']}: held-out accuracy {_accuracies(e['val_accs'])}; trained in "
+              f"{e['seconds']:.0f}s, pools embedded in {e['embed_seconds']:.0f}s" for e in encs.values()),
+            *(f"not run: {m}: {why}" for m, why in NOT_RUN.items()),
+            f"wall time {total:.0f}s (data {data_s:.0f}s), {threads} torch thread(s), seed {seed}"]
