@@ -304,7 +304,8 @@ def test_selection_suite_covers_the_registry_and_refuses_unknown_encoders():
     for _, parts, combine in bench_selection.FUSED:  # fused rows read scores the suite stores
         assert set(parts) <= labels and combine in COMBINE
     for _, parts, combine in bench_selection.CROSS_FUSED:  # and across encoders the suite trains
-        assert all(key in bench_selection.ENCODERS and part in labels for key, part in parts)
+        assert all(key in bench_selection.ENCODERS and part in labels
+                   or (key, part) == (bench_selection.PIXEL_KEY, bench_selection.PIXEL_VARIANT[0]) for key, part in parts)
         assert combine in COMBINE
     with pytest.raises(ValueError, match="unknown encoders .*nope.*valid: target, backbone, moco"):
         bench_selection.run(True, encoders="target,nope")
@@ -325,8 +326,8 @@ def test_selection_suite_end_to_end_at_a_tiny_size(tmp_path):
             row = by_key[(label, enc)]
             assert all(0.0 <= row[c] <= 1.0 for c in cols), row
             assert row["seconds"] >= 0
-    for label, _, _ in bench_selection.CROSS_FUSED:  # every encoder ran: the cross-encoder fusions too
-        assert all(0.0 <= by_key[(label, "moco + moco-ft")][c] <= 1.0 for c in cols)
+    for label, parts, _ in bench_selection.CROSS_FUSED:  # every encoder ran: the cross-encoder fusions too
+        assert all(0.0 <= by_key[(label, " + ".join(key for key, _ in parts))][c] <= 1.0 for c in cols)
     refs = [r for r in rows if r["encoder"].startswith("pixels")]
     assert len(refs) == 4 and all(0.0 <= r[c] <= 1.0 for r in refs for c in cols)
     expected, best = by_key[("random (expected)", "-")], by_key[("best possible", "-")]

@@ -178,5 +178,7 @@ def test_emoji_suite_end_to_end_at_a_tiny_size(tmp_path, monkeypatch):
             assert 0.0 <= table[(label, enc)]["emoji@6%"] <= 1.0
     assert table[("random (expected)", "-")]["emoji@6%"] == pytest.approx(32 / 80)  # two artists with --quick
     assert any(enc == "pixels 16x16 (sklearn)" for _, enc in table)
+    fused = table[("rank-mean(domain-cls linear moco, domain-cls pixels)", "moco + pixels")]
+    assert 0.0 <= fused["emoji@6%"] <= 1.0
     assert any("pool: apple, google" in n and "80 images, 32 relevant" in n for n in rows.notes)
     assert any("48 images of 'Animals & Nature' by emojione" in n for n in rows.notes)
