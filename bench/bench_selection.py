@@ -63,20 +63,21 @@ EXTRA_VARIANTS = (
 FUSED = (
     ("rank-mean(knn-target, domain-cls mlp)", ("knn-target (k=10)", "domain-cls (mlp, 2 folds)"), "rank-mean"),
 )
-# Rank fusion across encoders, run where both ran: the distance to the target on moco's features
-# (appearance, which fine-tuning loses) with the outlier-exposure head on moco-ft's (the target's
-# classes, which moco's probe tells apart less well). Added after the quick runs at seeds 0-2 were
-# rescored this way (README, "Selection quality"), so those seeds do not test the choice.
 # The paper's domain classifier on pixels (domain-cls --on pixels) needs no encoder: one row, run
 # once, at the CPU settings the README gives (a narrow ResNet-18 at 32 px, 300 steps). In a
 # cross-encoder fusion its key is PIXEL_KEY.
 PIXEL_VARIANT = ("domain-cls (pixels, ResNet-18 width 16, 32 px)", "domain-cls",
                  {"on": "pixels", "width": 16, "resolution": 32, "steps": 300})
 PIXEL_KEY = "pixels"
-CROSS_FUSED = tuple(
-    (f"{combine}(knn-target moco, entropy low OE moco-ft)",
-     (("moco", "knn-target (k=10)"), ("moco-ft", "entropy (low, outlier exposure)")), combine)
-    for combine in ("rank-mean", "rank-max")) + (
+CROSS_FUSED = (
+    # Rank fusion across encoders, run where both ran: the distance to the target on moco's
+    # features (appearance, which fine-tuning loses) with the outlier-exposure head on moco-ft's
+    # (the target's classes, which moco's probe tells apart less well). Added after the quick runs
+    # at seeds 0-2 were rescored this way (README, "Selection quality"), so those seeds do not
+    # test the choice.
+    *((f"{combine}(knn-target moco, entropy low OE moco-ft)",
+       (("moco", "knn-target (k=10)"), ("moco-ft", "entropy (low, outlier exposure)")), combine)
+      for combine in ("rank-mean", "rank-max")),
     # Two target-vs-pool classifiers that share no features: on moco's embeddings and on the
     # pixels. Added after the emoji suite's first run ("Animals & Nature", where each alone kept
     # 0.40 and 0.39 at 6% and their rank mean 0.46 when computed on the kept scores), so that run
