@@ -11,11 +11,12 @@ Nature") and subcategory ("animal-mammal"). From them:
   (``emoji-datasource-emojione`` ``TARGET_VERSION``, matched to the pool's emoji.json by code
   point), labelled by subcategory: about a hundred images;
 - the **relevant part**: the pool images of the target's category, i.e. the target's object
-  categories drawn by other artists (8.3 % of the pool for "Animals & Nature").
+  categories drawn by other artists (8.4 % of the pool for "Animals & Nature").
 
 Images go to the ImageFolder trees as the packages ship them (RGBA PNG): ``filterx shard``
 re-encodes them as a user's run would. The packages are fetched with ``npm pack`` (the only
-network use: about 360 MB of tarballs, of which the 64 px images and emoji.json are kept, about 110 MB) into ``bench.images.default_data_dir() / "emoji"``.
+network use: about 360 MB of tarballs, of which the 64 px images and emoji.json are kept, about
+110 MB) into ``bench.images.default_data_dir() / "emoji"``.
 """
 
 from __future__ import annotations
