@@ -15,7 +15,8 @@ encoders (``target``: a ResNet-18 trained on the target's training split, 64 px,
 ``backbone``; ``moco``: MoCo v2 on the pool and the target, 32 px; ``moco-ft``), the same
 methods with the same settings, the pixel domain classifier, the scikit-learn references on
 16x16 pixels, the precision at 6 % and 12 % of the pool. Nothing in filterx was chosen on this
-pool.
+pool; the selection suites' ``moco + pixels`` fusion row was, on "Animals & Nature" (README,
+"Selection quality").
 """
 
 from __future__ import annotations
@@ -45,14 +46,14 @@ def run(quick: bool, *, category: str = emoji_pool.TARGET_CATEGORY, vendors=None
     try:
         return _run(quick, category=category, vendors=vendors, epochs=epochs, resolution=resolution,
                     backbone=backbone, moco_epochs=int(moco_epochs), moco_resolution=int(moco_resolution),
-                    encoders=encoders, references=references,
-                    seed=seed, device=device, work=work, threads=int(threads))
+                    encoders=encoders, references=references, seed=seed, device=device, work=work,
+                    threads=int(threads))
     finally:
         torch.set_num_threads(before)
 
 
-def _run(quick, *, category, vendors, epochs, resolution, backbone, moco_epochs, moco_resolution, encoders, references, seed,
-         device, work, threads) -> Rows:
+def _run(quick, *, category, vendors, epochs, resolution, backbone, moco_epochs, moco_resolution, encoders,
+         references, seed, device, work, threads) -> Rows:
     from bench.images import default_data_dir
     from filterx.io.dataset import Dataset
     from filterx.stages.shard import ShardConfig, shard
@@ -75,8 +76,7 @@ def _run(quick, *, category, vendors, epochs, resolution, backbone, moco_epochs,
         _log(f"pool emoji {n_pool} ({int(relevant.sum())} relevant); made and sharded in {data_s:.0f}s")
         rows, encs, train_ids = evaluate(root, target, pools, chosen, backbone=backbone, epochs=epochs,
                                          resolution=resolution, moco_epochs=moco_epochs, references=references,
-                                         moco_resolution=moco_resolution,
-                                         seed=seed, device=device)
+                                         moco_resolution=moco_resolution, seed=seed, device=device)
         tds = Dataset.open(target)
         n_target, target_classes = len(tds.labels), [c.name for c in tds.classes]
     total = time.perf_counter() - t0
