@@ -61,8 +61,11 @@ def fetch(cache: Path, vendors=POOL_VENDORS + (TARGET_VENDOR,)) -> dict[str, Pat
                 raise FileNotFoundError(f"{dest} is missing and npm is not installed to fetch {name}@{version}; "
                                         f"unpack that package there (emoji.json, img/{vendor}/64/)")
             with tempfile.TemporaryDirectory(dir=cache) as tmp:
-                subprocess.run(["npm", "pack", f"{name}@{version}", "--pack-destination", tmp],
-                               check=True, capture_output=True, text=True)
+                done = subprocess.run(["npm", "pack", f"{name}@{version}", "--pack-destination", tmp],
+                                      capture_output=True, text=True)
+                if done.returncode:  # npm's own last line says why (no network, unknown version, ...)
+                    why = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+                    raise RuntimeError(f"npm pack {name}@{version} failed: {why}")
                 (tgz,) = Path(tmp).glob("*.tgz")
                 _unpack(tgz, Path(tmp) / "unpacked", vendor)
                 if dest.exists():

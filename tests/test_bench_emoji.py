@@ -111,6 +111,12 @@ def test_refusals_name_the_bad_value(packages, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="unknown pool vendors \\['emojione'\\]; valid: apple, google"):
         emoji_pool.make_pool(found, tmp_path / "p", ("apple", "emojione"))
     shutil.rmtree(packages / f"emoji-datasource-google-{emoji_pool.POOL_VERSION}")
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/npm")
+    monkeypatch.setattr(emoji_pool.subprocess, "run", lambda *a, **k: emoji_pool.subprocess.CompletedProcess(
+        a[0], 1, "", "npm notice\nnpm error code E404\nnpm error 404 Not Found - GET .../emoji-datasource-google\n"))
+    with pytest.raises(RuntimeError, match="npm pack emoji-datasource-google@16.0.0 failed: npm error 404 Not Found"):
+        emoji_pool.fetch(packages)
+    assert not (packages / f"emoji-datasource-google-{emoji_pool.POOL_VERSION}").exists()  # nothing half-made
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(FileNotFoundError, match="npm is not installed to fetch emoji-datasource-google@16.0.0"):
         emoji_pool.fetch(packages)
