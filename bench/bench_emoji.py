@@ -24,8 +24,8 @@ from __future__ import annotations
 import time
 
 from bench import emoji_pool
-from bench.bench_selection import (DEFAULT_BACKBONE, ENCODERS, MOCO_RESOLUTION, _log, _workdir, check_encoders,
-                                   evaluate, run_notes)
+from bench.bench_selection import (DEFAULT_BACKBONE, ENCODERS, MOCO_RESOLUTION, MOCO_STEM, MOCO_WIDTH, _log,
+                                   _workdir, check_encoders, evaluate, moco_layout, run_notes)
 from bench.suite import Rows, option_tuple
 
 QUICK_VENDORS = ("apple", "google")
@@ -33,12 +33,15 @@ QUICK_VENDORS = ("apple", "google")
 
 def run(quick: bool, *, category: str = emoji_pool.TARGET_CATEGORY, vendors=None, epochs: int = 20,
         resolution: int = 64, backbone: str = DEFAULT_BACKBONE, moco_epochs: int = 40,
-        moco_resolution: int = MOCO_RESOLUTION, encoders=ENCODERS,
+        moco_resolution: int = MOCO_RESOLUTION, moco_width: int = MOCO_WIDTH, moco_stem: str = MOCO_STEM,
+        encoders=ENCODERS,
         references: bool = True, seed: int = 0, device: str = "auto", work: str | None = None,
         threads: int = 1) -> Rows:
     """The table: one row per (method, encoder) and per reference, columns the precision at
     each budget on the pool. ``vendors``: the pool's artists (default all four, two with
-    ``quick``); ``threads``: torch's intra-op threads while it runs (as in the selection suite)."""
+    ``quick``); ``moco_width`` / ``moco_stem``: the moco encoder's layout
+    (``bench_selection.moco_layout``); ``threads``: torch's intra-op threads while it runs (as in
+    the selection suite)."""
     import torch
 
     before = torch.get_num_threads()
@@ -46,13 +49,14 @@ def run(quick: bool, *, category: str = emoji_pool.TARGET_CATEGORY, vendors=None
     try:
         return _run(quick, category=category, vendors=vendors, epochs=epochs, resolution=resolution,
                     backbone=backbone, moco_epochs=int(moco_epochs), moco_resolution=int(moco_resolution),
+                    moco_model=moco_layout(moco_width, moco_stem),
                     encoders=encoders, references=references, seed=seed, device=device, work=work,
                     threads=int(threads))
     finally:
         torch.set_num_threads(before)
 
 
-def _run(quick, *, category, vendors, epochs, resolution, backbone, moco_epochs, moco_resolution, encoders,
+def _run(quick, *, category, vendors, epochs, resolution, backbone, moco_epochs, moco_resolution, moco_model, encoders,
          references, seed, device, work, threads) -> Rows:
     from bench.images import default_data_dir
     from filterx.io.dataset import Dataset
@@ -76,7 +80,8 @@ def _run(quick, *, category, vendors, epochs, resolution, backbone, moco_epochs,
         _log(f"pool emoji {n_pool} ({int(relevant.sum())} relevant); made and sharded in {data_s:.0f}s")
         rows, encs, train_ids = evaluate(root, target, pools, chosen, backbone=backbone, epochs=epochs,
                                          resolution=resolution, moco_epochs=moco_epochs, references=references,
-                                         moco_resolution=moco_resolution, seed=seed, device=device)
+                                         moco_resolution=moco_resolution, moco_model=moco_model, seed=seed,
+                                         device=device)
         tds = Dataset.open(target)
         n_target, target_classes = len(tds.labels), [c.name for c in tds.classes]
     total = time.perf_counter() - t0

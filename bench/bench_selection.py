@@ -51,6 +51,9 @@ ENCODERS = ("target", "backbone", "moco", "moco-ft")
 # The moco encoder's resolution: 32 px (a quarter of 64 px's compute, for CPU runs), with the
 # views for 32 px images (filterx.train.moco_views.SMALL_IMAGE_VIEWS).
 MOCO_RESOLUTION = 32
+# Its layout (build_model's options; train-encoder --width / --stem): MOCO_WIDTH's channels and
+# MOCO_STEM's stem.
+MOCO_WIDTH, MOCO_STEM = 64, "imagenet"
 # Pool-level methods and influence's variant for choosing data, at their defaults; the demo's
 # variants come first (filterx.stages.demo.VARIANTS).
 EXTRA_VARIANTS = (
@@ -92,6 +95,19 @@ NOT_RUN = {
                     "it does not look at the target",
 }
 SIZES = {True: {"per_class": 50, "digits_per_class": 25}, False: {"per_class": 150, "digits_per_class": 75}}
+
+
+def moco_layout(width: int = MOCO_WIDTH, stem: str = MOCO_STEM) -> dict:
+    """build_model's options for a ResNet of ``width`` first-stage channels with the ``stem``
+    stem: those that differ from the published layout (an empty dict for it)."""
+    return {k: v for k, v in (("width", int(width)), ("stem", stem)) if v != {"width": 64, "stem": "imagenet"}[k]}
+
+
+def layout_name(arch: str, layout: dict) -> str:
+    """"resnet18", or with its options: "resnet18 (width 32, small stem)"."""
+    parts = ([f"width {layout['width']}"] if "width" in layout else []) + \
+            ([f"{layout['stem']} stem"] if "stem" in layout else [])
+    return f"{arch} ({', '.join(parts)})" if parts else arch
 
 
 def variants() -> tuple[tuple[str, str, dict], ...]:
@@ -150,9 +166,10 @@ def _row(method: str, encoder: str, values: dict, seconds: float | None, pools) 
 
 def _train_encoders(root: Path, target: Path, pools: dict, chosen, *, backbone: str, epochs: int,
                     resolution: int, moco_epochs: int, seed: int, device: str,
-                    moco_resolution: int = MOCO_RESOLUTION) -> dict[str, dict]:
+                    moco_resolution: int = MOCO_RESOLUTION, moco_model: dict | None = None) -> dict[str, dict]:
     """Per encoder key: ``paths`` (pool name -> encoder file: one file for every pool, except
-    moco's and moco-ft's, trained on each pool), ``val_accs`` (pool name -> held-out accuracy),
+    moco's and moco-ft's, trained on each pool; moco's ResNet-18 in ``moco_model``'s layout, by
+    default :func:`moco_layout`'s), ``val_accs`` (pool name -> held-out accuracy),
     ``label``, ``seconds`` (training, all pools; moco-ft's includes the MoCo training where moco
     did not run before it)."""
     from filterx.train.encoder import EncoderConfig, train_encoder
@@ -161,6 +178,8 @@ def _train_encoders(root: Path, target: Path, pools: dict, chosen, *, backbone: 
     from filterx.train.moco_views import SMALL_IMAGE_VIEWS, moco_augment
 
     out = {}
+    layout = moco_layout() if moco_model is None else dict(moco_model)
+    net = layout_name("resnet18", layout)
     moco = {}  # pool name -> MoCo encoder file and held-out accuracy, trained once for moco and moco-ft
 
     def moco_encoders() -> dict[str, tuple[Path, float]]:
@@ -170,7 +189,7 @@ def _train_encoders(root: Path, target: Path, pools: dict, chosen, *, backbone: 
                 s = train_moco_encoder(MocoEncoderConfig(
                     target, path, arch="resnet18", resolution=moco_resolution, epochs=moco_epochs,
                     with_pool=pool["ds"], augment=moco_augment(SMALL_IMAGE_VIEWS), device=device, seed=seed,
-                    quiet=True))
+                    quiet=True, model_options=layout))
                 moco[name] = (path, s.val_acc)
         return moco
 
@@ -180,7 +199,7 @@ def _train_encoders(root: Path, target: Path, pools: dict, chosen, *, backbone: 
             trained = moco_encoders()
             paths = {name: path for name, (path, _) in trained.items()}
             accs = {name: acc for name, (_, acc) in trained.items()}
-            label = f"resnet18 by MoCo v2 on each pool + target ({moco_resolution} px, {moco_epochs} ep) + probe"
+            label = f"{net} by MoCo v2 on each pool + target ({moco_resolution} px, {moco_epochs} ep) + probe"
         elif key == "moco-ft":
             paths, accs = {}, {}
             for name, (init, _) in moco_encoders().items():
@@ -323,7 +342,7 @@ def check_encoders(encoders) -> tuple[str, ...]:
 
 def evaluate(root: Path, target: Path, pools: dict, chosen, *, backbone: str, epochs: int, resolution: int,
              moco_epochs: int, references: bool, seed: int, device: str,
-             moco_resolution: int = MOCO_RESOLUTION) -> tuple[list[dict], dict, np.ndarray]:
+             moco_resolution: int = MOCO_RESOLUTION, moco_model: dict | None = None) -> tuple[list[dict], dict, np.ndarray]:
     """Every row for ``pools`` (name -> ``{"ds": dataset dir, "relevant": (N,) bool, "size": N}``),
     which share the sharded ``target``: the encoders ``chosen`` trained, each method scored and
     selected, the pixel classifier, the references (where ``references``), random's expected
@@ -333,7 +352,7 @@ def evaluate(root: Path, target: Path, pools: dict, chosen, *, backbone: str, ep
 
     encs = _train_encoders(root, target, pools, chosen, backbone=backbone, epochs=epochs,
                            resolution=resolution, moco_epochs=moco_epochs, seed=seed, device=device,
-                           moco_resolution=moco_resolution)
+                           moco_resolution=moco_resolution, moco_model=moco_model)
     rows = _filterx_rows(pools, target, encs, seed=seed, device=device)
     rows += _pixel_rows(pools, target, seed=seed, device=device)
     rows += _cross_fused_rows(pools, encs)
@@ -352,11 +371,12 @@ def evaluate(root: Path, target: Path, pools: dict, chosen, *, backbone: str, ep
 
 def run(quick: bool, *, per_class: int | None = None, digits_per_class: int | None = None,
         target_per_class: int = 60, epochs: int = 20, resolution: int = 64, backbone: str = DEFAULT_BACKBONE,
-        moco_epochs: int = 40, encoders=ENCODERS, references: bool = True, seed: int = 0, device: str = "auto",
-        work: str | None = None, threads: int = 1):
+        moco_epochs: int = 40, moco_width: int = MOCO_WIDTH, moco_stem: str = MOCO_STEM, encoders=ENCODERS,
+        references: bool = True, seed: int = 0, device: str = "auto", work: str | None = None, threads: int = 1):
     """The table: one row per (method, encoder) and per reference; columns are the precision
     at each budget on each pool. Sizes: ``SIZES[quick]`` unless ``per_class`` /
-    ``digits_per_class`` are given.
+    ``digits_per_class`` are given. ``moco_width`` / ``moco_stem``: the moco encoder's ResNet-18
+    layout (:func:`moco_layout`).
 
     ``threads``: torch's intra-op threads while the suite runs (restored after). One by
     default: on the shared 2-core development machine, two made the domain classifier's
@@ -370,14 +390,14 @@ def run(quick: bool, *, per_class: int | None = None, digits_per_class: int | No
     try:
         return _run(quick, per_class=per_class, digits_per_class=digits_per_class,
                     target_per_class=target_per_class, epochs=epochs, resolution=resolution, backbone=backbone,
-                    moco_epochs=int(moco_epochs), encoders=encoders, references=references, seed=seed,
-                    device=device, work=work, threads=int(threads))
+                    moco_epochs=int(moco_epochs), moco_model=moco_layout(moco_width, moco_stem), encoders=encoders,
+                    references=references, seed=seed, device=device, work=work, threads=int(threads))
     finally:
         torch.set_num_threads(before)
 
 
 def _run(quick: bool, *, per_class, digits_per_class, target_per_class, epochs, resolution, backbone, moco_epochs,
-         encoders, references, seed, device, work, threads) -> Rows:
+         moco_model, encoders, references, seed, device, work, threads) -> Rows:
     from filterx.io.dataset import Dataset
     from filterx.stages.shard import ShardConfig, shard
 
@@ -402,7 +422,7 @@ def _run(quick: bool, *, per_class, digits_per_class, target_per_class, epochs, 
              + f"; made and sharded in {data_s:.0f}s")
         rows, encs, train_ids = evaluate(root, target, pools, chosen, backbone=backbone, epochs=epochs,
                                          resolution=resolution, moco_epochs=moco_epochs, references=references,
-                                         seed=seed, device=device)
+                                         moco_model=moco_model, seed=seed, device=device)
         n_target = len(Dataset.open(target).labels)
     total = time.perf_counter() - t0
     notes = ["pools (images, relevant, share): " + "; ".join(

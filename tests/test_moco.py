@@ -292,6 +292,28 @@ def test_train_encoder_init_fine_tunes_the_moco_backbone_on_the_labels(data, tmp
     assert code == 2 and "--init" in one_line(err)
 
 
+def test_a_narrow_small_stem_layout_goes_from_moco_through_init_to_embed(data, tmp_path):
+    from filterx.io.dataset import Dataset
+    from filterx.stages.embed import EmbedConfig, embed, read_embeddings
+
+    moco, tuned = tmp_path / "moco.pt", tmp_path / "ft.pt"
+    args = ("--resolution", "32", "--epochs", 1, "--batch-size", 16, "--workers", 0, "--device", "cpu", "-q")
+    code, _, err = run("train-encoder", data["tgt"], moco, "--objective", "moco", "--width", 8, "--stem", "small", *args)
+    assert code == 0, err
+    assert run("train-encoder", data["tgt"], tuned, "--init", moco, *args)[0] == 0  # the init's layout, unasked
+    for path in (moco, tuned):
+        enc = load_encoder(path)
+        assert enc.info["model_kwargs"] == {"width": 8, "stem": "small"}
+        assert enc.model.conv1.stride == (1, 1) and enc.info["feature_dim"] == 64
+    embed(EmbedConfig(data["tgt"], tuned, device="cpu", workers=0, quiet=True))
+    assert read_embeddings(Dataset.open(data["tgt"]), load_encoder(tuned).tag).shape == (30, 64)
+    code, _, err = run("train-encoder", data["tgt"], tmp_path / "x.pt", "--init", moco, "--width", 16, *args)
+    assert code == 2 and "built with {'width': 8, 'stem': 'small'}, not {'width': 16}" in one_line(err)
+    code, _, err = run("train-encoder", data["tgt"], tmp_path / "y.pt", "--probe-only", "--backbone",
+                       "torchvision:resnet18", "--stem", "small")
+    assert code == 2 and "--stem does not apply to a probe" in one_line(err)
+
+
 @pytest.mark.slow
 def test_info_nce_falls_over_training(pool_images):
     images, _ = pool_images

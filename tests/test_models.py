@@ -141,3 +141,26 @@ def test_resnet_width_narrows_every_stage_and_keeps_the_layout():
         build_model("resnet18", 2, width=0)
     with pytest.raises(ValueError, match="bad options"):
         build_model("alexnet_lrn", 2, width=16)
+
+
+def test_small_image_stem_keeps_the_map_and_the_layout():
+    from filterx.models.archs import model_stages
+
+    plain, small = build_model("resnet18", 3, width=16), build_model("resnet18", 3, width=16, stem="small")
+    assert small.conv1.kernel_size == (3, 3) and small.conv1.stride == (1, 1) and small.conv1.out_channels == 16
+    assert isinstance(small.maxpool, nn.Identity)
+    # the names and every shape but conv1's are the plain layout's: the same stages, the same head
+    shapes = lambda m: {n: p.shape for n, p in m.named_parameters()}  # noqa: E731
+    assert shapes(small).keys() == shapes(plain).keys()
+    assert {n for n in shapes(plain) if shapes(plain)[n] != shapes(small)[n]} == {"conv1.weight"}
+    layout = model_stages("resnet18")
+    assert {n.split(".")[0] for n in shapes(small)} <= set(layout.stem) | {p for _, ps in layout.stages for p in ps} | {layout.head}
+    # at 32 px the last stage sees 4x4 (the ImageNet stem: 1x1)
+    maps = {}
+    for name, m in (("plain", plain), ("small", small)):
+        m.layer4.register_forward_hook(lambda _m, _i, out, name=name: maps.__setitem__(name, out.shape[-2:]))
+        assert m(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    assert maps == {"plain": (1, 1), "small": (4, 4)}
+    assert build_model("resnet50", 2, stem="small").conv1.out_channels == 64
+    with pytest.raises(ValueError, match="unknown stem 'cifar'; valid: imagenet, small"):
+        build_model("resnet18", 2, stem="cifar")

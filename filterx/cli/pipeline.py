@@ -73,8 +73,13 @@ def encoder_config():
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--arch", cls=ConfigOption, config=encoder_config, type=RegistryChoice("arch", encoder_arch_names),
               help="torchvision ResNet, trained from scratch.")
-@click.option("--resolution", cls=ConfigOption, config=encoder_config, type=click.Choice(["224", "112", "64"]),
-              help="Input size in pixels; 64 is for tiny CPU runs such as the demo.")
+@click.option("--resolution", cls=ConfigOption, config=encoder_config, type=click.Choice(["224", "112", "64", "32"]),
+              help="Input size in pixels; 64 and 32 are for small images and tiny CPU runs such as the demo.")
+@click.option("--width", type=click.IntRange(1), default=None, show_default="64, as published",
+              help="The ResNet's first-stage channels (stages w, 2w, 4w, 8w): narrower for CPU runs.")
+@click.option("--stem", type=click.Choice(["imagenet", "small"]), default=None, show_default="imagenet",
+              help="small: a 3x3 stride-1 conv and no max pool (CIFAR's), for 32-64 px images, where the ImageNet "
+                   "stem leaves the last stage a 1x1-2x2 map; 16x the compute at one resolution.")
 @click.option("--epochs", cls=ConfigOption, config=encoder_config, type=click.IntRange(1), help="Training epochs.")
 @click.option("--lr", cls=ConfigOption, config=encoder_config, type=float,
               help="Peak (one-cycle) learning rate for a batch of 256; scaled with --batch-size.")
@@ -100,8 +105,9 @@ def encoder_config():
               help="Seed of the split, initialisation and augmentation.")
 @runtime_options(config=encoder_config)
 @common
-def train_encoder(target, out, arch, resolution, epochs, lr, weight_decay, val_fraction, backbone, probe_only,
-                  objective, with_pool, init, seed, device, backend, batch_size, workers, quiet, verbose, as_json):
+def train_encoder(target, out, arch, resolution, width, stem, epochs, lr, weight_decay, val_fraction, backbone,
+                  probe_only, objective, with_pool, init, seed, device, backend, batch_size, workers, quiet, verbose,
+                  as_json):
     """Train a ResNet on the TARGET dataset dir only (or, with --backbone SPEC --probe-only, a
     linear probe on a frozen pretrained backbone); save it to the file OUT.
 
@@ -135,7 +141,7 @@ def train_encoder(target, out, arch, resolution, epochs, lr, weight_decay, val_f
         if not probe_only:
             raise click.UsageError("--backbone trains only a linear probe on the frozen backbone for now; "
                                    "add --probe-only")
-        given = [f"--{n.replace('_', '-')}" for n in ("arch", "resolution", "epochs", "lr")
+        given = [f"--{n.replace('_', '-')}" for n in ("arch", "resolution", "width", "stem", "epochs", "lr")
                  if ctx.get_parameter_source(n) is click.core.ParameterSource.COMMANDLINE]
         if given:
             raise click.UsageError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to a probe (the backbone's own preprocessing "
@@ -150,8 +156,13 @@ def train_encoder(target, out, arch, resolution, epochs, lr, weight_decay, val_f
 
     cfg = EncoderConfig(target, out, arch, int(resolution), epochs, batch_size, lr, weight_decay=weight_decay,
                         val_fraction=val_fraction, backend=backend, device=device, workers=workers, seed=seed,
-                        quiet=quiet, init=init)
+                        quiet=quiet, init=init, model_options=_layout(width, stem))
     finish(run(cfg), as_json, beside(out))
+
+
+def _layout(width: int | None, stem: str | None) -> dict:
+    """build_model's layout options from --width / --stem, those given only (so that --init's hold)."""
+    return {k: v for k, v in (("width", width), ("stem", stem)) if v is not None}
 
 
 def _train_moco_encoder(opts: dict) -> None:
@@ -170,7 +181,8 @@ def _train_moco_encoder(opts: dict) -> None:
     cfg = MocoEncoderConfig(opts["target"], opts["out"], opts["arch"], int(opts["resolution"]), opts["epochs"],
                             opts["batch_size"], opts["lr"], weight_decay=opts["weight_decay"],
                             val_fraction=opts["val_fraction"], with_pool=opts["with_pool"], backend=opts["backend"],
-                            device=opts["device"], workers=opts["workers"], seed=opts["seed"], quiet=opts["quiet"])
+                            device=opts["device"], workers=opts["workers"], seed=opts["seed"], quiet=opts["quiet"],
+                            model_options=_layout(opts["width"], opts["stem"]))
     finish(train_moco_encoder(cfg), opts["as_json"], beside(opts["out"]))
 
 

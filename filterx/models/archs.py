@@ -76,7 +76,8 @@ def list_models() -> tuple[str, ...]:
 def build_model(arch: str, num_classes: int, **kwargs) -> nn.Module:
     """An untrained ``arch`` with a ``num_classes``-way head (float32, CPU). ``kwargs`` go to
     the architecture (alexnet_lrn: ``dropout``, ``fc_dim``; ResNets: ``width``, the first
-    stage's channels, 64 as published, and torchvision's, e.g. ``zero_init_residual``)."""
+    stage's channels, 64 as published, ``stem``, "imagenet" as published or "small" for
+    32-64 px images (:func:`_small_image_stem`), and torchvision's, e.g. ``zero_init_residual``)."""
     if arch not in _MODELS:
         raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(list_models())}")
     if num_classes < 1:
@@ -94,15 +95,35 @@ def build_model(arch: str, num_classes: int, **kwargs) -> nn.Module:
 # ---------------------------------------------------------------- ResNets (torchvision)
 
 
+RESNET_STEMS = ("imagenet", "small")
+
+
 def _resnet(name: str) -> Callable[..., nn.Module]:
-    def make(num_classes: int, width: int = 64, **kwargs) -> nn.Module:
+    def make(num_classes: int, width: int = 64, stem: str = "imagenet", **kwargs) -> nn.Module:
         import torchvision
 
+        if stem not in RESNET_STEMS:
+            raise ValueError(f"unknown stem {stem!r}; valid: {', '.join(RESNET_STEMS)}")
         if width != 64:
-            return _narrow_resnet(name, num_classes, width, **kwargs)
-        return getattr(torchvision.models, name)(weights=None, num_classes=num_classes, **kwargs)
+            model = _narrow_resnet(name, num_classes, width, **kwargs)
+        else:
+            model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes, **kwargs)
+        if stem == "small":
+            _small_image_stem(model)
+        return model
 
     return make
+
+
+def _small_image_stem(model: nn.Module) -> None:
+    """Replace the ImageNet stem (7x7 conv stride 2, 3x3 max pool stride 2: a 4x smaller map)
+    by a 3x3 conv of stride 1 and no pool, He et al. 2016's stem for 32 px CIFAR images: on
+    32-64 px inputs the ImageNet stem leaves layer4 a 1x1-2x2 map. Same module names (``maxpool``
+    becomes an identity), so the same stages; 16x the backbone's multiply-adds at one resolution."""
+    width = model.conv1.out_channels
+    model.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    model.maxpool = nn.Identity()
 
 
 _RESNET_BLOCKS = {"resnet18": ("BasicBlock", (2, 2, 2, 2)), "resnet34": ("BasicBlock", (3, 4, 6, 3)),

@@ -2,7 +2,8 @@
 target's classes), and the file train-encoder writes (training: :mod:`filterx.train.encoder`).
 
 The saved file (``torch.save`` of a dict, written atomically) holds everything later commands
-need: ``arch``, ``resolution``, ``class_names``, ``mean``/``std`` (the target's own pixel
+need: ``arch``, ``model_kwargs`` (the registry's layout options, e.g. a narrower ResNet with
+the small-image stem; absent: the published layout), ``resolution``, ``class_names``, ``mean``/``std`` (the target's own pixel
 statistics), ``feature_dim``, the full ``state_dict`` (backbone + linear head), the target's
 fingerprint, ``train_ids``/``val_ids``, metrics, and a ``tag`` naming the embeddings it makes.
 """
@@ -28,12 +29,12 @@ ARCHS = tuple(name for name in list_models() if name.startswith("resnet"))
 ENCODER_FORMAT = 1
 
 
-def build_resnet(arch: str, num_classes: int) -> nn.Module:
+def build_resnet(arch: str, num_classes: int, **model_kwargs) -> nn.Module:
     """An untrained torchvision ResNet with a ``num_classes`` head (no downloads), built by the
-    model registry."""
+    model registry; ``model_kwargs`` (``width``, ``stem``) as :func:`build_model` takes them."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
-    return build_model(arch, num_classes)
+    return build_model(arch, num_classes, **model_kwargs)
 
 
 def state_tag(arch: str, resolution: int, state_dict: dict) -> str:
@@ -97,7 +98,7 @@ def load_encoder(path: str | Path, device: str = "cpu") -> Encoder:
     info = read_encoder_file(path)
     if "backbone" in info:
         return _load_probe(info, path, device)
-    model = build_resnet(info["arch"], info["num_classes"])
+    model = build_resnet(info["arch"], info["num_classes"], **info.get("model_kwargs", {}))
     model.load_state_dict(info.pop("state_dict"))
     model.eval().to(device)
     features, head = backbone_and_head(model)

@@ -70,6 +70,9 @@ class MocoEncoderConfig:
     dim: int = 128
     bn_group: int = 32
     augment: MocoAugment = MocoAugment()  # the views; MoCo v2's unless set (README: a self-supervised encoder)
+    # build_model's layout options (filterx.models.archs), e.g. {"width": 32, "stem": "small"} for
+    # 32-64 px images on a CPU; {}: the published ResNet
+    model_options: dict = field(default_factory=dict)
     backend: str = "auto"
     device: str = "auto"
     workers: int = 2
@@ -130,7 +133,7 @@ def contrastive_training(cfg: MocoEncoderConfig, tars: list[Path], count: int, r
         log.info("moco: a queue of %d negatives (65536 would exceed half of the %d images)", queue, count)
     seed_everything(cfg.seed)
     moco = build_moco(cfg.arch, queue_size=queue, momentum=cfg.momentum, temperature=cfg.temperature,
-                      dim=cfg.dim, bn_group=cfg.bn_group).to(rt.device)
+                      dim=cfg.dim, bn_group=cfg.bn_group, model_options=cfg.model_options).to(rt.device)
     from filterx.train.moco import GroupedBN
 
     query = GroupedBN(moco.query, cfg.bn_group)
@@ -198,6 +201,7 @@ def _train_and_save(cfg: MocoEncoderConfig, ds: Dataset, pool: Dataset | None, t
         "filterx_version": filterx.__version__,
         "tag": tag,
         "arch": cfg.arch,
+        "model_kwargs": dict(cfg.model_options),
         "resolution": cfg.resolution,
         "num_classes": ds.num_classes,
         "class_names": [c.name for c in ds.classes],

@@ -117,7 +117,7 @@ def load_initial_weights(path: str | Path) -> dict:
     payload = torch.load(path, map_location="cpu", weights_only=False)
     if isinstance(payload, dict) and "filterx_encoder" in payload:
         return {"arch": payload["arch"], "num_classes": payload["num_classes"],
-                "state_dict": payload["state_dict"], "model_kwargs": {},
+                "state_dict": payload["state_dict"], "model_kwargs": dict(payload.get("model_kwargs", {})),
                 "mean": tuple(payload.get("mean", IMAGENET_MEAN)), "std": tuple(payload.get("std", IMAGENET_STD))}
     ck = load_checkpoint(path)
     return {"arch": ck["arch"], "num_classes": ck["num_classes"], "state_dict": ck["model"],

@@ -54,8 +54,12 @@ class EncoderConfig:
     seed: int = 0
     quiet: bool = False
     # a backbone to start from (a MoCo encoder file, pretrain's model.pt, another encoder): its
-    # weights but the head, and the input normalisation they were trained with; None: from scratch
+    # weights but the head, its layout, and the input normalisation they were trained with;
+    # None: from scratch
     init: Path | None = None
+    # build_model's layout options for the ResNet (filterx.models.archs): {"width": 32, "stem":
+    # "small"} for 32-64 px images on a CPU; {}: the published layout (with init: the init's)
+    model_options: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -144,22 +148,28 @@ def _augment(images: torch.Tensor, out_size: int, gen: torch.Generator) -> torch
     return out
 
 
-def initial_backbone(model: nn.Module, init: Path, arch: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Load ``init``'s weights but its head into ``model`` (a fresh ``arch`` with the target's
-    head); returns the (3,) mean and std, 0-255 scale, the weights were trained with."""
+def initial_backbone(init: Path, arch: str, num_classes: int,
+                     model_options: dict) -> tuple[nn.Module, dict, torch.Tensor, torch.Tensor]:
+    """(model, its build_model kwargs, mean, std): a fresh ``arch`` with a ``num_classes`` head,
+    built in ``init``'s layout (its ``model_kwargs``; ``model_options``, where given, must agree),
+    holding ``init``'s weights but its head; mean and std (3,), 0-255 scale, those the weights
+    were trained with."""
     w = load_initial_weights(init)
     if w["arch"] != arch:
         raise ValueError(f"--init {init} holds a {w['arch']}, not the --arch {arch} asked for; pass --arch {w['arch']}")
-    if w["model_kwargs"]:
-        raise ValueError(f"--init {init} holds a {w['arch']} built with {w['model_kwargs']}; train-encoder builds "
-                         "the published layout only (use finetune --init for other layouts)")
+    clash = {k: v for k, v in model_options.items() if w["model_kwargs"].get(k, v) != v}
+    if clash:
+        raise ValueError(f"--init {init} holds a {w['arch']} built with {w['model_kwargs']}, not {clash}; leave the "
+                         "layout options unset to take the init's")
+    kwargs = {**w["model_kwargs"], **model_options}
+    model = build_resnet(arch, num_classes, **kwargs)
     head = head_name(model)
     state = {k: v for k, v in w["state_dict"].items() if not k.startswith(head + ".")}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or any(not k.startswith(head + ".") for k in missing):
         raise ValueError(f"--init {init} does not fit a {arch}: missing {sorted(missing)[:3]}, "
                          f"unexpected {sorted(unexpected)[:3]}")
-    return torch.tensor(w["mean"]) * 255, torch.tensor(w["std"]) * 255
+    return model, kwargs, torch.tensor(w["mean"]) * 255, torch.tensor(w["std"]) * 255
 
 
 def train_encoder(cfg: EncoderConfig) -> EncoderSummary:
@@ -197,10 +207,11 @@ def _train_and_save(cfg: EncoderConfig, ds: Dataset, empty: list[str], t0: float
     train_ids, val_ids = stratified_split(ds.labels, cfg.val_fraction, cfg.seed)
     size = int(round(cfg.resolution / 0.875))
     images = decode_dataset(ds, size, backend=cfg.backend, workers=cfg.workers, quiet=cfg.quiet)
-    model = build_resnet(cfg.arch, ds.num_classes)
     if cfg.init is not None:
-        mean, std = initial_backbone(model, cfg.init, cfg.arch)
+        model, model_kwargs, mean, std = initial_backbone(cfg.init, cfg.arch, ds.num_classes, cfg.model_options)
     else:
+        model = build_resnet(cfg.arch, ds.num_classes, **cfg.model_options)
+        model_kwargs = dict(cfg.model_options)
         flat = images[torch.from_numpy(train_ids)].float()
         mean = flat.mean(dim=(0, 2, 3))
         std = flat.std(dim=(0, 2, 3)).clamp_min(1.0)
@@ -266,6 +277,7 @@ def _train_and_save(cfg: EncoderConfig, ds: Dataset, empty: list[str], t0: float
         "filterx_version": filterx.__version__,
         "tag": tag,
         "arch": cfg.arch,
+        "model_kwargs": model_kwargs,
         "resolution": cfg.resolution,
         "num_classes": ds.num_classes,
         "class_names": [c.name for c in ds.classes],
