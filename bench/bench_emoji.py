@@ -24,9 +24,9 @@ from __future__ import annotations
 import time
 
 from bench import emoji_pool
-from bench.bench_selection import (DEFAULT_BACKBONE, ENCODERS, MOCO_RESOLUTION, MOCO_STEM, MOCO_WIDTH, _log,
-                                   _workdir, check_encoders, evaluate, moco_layout, run_notes)
-from bench.suite import Rows, option_tuple
+from bench.bench_selection import (DEFAULT_BACKBONE, ENCODERS, MOCO_RESOLUTION, MOCO_STEM, MOCO_WIDTH, check_encoders,
+                                   evaluate, log, moco_layout, run_notes)
+from bench.suite import Rows, option_tuple, workdir
 
 QUICK_VENDORS = ("apple", "google")
 
@@ -66,7 +66,7 @@ def _run(quick, *, category, vendors, epochs, resolution, backbone, moco_epochs,
     vendors = option_tuple(vendors) if vendors else (QUICK_VENDORS if quick else emoji_pool.POOL_VENDORS)
     t0 = time.perf_counter()
     packages = emoji_pool.fetch(default_data_dir() / "emoji")
-    with _workdir(work) as root:
+    with workdir(work, "filterx-emoji-") as root:
         target = root / "target"
         emoji_pool.make_target(packages, root / "raw-target", category)
         shard(ShardConfig(root / "raw-target", target, shard_size=1000, workers=2, quiet=True))
@@ -77,7 +77,7 @@ def _run(quick, *, category, vendors, epochs, resolution, backbone, moco_epochs,
         n_pool = int(ds.num_samples)
         pools = {"emoji": {"ds": root / "emoji", "relevant": relevant, "size": n_pool}}
         data_s = time.perf_counter() - t0
-        _log(f"pool emoji {n_pool} ({int(relevant.sum())} relevant); made and sharded in {data_s:.0f}s")
+        log(f"pool emoji {n_pool} ({int(relevant.sum())} relevant); made and sharded in {data_s:.0f}s")
         rows, encs, train_ids = evaluate(root, target, pools, chosen, backbone=backbone, epochs=epochs,
                                          resolution=resolution, moco_epochs=moco_epochs, references=references,
                                          moco_resolution=moco_resolution, moco_model=moco_model, seed=seed,

@@ -34,16 +34,13 @@ are not selectors of a relevant part and are listed as not run.
 
 from __future__ import annotations
 
-import contextlib
-import re
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from bench.selection_pools import PIXELS, POOLS, make_pool, make_target, pixel_features, reference_scores, relevant_mask
-from bench.suite import Rows, option_tuple
+from bench.suite import Rows, option_tuple, slug, workdir
 
 BUDGETS = (0.06, 0.12)
 DEFAULT_BACKBONE = "torchvision:resnet18:none"
@@ -116,23 +113,8 @@ def variants() -> tuple[tuple[str, str, dict], ...]:
     return tuple(VARIANTS) + EXTRA_VARIANTS
 
 
-def _log(msg: str) -> None:
+def log(msg: str) -> None:
     print(f"[selection] {msg}", flush=True)
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
-@contextlib.contextmanager
-def _workdir(work):
-    if work:
-        path = Path(work).expanduser().resolve()
-        path.mkdir(parents=True, exist_ok=True)
-        yield path
-    else:
-        with tempfile.TemporaryDirectory(prefix="filterx-selection-") as tmp:
-            yield Path(tmp)
 
 
 def precision_at(relevant: np.ndarray, ids: np.ndarray) -> float:
@@ -222,7 +204,7 @@ def _train_encoders(root: Path, target: Path, pools: dict, chosen, *, backbone: 
             paths = {name: path for name in pools}
             accs = {name: s.val_acc for name in pools}
         out[key] = {"paths": paths, "val_accs": accs, "label": label, "seconds": time.perf_counter() - t}
-        _log(f"encoder {label}: held-out accuracy {_accuracies(accs)} ({out[key]['seconds']:.0f}s)")
+        log(f"encoder {label}: held-out accuracy {_accuracies(accs)} ({out[key]['seconds']:.0f}s)")
     return out
 
 
@@ -244,31 +226,31 @@ def _filterx_rows(pools: dict, target: Path, encoders: dict, *, seed: int, devic
             embed(EmbedConfig(pool["ds"], enc["paths"][name], device=device, quiet=True))
             enc.setdefault("embed_seconds", 0.0)
             enc["embed_seconds"] += time.perf_counter() - t
-        _log(f"encoder {key}: embedded the pools ({enc['embed_seconds']:.0f}s)")
+        log(f"encoder {key}: embedded the pools ({enc['embed_seconds']:.0f}s)")
         for label, method, params in variants():
             values, seconds = {}, 0.0
             for name, pool in pools.items():
                 t = time.perf_counter()
-                stored = f"{key}-{_slug(label)}"
+                stored = f"{key}-{slug(label)}"
                 score(ScoreConfig(method, pool["ds"], target, enc["paths"][name], dict(params), seed, name=stored,
                                   device=device, quiet=True))
                 _select_precisions(name, pool, stored, stored, values)
                 seconds += time.perf_counter() - t
             rows.append(_row(label, key, values, seconds, pools))
-            _log(f"{key} {label}: " + ", ".join(f"{p}@{round(b * 100)}% {v:.2f}" for (p, b), v in values.items())
+            log(f"{key} {label}: " + ", ".join(f"{p}@{round(b * 100)}% {v:.2f}" for (p, b), v in values.items())
                  + f" ({seconds:.1f}s)")
         for label, parts, combine in FUSED:
             values, t = {}, time.perf_counter()
-            stored = ",".join(f"{key}-{_slug(part)}" for part in parts)
+            stored = ",".join(f"{key}-{slug(part)}" for part in parts)
             for name, pool in pools.items():
-                _select_precisions(name, pool, stored, f"{key}-{_slug(label)}", values, combine=combine)
+                _select_precisions(name, pool, stored, f"{key}-{slug(label)}", values, combine=combine)
             rows.append(_row(label, key, values, time.perf_counter() - t, pools))
     return rows
 
 
 def _stored_name(key: str, label: str) -> str:
     """The name of the stored score of row ``label`` with encoder ``key`` (PIXEL_KEY: the pixel classifier's)."""
-    return _slug(label) if key == PIXEL_KEY else f"{key}-{_slug(label)}"
+    return slug(label) if key == PIXEL_KEY else f"{key}-{slug(label)}"
 
 
 def _cross_fused_rows(pools: dict, encoders: dict) -> list[dict]:
@@ -280,7 +262,7 @@ def _cross_fused_rows(pools: dict, encoders: dict) -> list[dict]:
         values, t = {}, time.perf_counter()
         stored = ",".join(_stored_name(key, part) for key, part in parts)
         for name, pool in pools.items():
-            _select_precisions(name, pool, stored, _slug(label), values, combine=combine)
+            _select_precisions(name, pool, stored, slug(label), values, combine=combine)
         rows.append(_row(label, " + ".join(key for key, _ in parts), values, time.perf_counter() - t, pools))
     return rows
 
@@ -296,7 +278,7 @@ def _pixel_rows(pools: dict, target: Path, *, seed: int, device: str) -> list[di
                           backend="pil", batch_size=PIXEL_BATCH, workers=0, quiet=True))
         _select_precisions(name, pool, stored, stored, values)
     seconds = time.perf_counter() - t
-    _log(f"{label}: " + ", ".join(f"{p}@{round(b * 100)}% {v:.2f}" for (p, b), v in values.items())
+    log(f"{label}: " + ", ".join(f"{p}@{round(b * 100)}% {v:.2f}" for (p, b), v in values.items())
          + f" ({seconds:.1f}s)")
     return [_row(label, "none (pixels)", values, seconds, pools)]
 
@@ -406,7 +388,7 @@ def _run(quick: bool, *, per_class, digits_per_class, target_per_class, epochs, 
     sizes.update({k: v for k, v in (("per_class", per_class), ("digits_per_class", digits_per_class))
                   if v is not None})
     t0 = time.perf_counter()
-    with _workdir(work) as root:
+    with workdir(work, "filterx-selection-") as root:
         target = root / "target"
         make_target(root / "raw-target", target_per_class=target_per_class, seed=seed)
         shard(ShardConfig(root / "raw-target" / "target", target, shard_size=500, workers=2, quiet=True))
@@ -418,7 +400,7 @@ def _run(quick: bool, *, per_class, digits_per_class, target_per_class, epochs, 
             relevant = relevant_mask(ds.labels, [c.name for c in ds.classes])
             pools[name] = {"ds": root / name, "relevant": relevant, "size": int(ds.num_samples)}
         data_s = time.perf_counter() - t0
-        _log("pools " + ", ".join(f"{n} {p['size']} ({p['relevant'].sum()} relevant)" for n, p in pools.items())
+        log("pools " + ", ".join(f"{n} {p['size']} ({p['relevant'].sum()} relevant)" for n, p in pools.items())
              + f"; made and sharded in {data_s:.0f}s")
         rows, encs, train_ids = evaluate(root, target, pools, chosen, backbone=backbone, epochs=epochs,
                                          resolution=resolution, moco_epochs=moco_epochs, references=references,

@@ -22,7 +22,6 @@ network use: about 360 MB of tarballs, of which the 64 px images and emoji.json 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 import tarfile
@@ -31,17 +30,14 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.suite import slug
+
 POOL_VENDORS = ("apple", "google", "twitter", "facebook")
 POOL_VERSION = "16.0.0"
 TARGET_VENDOR = "emojione"
 TARGET_VERSION = "4.0.4"
 TARGET_CATEGORY = "Animals & Nature"
 IMAGE_SIZE = 64  # the packages' 64 px images (the smallest size that keeps the drawings' detail)
-
-
-def slug(text: str) -> str:
-    """"Animals & Nature" -> "animals-nature"."""
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
 def _package(vendor: str) -> tuple[str, str]:

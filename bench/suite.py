@@ -14,6 +14,7 @@ cannot change the next one's timing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import importlib
 import inspect
@@ -26,6 +27,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -166,12 +168,29 @@ def machine_description() -> dict:
     }
 
 
+def slug(text: str) -> str:
+    """A file-name part: lower case, each run of other characters one "-" ("Animals & Nature"
+    -> "animals-nature")."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
 def machine_slug(machine: dict) -> str:
     """File-name part naming the machine: the GPU model if there is one, else the CPU model."""
     name = machine.get("gpu") or machine.get("cpu") or "unknown"
-    name = re.sub(r"\((r|tm)\)|@.*$|\bcpu\b", " ", name, flags=re.IGNORECASE)
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    return slug or "unknown"
+    return slug(re.sub(r"\((r|tm)\)|@.*$|\bcpu\b", " ", name, flags=re.IGNORECASE)) or "unknown"
+
+
+@contextlib.contextmanager
+def workdir(work: str | None, prefix: str):
+    """The directory a suite works in: ``work`` (made if missing, kept after), or a temporary
+    one named ``prefix``..., removed after."""
+    if work:
+        path = Path(work).expanduser().resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+    else:
+        with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+            yield Path(tmp)
 
 
 def results_stem(suite: str, machine: dict, quick: bool, when: dt.datetime) -> str:
