@@ -181,6 +181,7 @@ def test_train_encoder_saves_its_options_beside_the_file(sample_dirs, tmp_path):
     assert saved(config) == {"target": str(sample_dirs[1]), "out": str(out), "arch": "resnet18", "resolution": "64",
                              "epochs": 1, "lr": 0.1, "weight-decay": 5e-4, "val-fraction": 0.1, "backbone": None,
                              "probe-only": False, "objective": "supervised", "with-pool": None, "init": None, "seed": 0, "device": "cpu", "backend": "pil", "batch-size": 32,
+                             "width": None, "stem": None,
                              "workers": 0}
     line = EncoderSummary(**summary).line()  # the JSON holds every field of the summary
     rate = summary["train_count"] / summary["train_seconds"]
@@ -241,7 +242,8 @@ def _configs():
 # Options of the trainers' commands that set no field of the command's config (-q sets quiet).
 CLI_ONLY = {"pretrain": {"verbose", "as_json", "config"},
             "finetune": {"verbose", "as_json", "config"},
-            "train-encoder": {"verbose", "as_json", "config", "backbone", "probe_only", "objective", "with_pool"}}
+            "train-encoder": {"verbose", "as_json", "config", "backbone", "probe_only", "objective", "with_pool",
+                              "width", "stem"}}  # --width / --stem: together the config's model_options
 
 
 @pytest.mark.parametrize("command", ["pretrain", "finetune", "train-encoder"])
