@@ -324,7 +324,8 @@ def check_encoders(encoders) -> tuple[str, ...]:
 
 def evaluate(root: Path, target: Path, pools: dict, chosen, *, backbone: str, epochs: int, resolution: int,
              moco_epochs: int, references: bool, seed: int, device: str,
-             moco_resolution: int = MOCO_RESOLUTION, moco_model: dict | None = None) -> tuple[list[dict], dict, np.ndarray]:
+             moco_resolution: int = MOCO_RESOLUTION,
+             moco_model: dict | None = None) -> tuple[list[dict], dict, np.ndarray]:
     """Every row for ``pools`` (name -> ``{"ds": dataset dir, "relevant": (N,) bool, "size": N}``),
     which share the sharded ``target``: the encoders ``chosen`` trained, each method scored and
     selected, the pixel classifier, the references (where ``references``), random's expected

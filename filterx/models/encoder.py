@@ -3,9 +3,10 @@ target's classes), and the file train-encoder writes (training: :mod:`filterx.tr
 
 The saved file (``torch.save`` of a dict, written atomically) holds everything later commands
 need: ``arch``, ``model_kwargs`` (the registry's layout options, e.g. a narrower ResNet with
-the small-image stem; absent: the published layout), ``resolution``, ``class_names``, ``mean``/``std`` (the target's own pixel
-statistics), ``feature_dim``, the full ``state_dict`` (backbone + linear head), the target's
-fingerprint, ``train_ids``/``val_ids``, metrics, and a ``tag`` naming the embeddings it makes.
+the small-image stem; absent: the published layout), ``resolution``, ``class_names``,
+``mean``/``std`` (the target's own pixel statistics), ``feature_dim``, the full ``state_dict``
+(backbone + linear head), the target's fingerprint, ``train_ids``/``val_ids``, metrics, and a
+``tag`` naming the embeddings it makes.
 """
 
 from __future__ import annotations
