@@ -238,7 +238,7 @@ def _filterx_rows(pools: dict, target: Path, encoders: dict, *, seed: int, devic
                 seconds += time.perf_counter() - t
             rows.append(_row(label, key, values, seconds, pools))
             log(f"{key} {label}: " + ", ".join(f"{p}@{round(b * 100)}% {v:.2f}" for (p, b), v in values.items())
-                 + f" ({seconds:.1f}s)")
+                + f" ({seconds:.1f}s)")
         for label, parts, combine in FUSED:
             values, t = {}, time.perf_counter()
             stored = ",".join(f"{key}-{slug(part)}" for part in parts)
@@ -279,7 +279,7 @@ def _pixel_rows(pools: dict, target: Path, *, seed: int, device: str) -> list[di
         _select_precisions(name, pool, stored, stored, values)
     seconds = time.perf_counter() - t
     log(f"{label}: " + ", ".join(f"{p}@{round(b * 100)}% {v:.2f}" for (p, b), v in values.items())
-         + f" ({seconds:.1f}s)")
+        + f" ({seconds:.1f}s)")
     return [_row(label, "none (pixels)", values, seconds, pools)]
 
 
@@ -402,7 +402,7 @@ def _run(quick: bool, *, per_class, digits_per_class, target_per_class, epochs, 
             pools[name] = {"ds": root / name, "relevant": relevant, "size": int(ds.num_samples)}
         data_s = time.perf_counter() - t0
         log("pools " + ", ".join(f"{n} {p['size']} ({p['relevant'].sum()} relevant)" for n, p in pools.items())
-             + f"; made and sharded in {data_s:.0f}s")
+            + f"; made and sharded in {data_s:.0f}s")
         rows, encs, train_ids = evaluate(root, target, pools, chosen, backbone=backbone, epochs=epochs,
                                          resolution=resolution, moco_epochs=moco_epochs, references=references,
                                          moco_model=moco_model, seed=seed, device=device)
