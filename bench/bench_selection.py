@@ -97,7 +97,9 @@ SIZES = {True: {"per_class": 50, "digits_per_class": 25}, False: {"per_class": 1
 def moco_layout(width: int = MOCO_WIDTH, stem: str = MOCO_STEM) -> dict:
     """build_model's options for a ResNet of ``width`` first-stage channels with the ``stem``
     stem: those that differ from the published layout (an empty dict for it)."""
-    return {k: v for k, v in (("width", int(width)), ("stem", stem)) if v != {"width": 64, "stem": "imagenet"}[k]}
+    from filterx.models.archs import RESNET_DEFAULTS
+
+    return {k: v for k, v in (("width", int(width)), ("stem", stem)) if v != RESNET_DEFAULTS[k]}
 
 
 def layout_name(arch: str, layout: dict) -> str:

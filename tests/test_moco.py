@@ -288,6 +288,8 @@ def test_train_encoder_init_fine_tunes_the_moco_backbone_on_the_labels(data, tmp
     assert ft["config"]["init"] == str(moco) and ft["val_ids"] and ft["metrics"]["val_acc"] >= 0
     code, _, err = run("train-encoder", data["tgt"], tmp_path / "x.pt", "--init", moco, "--arch", "resnet34", *args)
     assert code == 2 and "holds a resnet18" in one_line(err)
+    code, _, err = run("train-encoder", data["tgt"], tmp_path / "z.pt", "--init", moco, "--stem", "small", *args)
+    assert code == 2 and "built with {}, not {'stem': 'small'}" in one_line(err)  # the published layout's 7x7 conv1
     code, _, err = run("train-encoder", data["tgt"], tmp_path / "y.pt", "--init", moco, "--objective", "moco")
     assert code == 2 and "--init" in one_line(err)
 

@@ -96,15 +96,19 @@ def build_model(arch: str, num_classes: int, **kwargs) -> nn.Module:
 
 
 RESNET_STEMS = ("imagenet", "small")
+# The published layout: what a ResNet's layout options default to (and what a file that records
+# none of them was built with).
+RESNET_DEFAULTS = {"width": 64, "stem": "imagenet"}
 
 
 def _resnet(name: str) -> Callable[..., nn.Module]:
-    def make(num_classes: int, width: int = 64, stem: str = "imagenet", **kwargs) -> nn.Module:
+    def make(num_classes: int, width: int = RESNET_DEFAULTS["width"], stem: str = RESNET_DEFAULTS["stem"],
+             **kwargs) -> nn.Module:
         import torchvision
 
         if stem not in RESNET_STEMS:
             raise ValueError(f"unknown stem {stem!r}; valid: {', '.join(RESNET_STEMS)}")
-        if width != 64:
+        if width != RESNET_DEFAULTS["width"]:
             model = _narrow_resnet(name, num_classes, width, **kwargs)
         else:
             model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes, **kwargs)

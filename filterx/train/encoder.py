@@ -27,7 +27,7 @@ from filterx.decode.loader import LoaderConfig, load_batches
 from filterx.io import atomic
 from filterx.io.dataset import Dataset
 from filterx.math.splits import stratified_split
-from filterx.models.archs import head_name
+from filterx.models.archs import RESNET_DEFAULTS, head_name
 from filterx.models.encoder import ENCODER_FORMAT, build_resnet, state_tag
 from filterx.train.checkpoints import load_initial_weights
 from filterx.train.evaluation import evaluate, tensor_batches
@@ -157,7 +157,8 @@ def initial_backbone(init: Path, arch: str, num_classes: int,
     w = load_initial_weights(init)
     if w["arch"] != arch:
         raise ValueError(f"--init {init} holds a {w['arch']}, not the --arch {arch} asked for; pass --arch {w['arch']}")
-    clash = {k: v for k, v in model_options.items() if w["model_kwargs"].get(k, v) != v}
+    built = {**RESNET_DEFAULTS, **w["model_kwargs"]}  # an option the init does not record has its default
+    clash = {k: v for k, v in model_options.items() if built.get(k, v) != v}
     if clash:
         raise ValueError(f"--init {init} holds a {w['arch']} built with {w['model_kwargs']}, not {clash}; leave the "
                          "layout options unset to take the init's")
