@@ -49,12 +49,13 @@ def _digits(ds: Dataset) -> np.ndarray:
     return np.array([names[label].startswith("digit") for label in ds.labels])
 
 
-def test_target_like_pool_images_score_first(camera_dirs, tmp_path):
+@pytest.mark.parametrize("layout", [{}, {"stem": "small"}], ids=["imagenet-stem", "small-stem"])
+def test_target_like_pool_images_score_first(camera_dirs, tmp_path, layout):
     from sklearn.metrics import roc_auc_score
 
     src = tmp_path / "source"
     shutil.copytree(camera_dirs[0], src)
-    s = score(ScoreConfig("domain-cls", src, camera_dirs[1], None, dict(FAST), name="dp", **KW))
+    s = score(ScoreConfig("domain-cls", src, camera_dirs[1], None, {**FAST, **layout}, name="dp", **KW))
     ds = Dataset.open(src)
     scores, attrs = read_scores(ds, "dp")
     assert np.isfinite(scores).all() and scores.std() > 0
@@ -65,6 +66,7 @@ def test_target_like_pool_images_score_first(camera_dirs, tmp_path):
     top = np.argsort(-scores, kind="stable")[: len(scores) // 4]
     assert digits[top].mean() > 0.85
     assert attrs["params"]["on"] == "pixels" and attrs["params"]["width"] == 16 and attrs["encoder"] is None
+    assert attrs["params"].get("stem") == layout.get("stem")
     assert s.attrs["trained"] and s.attrs["shards_scored"] == ds.num_shards and s.attrs["shards_reused"] == 0
     assert 0.5 < s.attrs["train_accuracy"] <= 1.0 and s.attrs["bad_training_samples"] == 0
     assert not work_path(ds, "dp").exists() and list_scores(ds) == ["dp"]
@@ -96,6 +98,8 @@ def test_on_chooses_the_variant():
     ({"arch": "vgg"}, {}, "unknown arch 'vgg'; valid: alexnet_lrn, resnet18"),
     ({"steps": 0}, {}, "steps must be >= 1, got 0"),
     ({"width": 8, "arch": "alexnet_lrn"}, {}, "bad options {'width': 8} for alexnet_lrn"),
+    ({"stem": "tiny"}, {}, "unknown stem 'tiny'; valid: imagenet, small"),
+    ({"stem": "small", "width": None, "arch": "alexnet_lrn"}, {}, "bad options {'stem': 'small'} for alexnet_lrn"),
     ({"model": "mlp"}, {}, r"takes no parameter\(s\) \['model'\]"),
     ({}, {"batch_size": 15}, "--batch-size must be even and >= 2"),
     ({}, {"candidates": "target-train"}, "scores the pool"),
@@ -198,4 +202,6 @@ def test_cli_errors_are_one_line(camera_dirs, tmp_path):
     assert no_target.exit_code != 0 and "needs --target" in no_target.output
     assert "Traceback" not in no_target.output
     help_text = runner.invoke(main, ["score", "--help"]).output
-    assert "--on [embeddings|pixels]" in help_text and "--width" in help_text
+    assert "--on [embeddings|pixels]" in help_text and "--width" in help_text and "--stem [imagenet|small]" in help_text
+    bad_stem = runner.invoke(main, [*base, "--target", str(camera_dirs[1]), "--on", "pixels", "--stem", "tiny"])
+    assert bad_stem.exit_code == 2 and "'tiny' is not one of 'imagenet', 'small'" in bad_stem.output

@@ -43,7 +43,7 @@ from filterx.core.faults import crash_point
 from filterx.core.progress import progress
 from filterx.decode.loader import LoaderConfig, SkipBadSamples, load_batches
 from filterx.io import rowstore
-from filterx.models.archs import build_model, list_models
+from filterx.models.archs import RESNET_STEMS, build_model, list_models
 from filterx.scorers import Option, ScoreResult, StreamContext, register_scorer
 from filterx.scorers.lastblock import score_pool_shards
 
@@ -80,9 +80,14 @@ def balanced_half(tars, cfg: LoaderConfig, half: int, *, ids: np.ndarray | None 
         epoch += 1
 
 
+def _layout(width: int | None, stem: str | None) -> dict:
+    """build_model's layout options of a pixel classifier: only those given (an AlexNet takes none)."""
+    return {k: v for k, v in (("width", width), ("stem", stem)) if v is not None}
+
+
 def train_pixel_classifier(source, target, pool_ids: np.ndarray | None, cfg: LoaderConfig, *, arch: str,
                            width: int | None, steps: int, lr: float, weight_decay: float, seed: int,
-                           fold: int = 0, quiet: bool = True) -> tuple[nn.Module, dict]:
+                           fold: int = 0, quiet: bool = True, stem: str | None = None) -> tuple[nn.Module, dict]:
     """Train a balanced pool (0) vs target (1) classifier on decoded pixels.
 
     ``source``, ``target``: datasets; ``pool_ids``: the pool samples it may train on (None: all);
@@ -93,7 +98,7 @@ def train_pixel_classifier(source, target, pool_ids: np.ndarray | None, cfg: Loa
     """
     device = torch.device(cfg.device)
     torch.manual_seed(seed + fold)
-    model = build_model(arch, 1, **({} if width is None else {"width": width})).to(device)
+    model = build_model(arch, 1, **_layout(width, stem)).to(device)
     cuda = device.type == "cuda"
     if cuda:
         model = model.to(memory_format=torch.channels_last)
@@ -181,6 +186,8 @@ def check_pixels(params, candidates: str) -> None:
         "arch": Option("with --on pixels, the network", choices=tuple(list_models())),
         "width": Option("with --on pixels, a ResNet's first-stage channels (64 as published; 16 for CPU runs)",
                         min=1),
+        "stem": Option("with --on pixels, a ResNet's stem: imagenet (7x7 stride 2 and max pool, as published) or "
+                       "small (3x3 stride 1, no pool: layer4 keeps a 4x4 map at 32 px)", choices=RESNET_STEMS),
         "resolution": Option("with --on pixels, the side of the images it sees", min=16),
         "steps": Option("with --on pixels, training steps (batches of --batch-size, half pool, half target)",
                         min=1),
@@ -191,6 +198,7 @@ def pixel_domain_scores(
     seed: int,
     arch: str = "resnet18",
     width: int | None = None,
+    stem: str | None = None,
     resolution: int = 112,
     steps: int = 2000,
     lr: float = 1e-3,
@@ -198,7 +206,8 @@ def pixel_domain_scores(
     folds: int = 1,
 ) -> tuple[np.ndarray, ScoreResult]:
     """Logit of "target" from a CNN trained on pixels, balanced batches (arch: any trainer
-    model; width: a narrower ResNet, e.g. 16 for CPU runs; resolution in pixels; batches of
+    model; width: a narrower ResNet, e.g. 16 for CPU runs; stem: a ResNet's stem, "small" for
+    small images; resolution in pixels; batches of
     --batch-size, half pool and half target)."""
     problems = [f"{k} must be >= {lo}, got {v}" for k, v, lo in
                 (("steps", steps, 1), ("folds", folds, 1), ("resolution", resolution, 16))
@@ -208,14 +217,17 @@ def pixel_domain_scores(
         problems.append(f"unknown arch {arch!r}; valid: {', '.join(list_models())}")
     if ctx.batch_size < 2 or ctx.batch_size % 2:
         problems.append(f"--batch-size must be even and >= 2 (half pool, half target), got {ctx.batch_size}")
+    if stem is not None and stem not in RESNET_STEMS:
+        problems.append(f"unknown stem {stem!r}; valid: {', '.join(RESNET_STEMS)}")
     if problems:
         raise ValueError("domain-cls --on pixels: " + "; ".join(problems))
-    build_model(arch, 1, **({} if width is None else {"width": width}))  # a width the arch refuses fails now
+    build_model(arch, 1, **_layout(width, stem))  # a layout the arch refuses fails now
     source, target = ctx.source, ctx.target
     if folds > 1 and folds > source.num_samples:
         raise ValueError(f"domain-cls --on pixels: folds ({folds}) exceeds the pool's {source.num_samples} images")
-    params = dict(arch=arch, width=width, resolution=resolution, steps=steps, lr=lr, weight_decay=weight_decay,
-                  folds=folds)
+    # stem only when given: a run without it keeps the work-store key (and stored weights) it had
+    params = dict(arch=arch, width=width, **({} if stem is None else {"stem": stem}), resolution=resolution,
+                  steps=steps, lr=lr, weight_decay=weight_decay, folds=folds)
     device = torch.device(ctx.device)
     fold_of = np.random.default_rng(seed).integers(0, folds, source.num_samples) if folds > 1 \
         else np.zeros(source.num_samples, dtype=np.int64)
@@ -232,7 +244,7 @@ def pixel_domain_scores(
             pool_ids = np.flatnonzero(fold_of != f) if folds > 1 else None
             model, fact = train_pixel_classifier(source, target, pool_ids, train_cfg, arch=arch, width=width,
                                                  steps=steps, lr=lr, weight_decay=weight_decay, seed=seed, fold=f,
-                                                 quiet=ctx.quiet)
+                                                 quiet=ctx.quiet, stem=stem)
             models.append(model)
             facts.append(fact)
         weights = {f"classifier_{f}": _weights_bytes(m) for f, m in enumerate(models)}
@@ -244,7 +256,7 @@ def pixel_domain_scores(
     if store is not None:  # one path for a fresh and a resumed run: the weights as stored
         facts = store.attrs["training"]
         weights = {f"classifier_{f}": store.array(f"classifier_{f}") for f in range(folds)}
-    models = [_load_weights(build_model(arch, 1, **({} if width is None else {"width": width})),
+    models = [_load_weights(build_model(arch, 1, **_layout(width, stem)),
                             weights[f"classifier_{f}"]).to(device) for f in range(folds)]
 
     todo = list(range(source.num_shards)) if store is None else store.undone()
