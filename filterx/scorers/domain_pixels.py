@@ -2,11 +2,11 @@
 score = its logit for "target".
 
 The domain classifier of conditional pre-training (Chakraborty et al.): a ResNet-18 (``arch``,
-any ResNet or AlexNet of :mod:`filterx.models.archs`; ``width`` narrows a ResNet for CPU runs)
-trained from scratch on decoded, augmented images (the loader's training transform: random
-resized crop and flip), every batch half pool and half target. Each half is drawn as shuffled
-epochs of its side, so a small target is oversampled, seen once per epoch of its own, while the
-pool goes by. With ``folds > 1`` the pool is split at random and each part is scored by a
+any ResNet or AlexNet of :mod:`filterx.models.archs`; ``width`` narrows a ResNet for CPU runs,
+``stem="small"`` gives it the small-image stem) trained from scratch on decoded, augmented
+images (the loader's training transform: random resized crop and flip), every batch half pool
+and half target. Each half is drawn as shuffled epochs of its side, so a small target is
+oversampled, seen once per epoch of its own, while the pool goes by. With ``folds > 1`` the pool is split at random and each part is scored by a
 classifier that never trained on it (as domain-cls on embeddings does): on a small pool a CNN
 learns its pool images by heart and would score the target-like ones low for having seen them
 labelled "pool".
@@ -207,8 +207,7 @@ def pixel_domain_scores(
 ) -> tuple[np.ndarray, ScoreResult]:
     """Logit of "target" from a CNN trained on pixels, balanced batches (arch: any trainer
     model; width: a narrower ResNet, e.g. 16 for CPU runs; stem: a ResNet's stem, "small" for
-    small images; resolution in pixels; batches of
-    --batch-size, half pool and half target)."""
+    small images; resolution in pixels; batches of --batch-size, half pool and half target)."""
     problems = [f"{k} must be >= {lo}, got {v}" for k, v, lo in
                 (("steps", steps, 1), ("folds", folds, 1), ("resolution", resolution, 16))
                 if v < lo] + ([f"width must be >= 1, got {width}"] if width is not None and width < 1 else []) \
