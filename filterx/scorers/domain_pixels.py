@@ -6,10 +6,10 @@ any ResNet or AlexNet of :mod:`filterx.models.archs`; ``width`` narrows a ResNet
 ``stem="small"`` gives it the small-image stem) trained from scratch on decoded, augmented
 images (the loader's training transform: random resized crop and flip), every batch half pool
 and half target. Each half is drawn as shuffled epochs of its side, so a small target is
-oversampled, seen once per epoch of its own, while the pool goes by. With ``folds > 1`` the pool is split at random and each part is scored by a
-classifier that never trained on it (as domain-cls on embeddings does): on a small pool a CNN
-learns its pool images by heart and would score the target-like ones low for having seen them
-labelled "pool".
+oversampled, seen once per epoch of its own, while the pool goes by. With ``folds > 1`` the pool
+is split at random and each part is scored by a classifier that never trained on it (as
+domain-cls on embeddings does): on a small pool a CNN learns its pool images by heart and would
+score the target-like ones low for having seen them labelled "pool".
 
 Registered as the streaming scorer ``domain-cls/pixels``, the variant of ``domain-cls`` that
 ``--on pixels`` chooses (:func:`pixel_domain_scores`, called with a StreamContext); it needs
@@ -216,11 +216,9 @@ def pixel_domain_scores(
         problems.append(f"unknown arch {arch!r}; valid: {', '.join(list_models())}")
     if ctx.batch_size < 2 or ctx.batch_size % 2:
         problems.append(f"--batch-size must be even and >= 2 (half pool, half target), got {ctx.batch_size}")
-    if stem is not None and stem not in RESNET_STEMS:
-        problems.append(f"unknown stem {stem!r}; valid: {', '.join(RESNET_STEMS)}")
     if problems:
         raise ValueError("domain-cls --on pixels: " + "; ".join(problems))
-    build_model(arch, 1, **_layout(width, stem))  # a layout the arch refuses fails now
+    build_model(arch, 1, **_layout(width, stem))  # a layout the arch refuses (or an unknown stem) fails now
     source, target = ctx.source, ctx.target
     if folds > 1 and folds > source.num_samples:
         raise ValueError(f"domain-cls --on pixels: folds ({folds}) exceeds the pool's {source.num_samples} images")
