@@ -71,6 +71,17 @@ FUSED = (
 PIXEL_VARIANT = ("domain-cls (pixels, ResNet-18 width 16, 32 px, 1000 steps)", "domain-cls",
                  {"on": "pixels", "width": 16, "resolution": 32, "steps": 1000})
 PIXEL_KEY = "pixels"
+
+
+def pixel_variant(members: int = 1) -> tuple[str, str, dict]:
+    """PIXEL_VARIANT, or with ``members`` > 1 its ensemble (``--members``: that many classifiers,
+    their mean logit), labelled so."""
+    if members == 1:
+        return PIXEL_VARIANT
+    label, method, params = PIXEL_VARIANT
+    return f"{label[:-1]}, {members} members)", method, {**params, "members": members}
+
+
 CROSS_FUSED = (
     # Rank fusion across encoders, run where both ran: the distance to the target on moco's
     # features (appearance, which fine-tuning loses) with the outlier-exposure head on moco-ft's
@@ -257,12 +268,16 @@ def _stored_name(key: str, label: str) -> str:
     return slug(label) if key == PIXEL_KEY else f"{key}-{slug(label)}"
 
 
-def _cross_fused_rows(pools: dict, encoders: dict) -> list[dict]:
-    """CROSS_FUSED's rows whose parts all ran (the pixel classifier always does)."""
+def _cross_fused_rows(pools: dict, encoders: dict, *, pixel_members: int = 1) -> list[dict]:
+    """CROSS_FUSED's rows whose parts all ran (the pixel classifier always does; with
+    ``pixel_members`` > 1 its ensemble, which the row's label then names)."""
     rows = []
     for label, parts, combine in CROSS_FUSED:
         if not all(key in encoders or key == PIXEL_KEY for key, _ in parts):
             continue
+        if pixel_members > 1 and any(key == PIXEL_KEY for key, _ in parts):
+            parts = tuple((key, pixel_variant(pixel_members)[0] if key == PIXEL_KEY else part) for key, part in parts)
+            label = label.replace("domain-cls pixels", f"domain-cls pixels x{pixel_members}")
         values, t = {}, time.perf_counter()
         stored = ",".join(_stored_name(key, part) for key, part in parts)
         for name, pool in pools.items():
@@ -271,10 +286,10 @@ def _cross_fused_rows(pools: dict, encoders: dict) -> list[dict]:
     return rows
 
 
-def _pixel_rows(pools: dict, target: Path, *, seed: int, device: str) -> list[dict]:
+def _pixel_rows(pools: dict, target: Path, *, seed: int, device: str, members: int = 1) -> list[dict]:
     from filterx.stages.score import ScoreConfig, score
 
-    label, method, params = PIXEL_VARIANT
+    label, method, params = pixel_variant(members)
     values, t = {}, time.perf_counter()
     for name, pool in pools.items():
         stored = _stored_name(PIXEL_KEY, label)
@@ -328,12 +343,12 @@ def check_encoders(encoders) -> tuple[str, ...]:
 
 def evaluate(root: Path, target: Path, pools: dict, chosen, *, backbone: str, epochs: int, resolution: int,
              moco_epochs: int, references: bool, seed: int, device: str,
-             moco_resolution: int = MOCO_RESOLUTION,
-             moco_model: dict | None = None) -> tuple[list[dict], dict, np.ndarray]:
+             moco_resolution: int = MOCO_RESOLUTION, moco_model: dict | None = None,
+             pixel_members: int = 1) -> tuple[list[dict], dict, np.ndarray]:
     """Every row for ``pools`` (name -> ``{"ds": dataset dir, "relevant": (N,) bool, "size": N}``),
     which share the sharded ``target``: the encoders ``chosen`` trained, each method scored and
-    selected, the pixel classifier, the references (where ``references``), random's expected
-    share and the best possible. Returns the rows, the encoders (``_train_encoders``) and the
+    selected, the pixel classifier (an ensemble of ``pixel_members``), the references (where
+    ``references``), random's expected share and the best possible. Returns the rows, the encoders (``_train_encoders``) and the
     target's training split (sample ids)."""
     from filterx.models.encoder import read_encoder_file
 
@@ -341,8 +356,8 @@ def evaluate(root: Path, target: Path, pools: dict, chosen, *, backbone: str, ep
                            resolution=resolution, moco_epochs=moco_epochs, seed=seed, device=device,
                            moco_resolution=moco_resolution, moco_model=moco_model)
     rows = _filterx_rows(pools, target, encs, seed=seed, device=device)
-    rows += _pixel_rows(pools, target, seed=seed, device=device)
-    rows += _cross_fused_rows(pools, encs)
+    rows += _pixel_rows(pools, target, seed=seed, device=device, members=pixel_members)
+    rows += _cross_fused_rows(pools, encs, pixel_members=pixel_members)
     first = next(iter(encs.values()))["paths"]  # every encoder file holds the same target split
     split = read_encoder_file(next(iter(first.values())))
     train_ids = np.asarray(split["train_ids"], dtype=np.int64)
@@ -359,11 +374,13 @@ def evaluate(root: Path, target: Path, pools: dict, chosen, *, backbone: str, ep
 def run(quick: bool, *, per_class: int | None = None, digits_per_class: int | None = None,
         target_per_class: int = 60, epochs: int = 20, resolution: int = 64, backbone: str = DEFAULT_BACKBONE,
         moco_epochs: int = 40, moco_width: int = MOCO_WIDTH, moco_stem: str = MOCO_STEM, encoders=ENCODERS,
-        references: bool = True, seed: int = 0, device: str = "auto", work: str | None = None, threads: int = 1):
+        references: bool = True, seed: int = 0, device: str = "auto", work: str | None = None, threads: int = 1,
+        pixel_members: int = 1):
     """The table: one row per (method, encoder) and per reference; columns are the precision
     at each budget on each pool. Sizes: ``SIZES[quick]`` unless ``per_class`` /
     ``digits_per_class`` are given. ``moco_width`` / ``moco_stem``: the moco encoder's ResNet-18
-    layout (:func:`moco_layout`).
+    layout (:func:`moco_layout`). ``pixel_members``: the pixel classifier's ensemble size
+    (:func:`pixel_variant`).
 
     ``threads``: torch's intra-op threads while the suite runs (restored after). One by
     default: on the shared 2-core development machine, two made the domain classifier's
@@ -378,13 +395,14 @@ def run(quick: bool, *, per_class: int | None = None, digits_per_class: int | No
         return _run(quick, per_class=per_class, digits_per_class=digits_per_class,
                     target_per_class=target_per_class, epochs=epochs, resolution=resolution, backbone=backbone,
                     moco_epochs=int(moco_epochs), moco_model=moco_layout(moco_width, moco_stem), encoders=encoders,
-                    references=references, seed=seed, device=device, work=work, threads=int(threads))
+                    references=references, seed=seed, device=device, work=work, threads=int(threads),
+                    pixel_members=int(pixel_members))
     finally:
         torch.set_num_threads(before)
 
 
 def _run(quick: bool, *, per_class, digits_per_class, target_per_class, epochs, resolution, backbone, moco_epochs,
-         moco_model, encoders, references, seed, device, work, threads) -> Rows:
+         moco_model, encoders, references, seed, device, work, threads, pixel_members) -> Rows:
     from filterx.io.dataset import Dataset
     from filterx.stages.shard import ShardConfig, shard
 
@@ -409,7 +427,8 @@ def _run(quick: bool, *, per_class, digits_per_class, target_per_class, epochs, 
             + f"; made and sharded in {data_s:.0f}s")
         rows, encs, train_ids = evaluate(root, target, pools, chosen, backbone=backbone, epochs=epochs,
                                          resolution=resolution, moco_epochs=moco_epochs, references=references,
-                                         moco_model=moco_model, seed=seed, device=device)
+                                         moco_model=moco_model, seed=seed, device=device,
+                                         pixel_members=pixel_members)
         n_target = len(Dataset.open(target).labels)
     total = time.perf_counter() - t0
     notes = ["pools (images, relevant, share): " + "; ".join(

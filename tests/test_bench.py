@@ -311,6 +311,23 @@ def test_selection_suite_covers_the_registry_and_refuses_unknown_encoders():
         bench_selection.run(True, encoders="target,nope")
 
 
+def test_pixel_ensemble_rows_name_their_members_and_fuse_the_ensemble(monkeypatch):
+    """--opt selection.pixel_members=3 (or emoji.*): the pixel row is the 3-member ensemble, and the
+    cross-encoder fusion reads that row's stored score under a label that says so."""
+    from bench import bench_selection
+
+    assert bench_selection.pixel_variant(1) == bench_selection.PIXEL_VARIANT
+    label, method, params = bench_selection.pixel_variant(3)
+    assert label == "domain-cls (pixels, ResNet-18 width 16, 32 px, 1000 steps, 3 members)"
+    assert method == "domain-cls" and params == {**bench_selection.PIXEL_VARIANT[2], "members": 3}
+    read = []
+    monkeypatch.setattr(bench_selection, "_select_precisions",
+                        lambda name, pool, stored, manifest, values, combine=None: read.append(stored))
+    rows = bench_selection._cross_fused_rows({"emoji": {}}, {"moco": {}}, pixel_members=3)
+    assert [r["method"] for r in rows] == ["rank-mean(domain-cls linear moco, domain-cls pixels x3)"]
+    assert read == [f"moco-{bench_selection.slug('domain-cls (linear)')},{bench_selection.slug(label)}"]
+
+
 @pytest.mark.slow
 def test_selection_suite_end_to_end_at_a_tiny_size(tmp_path):
     """The whole chain on tiny pools (113 s with the four encoders on 2 idle AMD EPYC cores)."""

@@ -97,6 +97,7 @@ def test_on_chooses_the_variant():
 @pytest.mark.parametrize("params, kw, message", [
     ({"arch": "vgg"}, {}, "unknown arch 'vgg'; valid: alexnet_lrn, resnet18"),
     ({"steps": 0}, {}, "steps must be >= 1, got 0"),
+    ({"members": 0}, {}, "members must be >= 1, got 0"),
     ({"width": 8, "arch": "alexnet_lrn"}, {}, "bad options {'width': 8} for alexnet_lrn"),
     ({"stem": "tiny"}, {}, "unknown stem 'tiny'; valid: imagenet, small"),
     ({"stem": "small", "width": None, "arch": "alexnet_lrn"}, {}, "bad options {'stem': 'small'} for alexnet_lrn"),
@@ -187,6 +188,37 @@ def test_other_settings_do_not_reuse_stale_work(camera_dirs, tmp_path, monkeypat
     assert np.abs(scores).max() < 1e8 and attrs["params"]["steps"] == 5
 
 
+def test_members_average_the_single_classifiers_at_consecutive_seeds(camera_dirs, tmp_path, monkeypatch):
+    """members=2 at seed 3 is the mean logit of the single classifiers at seeds 3 and 4; a killed
+    ensemble run keeps every member's weights and resumes to the same scores."""
+    import filterx.scorers.domain_pixels as dp
+
+    src = tmp_path / "source"
+    shutil.copytree(camera_dirs[0], src)
+    ds = Dataset.open(src)
+    params = {**FAST, "width": 8, "steps": 6}
+    singles = []
+    for seed in (3, 4):
+        score(ScoreConfig("domain-cls", src, camera_dirs[1], None, params, seed, name=f"single{seed}", **KW))
+        singles.append(read_scores(ds, f"single{seed}")[0])
+    assert not np.allclose(singles[0], singles[1])  # the members differ
+
+    def kill(point):
+        raise _Killed
+
+    monkeypatch.setattr(dp, "crash_point", kill)
+    with pytest.raises(_Killed):
+        score(ScoreConfig("domain-cls", src, camera_dirs[1], None, {**params, "members": 2}, 3, name="ens", **KW))
+    monkeypatch.undo()
+    store = zarr.open_group(work_path(ds, "ens"), mode="r")
+    assert {"classifier_0", "classifier_0_1"} <= set(store.array_keys()) and store["done"][:].sum() == 1
+    s = score(ScoreConfig("domain-cls", src, camera_dirs[1], None, {**params, "members": 2}, 3, name="ens", **KW))
+    assert not s.attrs["trained"] and s.attrs["shards_reused"] == 1 and len(s.attrs["training"]) == 2
+    scores, attrs = read_scores(ds, "ens")
+    assert attrs["params"]["members"] == 2
+    np.testing.assert_allclose(scores, np.mean(singles, axis=0), rtol=1e-5, atol=1e-6)
+
+
 def test_cli_errors_are_one_line(camera_dirs, tmp_path):
     from click.testing import CliRunner
 
@@ -203,5 +235,6 @@ def test_cli_errors_are_one_line(camera_dirs, tmp_path):
     assert "Traceback" not in no_target.output
     help_text = runner.invoke(main, ["score", "--help"]).output
     assert "--on [embeddings|pixels]" in help_text and "--width" in help_text and "--stem [imagenet|small]" in help_text
+    assert "--members" in help_text
     bad_stem = runner.invoke(main, [*base, "--target", str(camera_dirs[1]), "--on", "pixels", "--stem", "tiny"])
     assert bad_stem.exit_code == 2 and "'tiny' is not one of 'imagenet', 'small'" in bad_stem.output

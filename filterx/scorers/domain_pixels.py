@@ -9,7 +9,11 @@ and half target. Each half is drawn as shuffled epochs of its side, so a small t
 oversampled, seen once per epoch of its own, while the pool goes by. With ``folds > 1`` the pool
 is split at random and each part is scored by a classifier that never trained on it (as
 domain-cls on embeddings does): on a small pool a CNN learns its pool images by heart and would
-score the target-like ones low for having seen them labelled "pool".
+score the target-like ones low for having seen them labelled "pool". With ``members > 1`` each
+fold trains that many classifiers, from different initialisations and batch orders, and scores by
+their mean logit (a deep ensemble): member m of a run at seed s trains with the seeds of a single
+classifier at seed s + m * folds (on the run's own fold split), so with one fold the ensemble at
+seed s is the mean of the single runs at seeds s, s+1, ..., s + members - 1.
 
 Registered as the streaming scorer ``domain-cls/pixels``, the variant of ``domain-cls`` that
 ``--on pixels`` chooses (:func:`pixel_domain_scores`, called with a StreamContext); it needs
@@ -85,16 +89,29 @@ def _layout(width: int | None, stem: str | None) -> dict:
     return {k: v for k, v in (("width", width), ("stem", stem)) if v is not None}
 
 
+def _member_seed(seed: int, folds: int, member: int) -> int:
+    """The run seed member ``member`` trains with: a single classifier's, at seed + member * folds
+    (member 0 is the single classifier; no two (member, fold) pairs of a run share an init seed)."""
+    return seed + member * folds
+
+
+def _weights_name(fold: int, member: int) -> str:
+    """The work-store array of one classifier's weights (member 0's name is a single classifier's)."""
+    return f"classifier_{fold}" if member == 0 else f"classifier_{fold}_{member}"
+
+
 def train_pixel_classifier(source, target, pool_ids: np.ndarray | None, cfg: LoaderConfig, *, arch: str,
                            width: int | None, steps: int, lr: float, weight_decay: float, seed: int,
-                           fold: int = 0, quiet: bool = True, stem: str | None = None) -> tuple[nn.Module, dict]:
+                           fold: int = 0, quiet: bool = True, stem: str | None = None,
+                           label: str = "") -> tuple[nn.Module, dict]:
     """Train a balanced pool (0) vs target (1) classifier on decoded pixels.
 
     ``source``, ``target``: datasets; ``pool_ids``: the pool samples it may train on (None: all);
     ``cfg``: the training loader (``train=True``, ``batch_size`` = half a batch). AdamW with a
     linear warm-up over the first 5% of ``steps``, then cosine decay; bf16 autocast and
     channels_last on CUDA. Returns (the model in eval mode, training facts: final loss and
-    accuracy over the last tenth of the steps, bad samples skipped).
+    accuracy over the last tenth of the steps, bad samples skipped). ``label``: names the classifier
+    in the progress bar and log (e.g. "fold 1, member 2").
     """
     device = torch.device(cfg.device)
     torch.manual_seed(seed + fold)
@@ -120,7 +137,7 @@ def train_pixel_classifier(source, target, pool_ids: np.ndarray | None, cfg: Loa
     tail = max(1, steps // 10)
     losses, correct = [], []
     model.train()
-    bar = progress(total=steps, desc=f"domain classifier (fold {fold})" if fold else "domain classifier",
+    bar = progress(total=steps, desc=f"domain classifier ({label})" if label else "domain classifier",
                    quiet=quiet)
     for step in range(steps):
         x = torch.cat([next(pool)[1].to(device), next(tgt)[1].to(device)])
@@ -140,8 +157,8 @@ def train_pixel_classifier(source, target, pool_ids: np.ndarray | None, cfg: Loa
     bar.close()
     facts = {"train_loss": float(np.mean(losses)), "train_accuracy": float(np.mean(correct)),
              "bad_training_samples": len(skipped.bad)}
-    log.info("domain classifier (fold %d): loss %.4f, balanced accuracy %.3f over its last %d steps",
-             fold, facts["train_loss"], facts["train_accuracy"], tail)
+    log.info("domain classifier%s: loss %.4f, balanced accuracy %.3f over its last %d steps",
+             f" ({label})" if label else "", facts["train_loss"], facts["train_accuracy"], tail)
     return model.eval(), facts
 
 
@@ -157,9 +174,10 @@ def _load_weights(model: nn.Module, stored: np.ndarray) -> nn.Module:
     return model.eval()
 
 
-def _logits(models: list[nn.Module], fold_of: np.ndarray, ids: np.ndarray, images: torch.Tensor,
+def _logits(models: list[list[nn.Module]], fold_of: np.ndarray, ids: np.ndarray, images: torch.Tensor,
             device: torch.device) -> np.ndarray:
-    """(B,) float32 target logits of a compute batch, each sample by the classifier of its fold."""
+    """(B,) float32 target logits of a compute batch, each sample by the classifiers of its fold
+    (``models[fold]``: the fold's members; their mean logit)."""
     out = np.empty(len(ids), dtype=np.float32)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     images = images.to(device)
@@ -167,10 +185,11 @@ def _logits(models: list[nn.Module], fold_of: np.ndarray, ids: np.ndarray, image
         images = images.contiguous(memory_format=torch.channels_last)
     folds = fold_of[ids]
     with torch.inference_mode(), amp:
-        for f, model in enumerate(models):
+        for f, members in enumerate(models):
             sel = folds == f
             if sel.any():
-                out[sel] = model(images[torch.from_numpy(sel).to(device)]).squeeze(1).float().cpu().numpy()
+                batch = images[torch.from_numpy(sel).to(device)]
+                out[sel] = np.mean([m(batch).squeeze(1).float().cpu().numpy() for m in members], axis=0)
     return out
 
 
@@ -191,7 +210,10 @@ def check_pixels(params, candidates: str) -> None:
         "resolution": Option("with --on pixels, the side of the images it sees", min=16),
         "steps": Option("with --on pixels, training steps (batches of --batch-size, half pool, half target)",
                         min=1),
-        "folds": Option("cross-fitting folds", min=1)})
+        "folds": Option("cross-fitting folds", min=1),
+        "members": Option("with --on pixels, classifiers per fold, trained at different seeds; the score is "
+                          "their mean logit (an ensemble: steadier rankings, members times the training time)",
+                          min=1)})
 def pixel_domain_scores(
     ctx: StreamContext,
     *,
@@ -204,12 +226,14 @@ def pixel_domain_scores(
     lr: float = 1e-3,
     weight_decay: float = 1e-4,
     folds: int = 1,
+    members: int = 1,
 ) -> tuple[np.ndarray, ScoreResult]:
     """Logit of "target" from a CNN trained on pixels, balanced batches (arch: any trainer
     model; width: a narrower ResNet, e.g. 16 for CPU runs; stem: a ResNet's stem, "small" for
-    small images; resolution in pixels; batches of --batch-size, half pool and half target)."""
+    small images; resolution in pixels; batches of --batch-size, half pool and half target;
+    members: classifiers per fold whose logits are averaged)."""
     problems = [f"{k} must be >= {lo}, got {v}" for k, v, lo in
-                (("steps", steps, 1), ("folds", folds, 1), ("resolution", resolution, 16))
+                (("steps", steps, 1), ("folds", folds, 1), ("members", members, 1), ("resolution", resolution, 16))
                 if v < lo] + ([f"width must be >= 1, got {width}"] if width is not None and width < 1 else []) \
         + ([f"lr must be > 0, got {lr}"] if not lr > 0 else [])
     if arch not in list_models():
@@ -222,9 +246,11 @@ def pixel_domain_scores(
     source, target = ctx.source, ctx.target
     if folds > 1 and folds > source.num_samples:
         raise ValueError(f"domain-cls --on pixels: folds ({folds}) exceeds the pool's {source.num_samples} images")
-    # stem only when given: a run without it keeps the work-store key (and stored weights) it had
+    # stem and members only when not the default: a run without them keeps the work-store key (and
+    # stored weights) it had
     params = dict(arch=arch, width=width, **({} if stem is None else {"stem": stem}), resolution=resolution,
-                  steps=steps, lr=lr, weight_decay=weight_decay, folds=folds)
+                  steps=steps, lr=lr, weight_decay=weight_decay, folds=folds,
+                  **({} if members == 1 else {"members": members}))
     device = torch.device(ctx.device)
     fold_of = np.random.default_rng(seed).integers(0, folds, source.num_samples) if folds > 1 \
         else np.zeros(source.num_samples, dtype=np.int64)
@@ -235,16 +261,18 @@ def pixel_domain_scores(
     train_cfg = LoaderConfig(resolution=resolution, backend=ctx.backend, device=ctx.device,
                              batch_size=ctx.batch_size // 2, workers=ctx.workers, train=True, shuffle=True)
     trained = store is None
+    slots = [(f, m) for f in range(folds) for m in range(members)]
     if store is None:
-        models, facts = [], []
-        for f in range(folds):
+        weights, facts = {}, []
+        for f, m in slots:
             pool_ids = np.flatnonzero(fold_of != f) if folds > 1 else None
+            label = ", ".join([f"fold {f}"] * (folds > 1) + [f"member {m}"] * (members > 1))
             model, fact = train_pixel_classifier(source, target, pool_ids, train_cfg, arch=arch, width=width,
-                                                 steps=steps, lr=lr, weight_decay=weight_decay, seed=seed, fold=f,
-                                                 quiet=ctx.quiet, stem=stem)
-            models.append(model)
+                                                 steps=steps, lr=lr, weight_decay=weight_decay,
+                                                 seed=_member_seed(seed, folds, m), fold=f, quiet=ctx.quiet,
+                                                 stem=stem, label=label)
+            weights[_weights_name(f, m)] = _weights_bytes(model)
             facts.append(fact)
-        weights = {f"classifier_{f}": _weights_bytes(m) for f, m in enumerate(models)}
         if ctx.work is not None:
             rowstore.create(ctx.work, layout, arrays=weights, extra_attrs={"training": facts})
             store = rowstore.open_rows(ctx.work, layout)
@@ -252,9 +280,9 @@ def pixel_domain_scores(
         log.info("domain-cls --on pixels: reusing the classifier stored in %s", ctx.work)
     if store is not None:  # one path for a fresh and a resumed run: the weights as stored
         facts = store.attrs["training"]
-        weights = {f"classifier_{f}": store.array(f"classifier_{f}") for f in range(folds)}
-    models = [_load_weights(build_model(arch, 1, **_layout(width, stem)),
-                            weights[f"classifier_{f}"]).to(device) for f in range(folds)]
+        weights = {_weights_name(f, m): store.array(_weights_name(f, m)) for f, m in slots}
+    models = [[_load_weights(build_model(arch, 1, **_layout(width, stem)), weights[_weights_name(f, m)]).to(device)
+               for m in range(members)] for f in range(folds)]
 
     todo = list(range(source.num_shards)) if store is None else store.undone()
     reused = source.num_shards - len(todo)
