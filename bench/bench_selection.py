@@ -348,8 +348,8 @@ def evaluate(root: Path, target: Path, pools: dict, chosen, *, backbone: str, ep
     """Every row for ``pools`` (name -> ``{"ds": dataset dir, "relevant": (N,) bool, "size": N}``),
     which share the sharded ``target``: the encoders ``chosen`` trained, each method scored and
     selected, the pixel classifier (an ensemble of ``pixel_members``), the references (where
-    ``references``), random's expected share and the best possible. Returns the rows, the encoders (``_train_encoders``) and the
-    target's training split (sample ids)."""
+    ``references``), random's expected share and the best possible. Returns the rows, the
+    encoders (``_train_encoders``) and the target's training split (sample ids)."""
     from filterx.models.encoder import read_encoder_file
 
     encs = _train_encoders(root, target, pools, chosen, backbone=backbone, epochs=epochs,
