@@ -313,7 +313,8 @@ def test_selection_suite_covers_the_registry_and_refuses_unknown_encoders():
 
 def test_pixel_ensemble_rows_name_their_members_and_fuse_the_ensemble(monkeypatch):
     """--opt selection.pixel_members=3 (or emoji.*): the pixel row is the 3-member ensemble, and the
-    cross-encoder fusion reads that row's stored score under a label that says so."""
+    cross-encoder fusion reads that row's stored score under a label that says so; likewise with
+    --opt ...pixel_colour=mixed."""
     from bench import bench_selection
 
     assert bench_selection.pixel_variant(1) == bench_selection.PIXEL_VARIANT
@@ -325,6 +326,13 @@ def test_pixel_ensemble_rows_name_their_members_and_fuse_the_ensemble(monkeypatc
                         lambda name, pool, stored, manifest, values, combine=None: read.append(stored))
     rows = bench_selection._cross_fused_rows({"emoji": {}}, {"moco": {}}, pixel_members=3)
     assert [r["method"] for r in rows] == ["rank-mean(domain-cls linear moco, domain-cls pixels x3)"]
+    assert read == [f"moco-{bench_selection.slug('domain-cls (linear)')},{bench_selection.slug(label)}"]
+    label, _, params = bench_selection.pixel_variant(3, "mixed")  # --opt ...pixel_colour=mixed
+    assert label == "domain-cls (pixels, ResNet-18 width 16, 32 px, 1000 steps, 3 members, colour mixed)"
+    assert params == {**bench_selection.PIXEL_VARIANT[2], "members": 3, "colour": "mixed"}
+    read.clear()
+    rows = bench_selection._cross_fused_rows({"emoji": {}}, {"moco": {}}, pixel_members=3, pixel_colour="mixed")
+    assert [r["method"] for r in rows] == ["rank-mean(domain-cls linear moco, domain-cls pixels x3 mixed)"]
     assert read == [f"moco-{bench_selection.slug('domain-cls (linear)')},{bench_selection.slug(label)}"]
 
 

@@ -49,7 +49,8 @@ def _digits(ds: Dataset) -> np.ndarray:
     return np.array([names[label].startswith("digit") for label in ds.labels])
 
 
-@pytest.mark.parametrize("layout", [{}, {"stem": "small"}], ids=["imagenet-stem", "small-stem"])
+@pytest.mark.parametrize("layout", [{}, {"stem": "small"}, {"colour": "jitter"}],
+                         ids=["imagenet-stem", "small-stem", "colour-jitter"])
 def test_target_like_pool_images_score_first(camera_dirs, tmp_path, layout):
     from sklearn.metrics import roc_auc_score
 
@@ -67,6 +68,7 @@ def test_target_like_pool_images_score_first(camera_dirs, tmp_path, layout):
     assert digits[top].mean() > 0.85
     assert attrs["params"]["on"] == "pixels" and attrs["params"]["width"] == 16 and attrs["encoder"] is None
     assert attrs["params"].get("stem") == layout.get("stem")
+    assert attrs["params"]["colour"] == layout.get("colour", "none")
     assert s.attrs["trained"] and s.attrs["shards_scored"] == ds.num_shards and s.attrs["shards_reused"] == 0
     assert 0.5 < s.attrs["train_accuracy"] <= 1.0 and s.attrs["bad_training_samples"] == 0
     assert not work_path(ds, "dp").exists() and list_scores(ds) == ["dp"]
@@ -85,6 +87,37 @@ def test_batches_are_balanced_and_the_small_side_oversampled(camera_dirs):
     assert sorted(first.tolist()) == list(range(50)) and first.tolist() != list(range(50))  # shuffled
 
 
+def test_colour_steps_act_on_the_images_the_loader_normalised():
+    """colour="gray": about half of a batch in grayscale (equal channels once the loader's
+    normalisation is undone), the rest as they were; "jitter" changes colours too; both stay
+    normalised images in [0, 1] before normalisation, and the draws follow the generator's seed."""
+    import torch
+
+    from filterx.scorers.domain_pixels import COLOURS, _recoloured
+
+    cfg = LoaderConfig(resolution=16)
+    mean, std = torch.tensor(cfg.mean).view(1, 3, 1, 1), torch.tensor(cfg.std).view(1, 3, 1, 1)
+    images01 = torch.rand(200, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    x = (images01 - mean) / std
+    assert COLOURS["none"] is None
+
+    def undo(y):
+        return y * std + mean
+
+    gray = undo(_recoloured(x, COLOURS["gray"], torch.Generator().manual_seed(1), cfg))
+    is_gray = ((gray[:, 0] - gray[:, 1]).abs().amax((1, 2)) < 1e-5) & ((gray[:, 1] - gray[:, 2]).abs().amax((1, 2)) < 1e-5)
+    assert 70 < int(is_gray.sum()) < 130
+    torch.testing.assert_close(gray[~is_gray], images01[~is_gray], atol=1e-5, rtol=0)
+    luma = (images01[is_gray] * torch.tensor([0.2989, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1)
+    torch.testing.assert_close(gray[is_gray][:, 0], luma, atol=1e-5, rtol=0)
+    jitter = undo(_recoloured(x, COLOURS["jitter"], torch.Generator().manual_seed(1), cfg))
+    assert jitter.min() > -1e-5 and jitter.max() < 1 + 1e-5
+    changed = (jitter - images01).abs().amax((1, 2, 3)) > 1e-3
+    assert int(changed.sum()) > 150  # jitter (p 0.8) or grayscale (p 0.5): about 9 in 10
+    again = undo(_recoloured(x, COLOURS["jitter"], torch.Generator().manual_seed(1), cfg))
+    torch.testing.assert_close(again, jitter, atol=0, rtol=0)
+
+
 def test_on_chooses_the_variant():
     scorer, params, chosen = resolve_scorer("domain-cls", {"on": "pixels", "steps": 5})
     assert scorer.name == "domain-cls/pixels" and scorer.kind == "streaming"
@@ -98,6 +131,8 @@ def test_on_chooses_the_variant():
     ({"arch": "vgg"}, {}, "unknown arch 'vgg'; valid: alexnet_lrn, resnet18"),
     ({"steps": 0}, {}, "steps must be >= 1, got 0"),
     ({"members": 0}, {}, "members must be >= 1, got 0"),
+    ({"colour": "sepia"}, {}, "unknown colour 'sepia'; valid: none, gray, jitter, mixed"),
+    ({"colour": "mixed"}, {}, r"colour mixed takes --members >= 2 \(member m takes none, gray, jitter in turn\), got 1"),
     ({"width": 8, "arch": "alexnet_lrn"}, {}, "bad options {'width': 8} for alexnet_lrn"),
     ({"stem": "tiny"}, {}, "unknown stem 'tiny'; valid: imagenet, small"),
     ({"stem": "small", "width": None, "arch": "alexnet_lrn"}, {}, "bad options {'stem': 'small'} for alexnet_lrn"),
@@ -219,6 +254,27 @@ def test_members_average_the_single_classifiers_at_consecutive_seeds(camera_dirs
     np.testing.assert_allclose(scores, np.mean(singles, axis=0), rtol=1e-5, atol=1e-6)
 
 
+def test_mixed_colour_members_are_the_single_classifiers_of_each_colour(camera_dirs, tmp_path):
+    """colour=mixed, members=3 at seed 3: the mean logit of single classifiers at seeds 3, 4, 5
+    trained with colour none, gray and jitter; the colour steps change what a classifier learns."""
+    src = tmp_path / "source"
+    shutil.copytree(camera_dirs[0], src)
+    ds = Dataset.open(src)
+    params = {**FAST, "width": 8, "steps": 6}
+    singles = []
+    for seed, colour in ((3, "none"), (4, "gray"), (5, "jitter")):
+        name = f"single{seed}"
+        score(ScoreConfig("domain-cls", src, camera_dirs[1], None, {**params, "colour": colour}, seed, name=name, **KW))
+        singles.append(read_scores(ds, name)[0])
+    score(ScoreConfig("domain-cls", src, camera_dirs[1], None, {**params, "colour": "none"}, 4, name="plain4", **KW))
+    assert not np.allclose(read_scores(ds, "plain4")[0], singles[1])  # gray at seed 4 is not none at seed 4
+    score(ScoreConfig("domain-cls", src, camera_dirs[1], None, {**params, "members": 3, "colour": "mixed"}, 3,
+                      name="mixed", **KW))
+    scores, attrs = read_scores(ds, "mixed")
+    assert attrs["params"]["colour"] == "mixed" and attrs["params"]["members"] == 3
+    np.testing.assert_allclose(scores, np.mean(singles, axis=0), rtol=1e-5, atol=1e-6)
+
+
 def test_cli_errors_are_one_line(camera_dirs, tmp_path):
     from click.testing import CliRunner
 
@@ -235,6 +291,6 @@ def test_cli_errors_are_one_line(camera_dirs, tmp_path):
     assert "Traceback" not in no_target.output
     help_text = runner.invoke(main, ["score", "--help"]).output
     assert "--on [embeddings|pixels]" in help_text and "--width" in help_text and "--stem [imagenet|small]" in help_text
-    assert "--members" in help_text
+    assert "--members" in help_text and "--colour [none|gray|jitter|mixed]" in help_text
     bad_stem = runner.invoke(main, [*base, "--target", str(camera_dirs[1]), "--on", "pixels", "--stem", "tiny"])
     assert bad_stem.exit_code == 2 and "'tiny' is not one of 'imagenet', 'small'" in bad_stem.output

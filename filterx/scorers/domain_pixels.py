@@ -50,9 +50,25 @@ from filterx.io import rowstore
 from filterx.models.archs import RESNET_STEMS, build_model, list_models
 from filterx.scorers import Option, ScoreResult, StreamContext, register_scorer
 from filterx.scorers.lastblock import score_pool_shards
+from filterx.train.moco_views import MocoAugment, recolour
 
 log = logging.getLogger(__name__)
-TARGET, POOL = 1, 0
+TARGET, POOL, COLOUR = 1, 0, 2  # the sides' seed streams (and the colour draws')
+# ``colour``: the colour steps added to the crop and flip of training images (scoring sees the
+# images as they are). "gray": grayscale half the time; "jitter": also SimCLR's colour jitter of
+# strength 1 (brightness, contrast, saturation 0.8, hue 0.2; p 0.8), as the small-image MoCo
+# views have it. Both keep the classifier from telling target from pool by palette alone, which
+# helps where palette is the target's style and hurts where it is content (README, "Colour in
+# the pixel classifier"). "mixed" (an ensemble's setting): member m takes MIXED[m % 3].
+COLOURS = {"none": None, "gray": MocoAugment(jitter_p=0.0, gray_p=0.5),
+           "jitter": MocoAugment(jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, gray_p=0.5)}
+MIXED = ("none", "gray", "jitter")
+COLOUR_CHOICES = (*COLOURS, "mixed")
+
+
+def member_colour(colour: str, member: int) -> str:
+    """The colour steps member ``member`` trains with (a key of COLOURS)."""
+    return MIXED[member % len(MIXED)] if colour == "mixed" else colour
 
 
 def _side_seed(seed: int, fold: int, side: int) -> int:
@@ -103,7 +119,7 @@ def _weights_name(fold: int, member: int) -> str:
 def train_pixel_classifier(source, target, pool_ids: np.ndarray | None, cfg: LoaderConfig, *, arch: str,
                            width: int | None, steps: int, lr: float, weight_decay: float, seed: int,
                            fold: int = 0, quiet: bool = True, stem: str | None = None,
-                           label: str = "") -> tuple[nn.Module, dict]:
+                           label: str = "", colour: str = "none") -> tuple[nn.Module, dict]:
     """Train a balanced pool (0) vs target (1) classifier on decoded pixels.
 
     ``source``, ``target``: datasets; ``pool_ids``: the pool samples it may train on (None: all);
@@ -111,7 +127,8 @@ def train_pixel_classifier(source, target, pool_ids: np.ndarray | None, cfg: Loa
     linear warm-up over the first 5% of ``steps``, then cosine decay; bf16 autocast and
     channels_last on CUDA. Returns (the model in eval mode, training facts: final loss and
     accuracy over the last tenth of the steps, bad samples skipped). ``label``: names the classifier
-    in the progress bar and log (e.g. "fold 1, member 2").
+    in the progress bar and log (e.g. "fold 1, member 2"). ``colour``: a key of :data:`COLOURS`,
+    colour steps after the loader's crop and flip, drawn from a generator of (seed, fold).
     """
     device = torch.device(cfg.device)
     torch.manual_seed(seed + fold)
@@ -131,6 +148,8 @@ def train_pixel_classifier(source, target, pool_ids: np.ndarray | None, cfg: Loa
     pool = balanced_half(source.tar_paths(), pool_cfg, half, ids=pool_ids, on_error=skipped)
     tgt = balanced_half(target.tar_paths(), replace(cfg, seed=_side_seed(seed, fold, TARGET)), half,
                         on_error=skipped)
+    aug = COLOURS[colour]
+    gen = torch.Generator().manual_seed(_side_seed(seed, fold, COLOUR))
     y = torch.cat([torch.full((half,), float(POOL)), torch.full((half,), float(TARGET))]).to(device)
     loss_fn = nn.BCEWithLogitsLoss()
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
@@ -141,6 +160,8 @@ def train_pixel_classifier(source, target, pool_ids: np.ndarray | None, cfg: Loa
                    quiet=quiet)
     for step in range(steps):
         x = torch.cat([next(pool)[1].to(device), next(tgt)[1].to(device)])
+        if aug is not None:
+            x = _recoloured(x, aug, gen, cfg)
         if cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         with amp:
@@ -160,6 +181,13 @@ def train_pixel_classifier(source, target, pool_ids: np.ndarray | None, cfg: Loa
     log.info("domain classifier%s: loss %.4f, balanced accuracy %.3f over its last %d steps",
              f" ({label})" if label else "", facts["train_loss"], facts["train_accuracy"], tail)
     return model.eval(), facts
+
+
+def _recoloured(x: torch.Tensor, aug: MocoAugment, gen: torch.Generator, cfg: LoaderConfig) -> torch.Tensor:
+    """``aug``'s colour steps on a batch the loader normalised with ``cfg``'s mean and std."""
+    mean = torch.tensor(cfg.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (recolour((x * std + mean).clamp(0, 1), aug, gen) - mean) / std
 
 
 def _weights_bytes(model: nn.Module) -> np.ndarray:
@@ -213,7 +241,11 @@ def check_pixels(params, candidates: str) -> None:
         "folds": Option("cross-fitting folds", min=1),
         "members": Option("with --on pixels, classifiers per fold, trained at different seeds; the score is "
                           "their mean logit (an ensemble: steadier rankings, members times the training time)",
-                          min=1)})
+                          min=1),
+        "colour": Option("with --on pixels, colour steps on training images besides crop and flip: none, gray "
+                         "(grayscale half the time), jitter (also colour jitter of strength 1), so that palette "
+                         "alone does not tell the target; or mixed, with --members >= 2: member m takes none, "
+                         "gray, jitter in turn", choices=COLOUR_CHOICES)})
 def pixel_domain_scores(
     ctx: StreamContext,
     *,
@@ -227,17 +259,24 @@ def pixel_domain_scores(
     weight_decay: float = 1e-4,
     folds: int = 1,
     members: int = 1,
+    colour: str = "none",
 ) -> tuple[np.ndarray, ScoreResult]:
     """Logit of "target" from a CNN trained on pixels, balanced batches (arch: any trainer
     model; width: a narrower ResNet, e.g. 16 for CPU runs; stem: a ResNet's stem, "small" for
     small images; resolution in pixels; batches of --batch-size, half pool and half target;
-    members: classifiers per fold whose logits are averaged)."""
+    members: classifiers per fold whose logits are averaged; colour: colour steps in training, per
+    member with "mixed")."""
     problems = [f"{k} must be >= {lo}, got {v}" for k, v, lo in
                 (("steps", steps, 1), ("folds", folds, 1), ("members", members, 1), ("resolution", resolution, 16))
                 if v < lo] + ([f"width must be >= 1, got {width}"] if width is not None and width < 1 else []) \
         + ([f"lr must be > 0, got {lr}"] if not lr > 0 else [])
     if arch not in list_models():
         problems.append(f"unknown arch {arch!r}; valid: {', '.join(list_models())}")
+    if colour not in COLOUR_CHOICES:
+        problems.append(f"unknown colour {colour!r}; valid: {', '.join(COLOUR_CHOICES)}")
+    elif colour == "mixed" and members < 2:
+        problems.append("colour mixed takes --members >= 2 (member m takes none, gray, jitter in turn), "
+                        f"got {members}")
     if ctx.batch_size < 2 or ctx.batch_size % 2:
         problems.append(f"--batch-size must be even and >= 2 (half pool, half target), got {ctx.batch_size}")
     if problems:
@@ -246,11 +285,12 @@ def pixel_domain_scores(
     source, target = ctx.source, ctx.target
     if folds > 1 and folds > source.num_samples:
         raise ValueError(f"domain-cls --on pixels: folds ({folds}) exceeds the pool's {source.num_samples} images")
-    # stem and members only when not the default: a run without them keeps the work-store key (and
-    # stored weights) it had
+    # stem, members and colour only when not the default: a run without them keeps the work-store
+    # key (and stored weights) it had
     params = dict(arch=arch, width=width, **({} if stem is None else {"stem": stem}), resolution=resolution,
                   steps=steps, lr=lr, weight_decay=weight_decay, folds=folds,
-                  **({} if members == 1 else {"members": members}))
+                  **({} if members == 1 else {"members": members}),
+                  **({} if colour == "none" else {"colour": colour}))
     device = torch.device(ctx.device)
     fold_of = np.random.default_rng(seed).integers(0, folds, source.num_samples) if folds > 1 \
         else np.zeros(source.num_samples, dtype=np.int64)
@@ -270,7 +310,7 @@ def pixel_domain_scores(
             model, fact = train_pixel_classifier(source, target, pool_ids, train_cfg, arch=arch, width=width,
                                                  steps=steps, lr=lr, weight_decay=weight_decay,
                                                  seed=_member_seed(seed, folds, m), fold=f, quiet=ctx.quiet,
-                                                 stem=stem, label=label)
+                                                 stem=stem, label=label, colour=member_colour(colour, m))
             weights[_weights_name(f, m)] = _weights_bytes(model)
             facts.append(fact)
         if ctx.work is not None:

@@ -181,6 +181,17 @@ def color_jitter(x: torch.Tensor, aug: MocoAugment, gen: torch.Generator) -> tor
     return x
 
 
+def recolour(x: torch.Tensor, aug: MocoAugment, gen: torch.Generator) -> torch.Tensor:
+    """The views' colour steps on float images in [0, 1] (n, 3, H, W): :func:`color_jitter`, then
+    grayscale with probability ``gray_p`` per image."""
+    x = color_jitter(x, aug, gen)
+    gray = torch.rand(x.shape[0], generator=gen) < aug.gray_p
+    if gray.any():
+        idx = torch.nonzero(gray).flatten().to(x.device)
+        x[idx] = grayscale(x[idx]).expand(-1, 3, -1, -1)
+    return x
+
+
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Separable Gaussian blur of each image (n, 3, H, W) with its own ``sigma`` (n,) in
     pixels; kernel radius ceil(3 max sigma), reflected borders."""
@@ -202,12 +213,7 @@ def moco_view(images: torch.Tensor, out: int, gen: torch.Generator, aug: MocoAug
         raise ValueError(f"moco_view takes square images, got {s}x{s2}")
     boxes = crop_boxes(n, s, aug, gen)
     flips = torch.rand(n, generator=gen) < aug.flip_p
-    x = resized_crops(images, boxes, flips, out)
-    x = color_jitter(x, aug, gen)
-    gray = torch.rand(n, generator=gen) < aug.gray_p
-    if gray.any():
-        idx = torch.nonzero(gray).flatten().to(x.device)
-        x[idx] = grayscale(x[idx]).expand(-1, 3, -1, -1)
+    x = recolour(resized_crops(images, boxes, flips, out), aug, gen)
     blur = torch.rand(n, generator=gen) < aug.blur_p
     sigma = torch.empty(n).uniform_(aug.blur_sigma[0], aug.blur_sigma[1], generator=gen) * (out / 224)
     if blur.any():
