@@ -105,7 +105,8 @@ def test_colour_steps_act_on_the_images_the_loader_normalised():
         return y * std + mean
 
     gray = undo(_recoloured(x, COLOURS["gray"], torch.Generator().manual_seed(1), cfg))
-    is_gray = ((gray[:, 0] - gray[:, 1]).abs().amax((1, 2)) < 1e-5) & ((gray[:, 1] - gray[:, 2]).abs().amax((1, 2)) < 1e-5)
+    spread = gray.amax(1) - gray.amin(1)  # (n, H, W): 0 where the three channels are equal
+    is_gray = spread.amax((1, 2)) < 1e-5
     assert 70 < int(is_gray.sum()) < 130
     torch.testing.assert_close(gray[~is_gray], images01[~is_gray], atol=1e-5, rtol=0)
     luma = (images01[is_gray] * torch.tensor([0.2989, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1)
@@ -132,7 +133,7 @@ def test_on_chooses_the_variant():
     ({"steps": 0}, {}, "steps must be >= 1, got 0"),
     ({"members": 0}, {}, "members must be >= 1, got 0"),
     ({"colour": "sepia"}, {}, "unknown colour 'sepia'; valid: none, gray, jitter, mixed"),
-    ({"colour": "mixed"}, {}, r"colour mixed takes --members >= 2 \(member m takes none, gray, jitter in turn\), got 1"),
+    ({"colour": "mixed"}, {}, r"colour mixed takes --members >= 2 \(member m takes none, gray, jitter in turn\)"),
     ({"width": 8, "arch": "alexnet_lrn"}, {}, "bad options {'width': 8} for alexnet_lrn"),
     ({"stem": "tiny"}, {}, "unknown stem 'tiny'; valid: imagenet, small"),
     ({"stem": "small", "width": None, "arch": "alexnet_lrn"}, {}, "bad options {'stem': 'small'} for alexnet_lrn"),
