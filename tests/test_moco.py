@@ -15,7 +15,8 @@ from filterx.math.splits import stratified_split
 from filterx.stages.moco_encoder import MocoEncoderConfig, frozen_features, train_moco_encoder
 from filterx.decode.loader import Batch
 from filterx.train.moco import MoCo, GroupedBN, bn_groups, default_queue_size, info_nce
-from filterx.train.moco_views import (SMALL_IMAGE_VIEWS, _jitter_op, crop_boxes, MocoAugment, moco_augment,
+from filterx.decode.colour import _jitter_op
+from filterx.train.moco_views import (SMALL_IMAGE_VIEWS, crop_boxes, MocoAugment, moco_augment,
                                       resized_crops, two_crops)
 from filterx.math.probe import fit_linear_probe
 from filterx.stages.probe import _accuracy

@@ -13,7 +13,10 @@ score the target-like ones low for having seen them labelled "pool". With ``memb
 fold trains that many classifiers, from different initialisations and batch orders, and scores by
 their mean logit (a deep ensemble): member m of a run at seed s trains with the seeds of a single
 classifier at seed s + m * folds (on the run's own fold split), so with one fold the ensemble at
-seed s is the mean of the single runs at seeds s, s+1, ..., s + members - 1.
+seed s is the mean of the single runs at seeds s, s+1, ..., s + members - 1. ``colour`` adds
+colour steps to the training images (:data:`COLOURS`: grayscale, colour jitter), so that the
+target's palette alone does not tell it from the pool; "mixed" gives the members none, gray and
+jitter in turn.
 
 Registered as the streaming scorer ``domain-cls/pixels``, the variant of ``domain-cls`` that
 ``--on pixels`` chooses (:func:`pixel_domain_scores`, called with a StreamContext); it needs
@@ -45,12 +48,12 @@ import torch.nn as nn
 
 from filterx.core.faults import crash_point
 from filterx.core.progress import progress
+from filterx.decode.colour import ColourSteps, recolour
 from filterx.decode.loader import LoaderConfig, SkipBadSamples, load_batches
 from filterx.io import rowstore
 from filterx.models.archs import RESNET_STEMS, build_model, list_models
 from filterx.scorers import Option, ScoreResult, StreamContext, register_scorer
 from filterx.scorers.lastblock import score_pool_shards
-from filterx.train.moco_views import MocoAugment, recolour
 
 log = logging.getLogger(__name__)
 TARGET, POOL, COLOUR = 1, 0, 2  # the sides' seed streams (and the colour draws')
@@ -60,8 +63,8 @@ TARGET, POOL, COLOUR = 1, 0, 2  # the sides' seed streams (and the colour draws'
 # views have it. Both keep the classifier from telling target from pool by palette alone, which
 # helps where palette is the target's style and hurts where it is content (README, "Colour in
 # the pixel classifier"). "mixed" (an ensemble's setting): member m takes MIXED[m % 3].
-COLOURS = {"none": None, "gray": MocoAugment(jitter_p=0.0, gray_p=0.5),
-           "jitter": MocoAugment(jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, gray_p=0.5)}
+COLOURS = {"none": None, "gray": ColourSteps(jitter_p=0.0, gray_p=0.5),
+           "jitter": ColourSteps(jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, gray_p=0.5)}
 MIXED = ("none", "gray", "jitter")
 COLOUR_CHOICES = (*COLOURS, "mixed")
 
@@ -183,7 +186,7 @@ def train_pixel_classifier(source, target, pool_ids: np.ndarray | None, cfg: Loa
     return model.eval(), facts
 
 
-def _recoloured(x: torch.Tensor, aug: MocoAugment, gen: torch.Generator, cfg: LoaderConfig) -> torch.Tensor:
+def _recoloured(x: torch.Tensor, aug: ColourSteps, gen: torch.Generator, cfg: LoaderConfig) -> torch.Tensor:
     """``aug``'s colour steps on a batch the loader normalised with ``cfg``'s mean and std."""
     mean = torch.tensor(cfg.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(cfg.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
