@@ -117,6 +117,10 @@ def test_colour_steps_act_on_the_images_the_loader_normalised():
     assert int(changed.sum()) > 150  # jitter (p 0.8) or grayscale (p 0.5): about 9 in 10
     again = undo(_recoloured(x, COLOURS["jitter"], torch.Generator().manual_seed(1), cfg))
     torch.testing.assert_close(again, jitter, atol=0, rtol=0)
+    # "jitter" is the small-image MoCo views' colour steps, values and all
+    from filterx.train.moco_views import SMALL_IMAGE_VIEWS, colour_steps, moco_augment
+    assert COLOURS["jitter"] == colour_steps(moco_augment(SMALL_IMAGE_VIEWS))
+    assert COLOURS["jitter"].jitter == (0.8, 0.8, 0.8, 0.2) and COLOURS["jitter"].gray_p == 0.5
 
 
 def test_on_chooses_the_variant():

@@ -29,6 +29,12 @@ class ColourSteps:
     gray_p: float = 0.2
 
 
+# SimCLR's colour distortion of strength 1 (brightness, contrast, saturation 0.8, hue 0.2) with
+# grayscale half the time: the small-image MoCo views' colour steps
+# (filterx.train.moco_views.SMALL_IMAGE_VIEWS) and the pixel domain classifier's ``--colour jitter``.
+STRONG = ColourSteps(jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, gray_p=0.5)
+
+
 def grayscale(x: torch.Tensor) -> torch.Tensor:
     """(n, 1, H, W) luma of (n, 3, H, W) RGB."""
     w = torch.tensor(_GRAY, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)

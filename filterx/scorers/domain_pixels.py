@@ -48,7 +48,7 @@ import torch.nn as nn
 
 from filterx.core.faults import crash_point
 from filterx.core.progress import progress
-from filterx.decode.colour import ColourSteps, recolour
+from filterx.decode.colour import STRONG, ColourSteps, recolour
 from filterx.decode.loader import LoaderConfig, SkipBadSamples, load_batches
 from filterx.io import rowstore
 from filterx.models.archs import RESNET_STEMS, build_model, list_models
@@ -63,8 +63,7 @@ TARGET, POOL, COLOUR = 1, 0, 2  # the sides' seed streams (and the colour draws'
 # views have it. Both keep the classifier from telling target from pool by palette alone, which
 # helps where palette is the target's style and hurts where it is content (README, "Colour in
 # the pixel classifier"). "mixed" (an ensemble's setting): member m takes MIXED[m % 3].
-COLOURS = {"none": None, "gray": ColourSteps(jitter_p=0.0, gray_p=0.5),
-           "jitter": ColourSteps(jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, gray_p=0.5)}
+COLOURS = {"none": None, "gray": ColourSteps(jitter_p=0.0, gray_p=0.5), "jitter": STRONG}
 MIXED = ("none", "gray", "jitter")
 COLOUR_CHOICES = (*COLOURS, "mixed")
 

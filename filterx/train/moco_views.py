@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from filterx.decode.colour import ColourSteps, recolour
+from filterx.decode.colour import STRONG, ColourSteps, recolour
 from filterx.decode.loader import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -65,7 +65,7 @@ def moco_augment(overrides: dict) -> MocoAugment:
 # SimCLR's colour strength 1 (jitter 0.8/0.2) with grayscale half the time (v2's 0.4 left paper
 # tint to tell instances apart, and the features kept colour). The views that beat random-init
 # features at 32 px (tests/test_moco.py); the benchmarks' MoCo runs use them.
-SMALL_IMAGE_VIEWS = {"scale": (0.5, 1.0), "jitter": (0.8, 0.8, 0.8, 0.2), "gray_p": 0.5}
+SMALL_IMAGE_VIEWS = {"scale": (0.5, 1.0), "jitter": STRONG.jitter, "gray_p": STRONG.gray_p}
 
 
 def colour_steps(aug: MocoAugment) -> ColourSteps:
