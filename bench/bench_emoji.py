@@ -36,13 +36,13 @@ def run(quick: bool, *, category: str = emoji_pool.TARGET_CATEGORY, vendors=None
         moco_resolution: int = MOCO_RESOLUTION, moco_width: int = MOCO_WIDTH, moco_stem: str = MOCO_STEM,
         encoders=ENCODERS,
         references: bool = True, seed: int = 0, device: str = "auto", work: str | None = None,
-        threads: int = 1, pixel_members: int = 1, pixel_colour: str = "none") -> Rows:
+        threads: int = 1, pixel_members: int = 1, pixel_colour: str = "none", pixel_views: int = 1) -> Rows:
     """The table: one row per (method, encoder) and per reference, columns the precision at
     each budget on the pool. ``vendors``: the pool's artists (default all four, two with
     ``quick``); ``moco_width`` / ``moco_stem``: the moco encoder's layout
     (``bench_selection.moco_layout``); ``threads``: torch's intra-op threads while it runs (as in
-    the selection suite); ``pixel_members``, ``pixel_colour``: the pixel classifier's ensemble
-    size and colour steps (``bench_selection.pixel_variant``)."""
+    the selection suite); ``pixel_members``, ``pixel_colour``, ``pixel_views``: the pixel
+    classifier's ensemble size, colour steps and test-time views (``bench_selection.pixel_variant``)."""
     import torch
 
     before = torch.get_num_threads()
@@ -52,13 +52,14 @@ def run(quick: bool, *, category: str = emoji_pool.TARGET_CATEGORY, vendors=None
                     backbone=backbone, moco_epochs=int(moco_epochs), moco_resolution=int(moco_resolution),
                     moco_model=moco_layout(moco_width, moco_stem),
                     encoders=encoders, references=references, seed=seed, device=device, work=work,
-                    threads=int(threads), pixel_members=int(pixel_members), pixel_colour=str(pixel_colour))
+                    threads=int(threads), pixel_members=int(pixel_members), pixel_colour=str(pixel_colour),
+                    pixel_views=int(pixel_views))
     finally:
         torch.set_num_threads(before)
 
 
 def _run(quick, *, category, vendors, epochs, resolution, backbone, moco_epochs, moco_resolution, moco_model, encoders,
-         references, seed, device, work, threads, pixel_members, pixel_colour) -> Rows:
+         references, seed, device, work, threads, pixel_members, pixel_colour, pixel_views) -> Rows:
     from bench.images import default_data_dir
     from filterx.io.dataset import Dataset
     from filterx.stages.shard import ShardConfig, shard
@@ -82,7 +83,8 @@ def _run(quick, *, category, vendors, epochs, resolution, backbone, moco_epochs,
         rows, encs, train_ids = evaluate(root, target, pools, chosen, backbone=backbone, epochs=epochs,
                                          resolution=resolution, moco_epochs=moco_epochs, references=references,
                                          moco_resolution=moco_resolution, moco_model=moco_model, seed=seed,
-                                         device=device, pixel_members=pixel_members, pixel_colour=pixel_colour)
+                                         device=device, pixel_members=pixel_members, pixel_colour=pixel_colour,
+                                         pixel_views=pixel_views)
         tds = Dataset.open(target)
         n_target, target_classes = len(tds.labels), [c.name for c in tds.classes]
     total = time.perf_counter() - t0

@@ -73,21 +73,25 @@ PIXEL_VARIANT = ("domain-cls (pixels, ResNet-18 width 16, 32 px, 1000 steps)", "
 PIXEL_KEY = "pixels"
 
 
-def pixel_variant(members: int = 1, colour: str = "none") -> tuple[str, str, dict]:
+def pixel_variant(members: int = 1, colour: str = "none", views: int = 1) -> tuple[str, str, dict]:
     """PIXEL_VARIANT, or with ``members`` > 1 its ensemble (``--members``: that many classifiers,
-    their mean logit), with ``colour`` other than "none" its colour steps (``--colour``),
-    labelled so."""
+    their mean logit), with ``colour`` other than "none" its colour steps (``--colour``), with
+    ``views`` > 1 its test-time views (``--views``), labelled so."""
     label, method, params = PIXEL_VARIANT
     if members != 1:
         label, params = f"{label[:-1]}, {members} members)", {**params, "members": members}
     if colour != "none":
         label, params = f"{label[:-1]}, colour {colour})", {**params, "colour": colour}
+    if views != 1:
+        label, params = f"{label[:-1]}, {views} views)", {**params, "views": views}
     return label, method, params
 
 
-def _pixel_tag(members: int, colour: str) -> str:
-    """How a fusion's label names a pixel classifier other than PIXEL_VARIANT: " x3", " x3 mixed"."""
-    return (f" x{members}" if members != 1 else "") + (f" {colour}" if colour != "none" else "")
+def _pixel_tag(members: int, colour: str, views: int = 1) -> str:
+    """How a fusion's label names a pixel classifier other than PIXEL_VARIANT: " x3", " x3 mixed",
+    " x3 mixed 4 views"."""
+    return ((f" x{members}" if members != 1 else "") + (f" {colour}" if colour != "none" else "")
+            + (f" {views} views" if views != 1 else ""))
 
 
 CROSS_FUSED = (
@@ -276,17 +280,18 @@ def _stored_name(key: str, label: str) -> str:
     return slug(label) if key == PIXEL_KEY else f"{key}-{slug(label)}"
 
 
-def _cross_fused_rows(pools: dict, encoders: dict, *, pixel_members: int = 1,
-                      pixel_colour: str = "none") -> list[dict]:
+def _cross_fused_rows(pools: dict, encoders: dict, *, pixel_members: int = 1, pixel_colour: str = "none",
+                      pixel_views: int = 1) -> list[dict]:
     """CROSS_FUSED's rows whose parts all ran (the pixel classifier always does; with
-    ``pixel_members`` > 1 or ``pixel_colour`` its variant, which the row's label then names)."""
+    ``pixel_members`` > 1, ``pixel_colour`` or ``pixel_views`` its variant, which the row's label
+    then names)."""
     rows = []
     for label, parts, combine in CROSS_FUSED:
         if not all(key in encoders or key == PIXEL_KEY for key, _ in parts):
             continue
-        tag = _pixel_tag(pixel_members, pixel_colour)
+        tag = _pixel_tag(pixel_members, pixel_colour, pixel_views)
         if tag and any(key == PIXEL_KEY for key, _ in parts):
-            variant = pixel_variant(pixel_members, pixel_colour)[0]
+            variant = pixel_variant(pixel_members, pixel_colour, pixel_views)[0]
             parts = tuple((key, variant if key == PIXEL_KEY else part) for key, part in parts)
             label = label.replace("domain-cls pixels", f"domain-cls pixels{tag}")
         values, t = {}, time.perf_counter()
@@ -298,10 +303,10 @@ def _cross_fused_rows(pools: dict, encoders: dict, *, pixel_members: int = 1,
 
 
 def _pixel_rows(pools: dict, target: Path, *, seed: int, device: str, members: int = 1,
-                colour: str = "none") -> list[dict]:
+                colour: str = "none", views: int = 1) -> list[dict]:
     from filterx.stages.score import ScoreConfig, score
 
-    label, method, params = pixel_variant(members, colour)
+    label, method, params = pixel_variant(members, colour, views)
     values, t = {}, time.perf_counter()
     for name, pool in pools.items():
         stored = _stored_name(PIXEL_KEY, label)
@@ -356,11 +361,12 @@ def check_encoders(encoders) -> tuple[str, ...]:
 def evaluate(root: Path, target: Path, pools: dict, chosen, *, backbone: str, epochs: int, resolution: int,
              moco_epochs: int, references: bool, seed: int, device: str,
              moco_resolution: int = MOCO_RESOLUTION, moco_model: dict | None = None,
-             pixel_members: int = 1, pixel_colour: str = "none") -> tuple[list[dict], dict, np.ndarray]:
+             pixel_members: int = 1, pixel_colour: str = "none",
+             pixel_views: int = 1) -> tuple[list[dict], dict, np.ndarray]:
     """Every row for ``pools`` (name -> ``{"ds": dataset dir, "relevant": (N,) bool, "size": N}``),
     which share the sharded ``target``: the encoders ``chosen`` trained, each method scored and
     selected, the pixel classifier (an ensemble of ``pixel_members``, colour steps
-    ``pixel_colour``), the references (where
+    ``pixel_colour``, ``pixel_views`` views at scoring), the references (where
     ``references``), random's expected share and the best possible. Returns the rows, the
     encoders (``_train_encoders``) and the target's training split (sample ids)."""
     from filterx.models.encoder import read_encoder_file
@@ -369,8 +375,10 @@ def evaluate(root: Path, target: Path, pools: dict, chosen, *, backbone: str, ep
                            resolution=resolution, moco_epochs=moco_epochs, seed=seed, device=device,
                            moco_resolution=moco_resolution, moco_model=moco_model)
     rows = _filterx_rows(pools, target, encs, seed=seed, device=device)
-    rows += _pixel_rows(pools, target, seed=seed, device=device, members=pixel_members, colour=pixel_colour)
-    rows += _cross_fused_rows(pools, encs, pixel_members=pixel_members, pixel_colour=pixel_colour)
+    rows += _pixel_rows(pools, target, seed=seed, device=device, members=pixel_members, colour=pixel_colour,
+                        views=pixel_views)
+    rows += _cross_fused_rows(pools, encs, pixel_members=pixel_members, pixel_colour=pixel_colour,
+                              pixel_views=pixel_views)
     first = next(iter(encs.values()))["paths"]  # every encoder file holds the same target split
     split = read_encoder_file(next(iter(first.values())))
     train_ids = np.asarray(split["train_ids"], dtype=np.int64)
@@ -388,12 +396,12 @@ def run(quick: bool, *, per_class: int | None = None, digits_per_class: int | No
         target_per_class: int = 60, epochs: int = 20, resolution: int = 64, backbone: str = DEFAULT_BACKBONE,
         moco_epochs: int = 40, moco_width: int = MOCO_WIDTH, moco_stem: str = MOCO_STEM, encoders=ENCODERS,
         references: bool = True, seed: int = 0, device: str = "auto", work: str | None = None, threads: int = 1,
-        pixel_members: int = 1, pixel_colour: str = "none"):
+        pixel_members: int = 1, pixel_colour: str = "none", pixel_views: int = 1):
     """The table: one row per (method, encoder) and per reference; columns are the precision
     at each budget on each pool. Sizes: ``SIZES[quick]`` unless ``per_class`` /
     ``digits_per_class`` are given. ``moco_width`` / ``moco_stem``: the moco encoder's ResNet-18
-    layout (:func:`moco_layout`). ``pixel_members``, ``pixel_colour``: the pixel classifier's
-    ensemble size and colour steps (:func:`pixel_variant`).
+    layout (:func:`moco_layout`). ``pixel_members``, ``pixel_colour``, ``pixel_views``: the pixel
+    classifier's ensemble size, colour steps and test-time views (:func:`pixel_variant`).
 
     ``threads``: torch's intra-op threads while the suite runs (restored after). One by
     default: on the shared 2-core development machine, two made the domain classifier's
@@ -409,13 +417,14 @@ def run(quick: bool, *, per_class: int | None = None, digits_per_class: int | No
                     target_per_class=target_per_class, epochs=epochs, resolution=resolution, backbone=backbone,
                     moco_epochs=int(moco_epochs), moco_model=moco_layout(moco_width, moco_stem), encoders=encoders,
                     references=references, seed=seed, device=device, work=work, threads=int(threads),
-                    pixel_members=int(pixel_members), pixel_colour=str(pixel_colour))
+                    pixel_members=int(pixel_members), pixel_colour=str(pixel_colour), pixel_views=int(pixel_views))
     finally:
         torch.set_num_threads(before)
 
 
 def _run(quick: bool, *, per_class, digits_per_class, target_per_class, epochs, resolution, backbone, moco_epochs,
-         moco_model, encoders, references, seed, device, work, threads, pixel_members, pixel_colour) -> Rows:
+         moco_model, encoders, references, seed, device, work, threads, pixel_members, pixel_colour,
+         pixel_views) -> Rows:
     from filterx.io.dataset import Dataset
     from filterx.stages.shard import ShardConfig, shard
 
@@ -441,7 +450,8 @@ def _run(quick: bool, *, per_class, digits_per_class, target_per_class, epochs, 
         rows, encs, train_ids = evaluate(root, target, pools, chosen, backbone=backbone, epochs=epochs,
                                          resolution=resolution, moco_epochs=moco_epochs, references=references,
                                          moco_model=moco_model, seed=seed, device=device,
-                                         pixel_members=pixel_members, pixel_colour=pixel_colour)
+                                         pixel_members=pixel_members, pixel_colour=pixel_colour,
+                                         pixel_views=pixel_views)
         n_target = len(Dataset.open(target).labels)
     total = time.perf_counter() - t0
     notes = ["pools (images, relevant, share): " + "; ".join(

@@ -314,7 +314,7 @@ def test_selection_suite_covers_the_registry_and_refuses_unknown_encoders():
 def test_pixel_ensemble_rows_name_their_members_and_fuse_the_ensemble(monkeypatch):
     """--opt selection.pixel_members=3 (or emoji.*): the pixel row is the 3-member ensemble, and the
     cross-encoder fusion reads that row's stored score under a label that says so; likewise with
-    --opt ...pixel_colour=mixed."""
+    --opt ...pixel_colour=mixed and --opt ...pixel_views=4."""
     from bench import bench_selection
 
     assert bench_selection.pixel_variant(1) == bench_selection.PIXEL_VARIANT
@@ -333,6 +333,14 @@ def test_pixel_ensemble_rows_name_their_members_and_fuse_the_ensemble(monkeypatc
     read.clear()
     rows = bench_selection._cross_fused_rows({"emoji": {}}, {"moco": {}}, pixel_members=3, pixel_colour="mixed")
     assert [r["method"] for r in rows] == ["rank-mean(domain-cls linear moco, domain-cls pixels x3 mixed)"]
+    assert read == [f"moco-{bench_selection.slug('domain-cls (linear)')},{bench_selection.slug(label)}"]
+    label, _, params = bench_selection.pixel_variant(3, "mixed", 4)  # --opt ...pixel_views=4
+    assert label == "domain-cls (pixels, ResNet-18 width 16, 32 px, 1000 steps, 3 members, colour mixed, 4 views)"
+    assert params == {**bench_selection.PIXEL_VARIANT[2], "members": 3, "colour": "mixed", "views": 4}
+    read.clear()
+    rows = bench_selection._cross_fused_rows({"emoji": {}}, {"moco": {}}, pixel_members=3, pixel_colour="mixed",
+                                             pixel_views=4)
+    assert [r["method"] for r in rows] == ["rank-mean(domain-cls linear moco, domain-cls pixels x3 mixed 4 views)"]
     assert read == [f"moco-{bench_selection.slug('domain-cls (linear)')},{bench_selection.slug(label)}"]
 
 

@@ -49,8 +49,8 @@ def _digits(ds: Dataset) -> np.ndarray:
     return np.array([names[label].startswith("digit") for label in ds.labels])
 
 
-@pytest.mark.parametrize("layout", [{}, {"stem": "small"}, {"colour": "jitter"}],
-                         ids=["imagenet-stem", "small-stem", "colour-jitter"])
+@pytest.mark.parametrize("layout", [{}, {"stem": "small"}, {"colour": "jitter"}, {"views": 4}],
+                         ids=["imagenet-stem", "small-stem", "colour-jitter", "four-views"])
 def test_target_like_pool_images_score_first(camera_dirs, tmp_path, layout):
     from sklearn.metrics import roc_auc_score
 
@@ -69,6 +69,7 @@ def test_target_like_pool_images_score_first(camera_dirs, tmp_path, layout):
     assert attrs["params"]["on"] == "pixels" and attrs["params"]["width"] == 16 and attrs["encoder"] is None
     assert attrs["params"].get("stem") == layout.get("stem")
     assert attrs["params"]["colour"] == layout.get("colour", "none")
+    assert attrs["params"]["views"] == layout.get("views", 1)
     assert s.attrs["trained"] and s.attrs["shards_scored"] == ds.num_shards and s.attrs["shards_reused"] == 0
     assert 0.5 < s.attrs["train_accuracy"] <= 1.0 and s.attrs["bad_training_samples"] == 0
     assert not work_path(ds, "dp").exists() and list_scores(ds) == ["dp"]
@@ -123,6 +124,50 @@ def test_colour_steps_act_on_the_images_the_loader_normalised():
     assert COLOURS["jitter"].jitter == (0.8, 0.8, 0.8, 0.2) and COLOURS["jitter"].gray_p == 0.5
 
 
+@pytest.mark.parametrize("backend,workers", [("pil", 0), ("torchvision", 2)])
+def test_views_pair_each_image_with_its_whole_frame_and_average_the_mirrors(camera_dirs, backend, workers):
+    """views 4: each pool image's centre crop (the loader's evaluation image) and whole frame side by
+    side, paired by id whatever order two loaders deliver them in; the score is the mean logit over
+    the two and their mirrors (views 2: the centre crop and its mirror; 1: the centre crop)."""
+    import torch
+
+    from filterx.decode.loader import load_batches
+    from filterx.models.archs import build_model
+    from filterx.scorers.domain_pixels import _view_logits, view_batches
+
+    source = Dataset.open(camera_dirs[0])
+    cfg = LoaderConfig(resolution=32, backend=backend, batch_size=16, workers=workers)
+
+    def by_id(batches):
+        return {i: x for b in batches for i, x in zip(b.ids.tolist(), b.images)}
+
+    centre, whole = by_id(load_batches(source.tar_paths(), cfg)), by_id(
+        load_batches(source.tar_paths(), LoaderConfig(resolution=32, backend=backend, batch_size=16, workers=workers,
+                                                      crop_fraction=1.0)))
+    paired = by_id(view_batches(source.tar_paths(), cfg, 4))
+    assert sorted(paired) == list(range(source.num_samples))
+    for i, x in paired.items():
+        assert x.shape == (6, 32, 32)
+        torch.testing.assert_close(x[:3], centre[i], atol=0, rtol=0)
+        torch.testing.assert_close(x[3:], whole[i], atol=0, rtol=0)
+    assert not torch.equal(paired[0][:3], paired[0][3:])  # the crop is not the whole frame
+    assert by_id(view_batches(source.tar_paths(), cfg, 2)).keys() == centre.keys()
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", 1, width=4).eval()
+    x = torch.stack([paired[i] for i in range(8)])
+    with torch.inference_mode():
+        def one(v):
+            return model(v).squeeze(1)
+        four = (one(x[:, :3]) + one(x[:, :3].flip(3)) + one(x[:, 3:]) + one(x[:, 3:].flip(3))) / 4
+        torch.testing.assert_close(_view_logits(model, x, 4), four, atol=1e-5, rtol=1e-5)
+        centres = x[:, :3].contiguous()
+        torch.testing.assert_close(_view_logits(model, centres, 2), (one(centres) + one(centres.flip(3))) / 2,
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(_view_logits(model, centres, 1), one(centres), atol=0, rtol=0)
+        assert not torch.allclose(four, one(centres), atol=1e-4)
+
+
 def test_on_chooses_the_variant():
     scorer, params, chosen = resolve_scorer("domain-cls", {"on": "pixels", "steps": 5})
     assert scorer.name == "domain-cls/pixels" and scorer.kind == "streaming"
@@ -138,6 +183,7 @@ def test_on_chooses_the_variant():
     ({"members": 0}, {}, "members must be >= 1, got 0"),
     ({"colour": "sepia"}, {}, "unknown colour 'sepia'; valid: none, gray, jitter, mixed"),
     ({"colour": "mixed"}, {}, r"colour mixed takes --members >= 2 \(member m takes none, gray, jitter in turn\)"),
+    ({"views": 3}, {}, r"views must be 1, 2 or 4 \(1: the centre crop; 2: the centre crop and its mirror; "),
     ({"width": 8, "arch": "alexnet_lrn"}, {}, "bad options {'width': 8} for alexnet_lrn"),
     ({"stem": "tiny"}, {}, "unknown stem 'tiny'; valid: imagenet, small"),
     ({"stem": "small", "width": None, "arch": "alexnet_lrn"}, {}, "bad options {'stem': 'small'} for alexnet_lrn"),
@@ -296,6 +342,6 @@ def test_cli_errors_are_one_line(camera_dirs, tmp_path):
     assert "Traceback" not in no_target.output
     help_text = runner.invoke(main, ["score", "--help"]).output
     assert "--on [embeddings|pixels]" in help_text and "--width" in help_text and "--stem [imagenet|small]" in help_text
-    assert "--members" in help_text and "--colour [none|gray|jitter|mixed]" in help_text
+    assert "--members" in help_text and "--colour [none|gray|jitter|mixed]" in help_text and "--views" in help_text
     bad_stem = runner.invoke(main, [*base, "--target", str(camera_dirs[1]), "--on", "pixels", "--stem", "tiny"])
     assert bad_stem.exit_code == 2 and "'tiny' is not one of 'imagenet', 'small'" in bad_stem.output

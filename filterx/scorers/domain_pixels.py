@@ -16,7 +16,9 @@ classifier at seed s + m * folds (on the run's own fold split), so with one fold
 seed s is the mean of the single runs at seeds s, s+1, ..., s + members - 1. ``colour`` adds
 colour steps to the training images (:data:`COLOURS`: grayscale, colour jitter), so that the
 target's palette alone does not tell it from the pool; "mixed" gives the members none, gray and
-jitter in turn.
+jitter in turn. ``views`` scores each pool image by the mean logit over several views of it
+(test-time augmentation): 1 the loader's evaluation image (the centre crop), 2 also its mirror, 4
+also the whole frame (no crop) and its mirror.
 
 Registered as the streaming scorer ``domain-cls/pixels``, the variant of ``domain-cls`` that
 ``--on pixels`` chooses (:func:`pixel_domain_scores`, called with a StreamContext); it needs
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -49,7 +52,7 @@ import torch.nn as nn
 from filterx.core.faults import crash_point
 from filterx.core.progress import progress
 from filterx.decode.colour import STRONG, ColourSteps, recolour
-from filterx.decode.loader import LoaderConfig, SkipBadSamples, load_batches
+from filterx.decode.loader import Batch, LoaderConfig, SkipBadSamples, load_batches
 from filterx.io import rowstore
 from filterx.models.archs import RESNET_STEMS, build_model, list_models
 from filterx.scorers import Option, ScoreResult, StreamContext, register_scorer
@@ -66,6 +69,9 @@ TARGET, POOL, COLOUR = 1, 0, 2  # the sides' seed streams (and the colour draws'
 COLOURS = {"none": None, "gray": ColourSteps(jitter_p=0.0, gray_p=0.5), "jitter": STRONG}
 MIXED = ("none", "gray", "jitter")
 COLOUR_CHOICES = (*COLOURS, "mixed")
+# ``views``: the images of a pool sample the score averages the logit over (test-time augmentation)
+VIEWS = {1: "the centre crop", 2: "the centre crop and its mirror",
+         4: "the centre crop, the whole frame and their mirrors"}
 
 
 def member_colour(colour: str, member: int) -> str:
@@ -204,10 +210,40 @@ def _load_weights(model: nn.Module, stored: np.ndarray) -> nn.Module:
     return model.eval()
 
 
+def view_batches(tars, cfg: LoaderConfig, views: int) -> Iterator[Batch]:
+    """The pool's scoring batches: the loader's evaluation images (``cfg``: the centre crop of
+    ``cfg.crop_fraction``), or with ``views`` 4 each image's centre crop and whole frame
+    (``crop_fraction`` 1) side by side in the channels, (B, 6, R, R), read by two loaders and
+    paired by id whatever order their batches come in (labels -1)."""
+    if views < 4:
+        yield from load_batches(tars, cfg)
+        return
+    waiting: tuple[dict, dict] = ({}, {})
+    for pair in itertools.zip_longest(load_batches(tars, cfg), load_batches(tars, replace(cfg, crop_fraction=1.0))):
+        for side, batch in zip(waiting, pair):
+            if batch is not None:
+                side.update(zip(batch.ids.tolist(), batch.images))
+        both = sorted(waiting[0].keys() & waiting[1].keys())
+        if both:
+            images = torch.stack([torch.cat([waiting[0].pop(i), waiting[1].pop(i)]) for i in both])
+            yield Batch(torch.tensor(both, dtype=torch.int64), images, torch.full((len(both),), -1))
+    if waiting[0] or waiting[1]:
+        raise RuntimeError(f"the centre-crop and whole-frame passes over the pool read different samples "
+                           f"({len(waiting[0])} and {len(waiting[1])} unpaired)")
+
+
+def _view_logits(model: nn.Module, images: torch.Tensor, views: int) -> torch.Tensor:
+    """(B,) the mean target logit over ``views`` views of a batch from :func:`view_batches`."""
+    crops = [images] if views < 4 else [images[:, :3], images[:, 3:]]
+    if views > 1:
+        crops += [c.flip(3) for c in crops]
+    return torch.stack([model(c).squeeze(1).float() for c in crops]).mean(0)
+
+
 def _logits(models: list[list[nn.Module]], fold_of: np.ndarray, ids: np.ndarray, images: torch.Tensor,
-            device: torch.device) -> np.ndarray:
+            device: torch.device, views: int = 1) -> np.ndarray:
     """(B,) float32 target logits of a compute batch, each sample by the classifiers of its fold
-    (``models[fold]``: the fold's members; their mean logit)."""
+    (``models[fold]``: the fold's members; their mean logit), each over ``views`` views."""
     out = np.empty(len(ids), dtype=np.float32)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     images = images.to(device)
@@ -219,7 +255,7 @@ def _logits(models: list[list[nn.Module]], fold_of: np.ndarray, ids: np.ndarray,
             sel = folds == f
             if sel.any():
                 batch = images[torch.from_numpy(sel).to(device)]
-                out[sel] = np.mean([m(batch).squeeze(1).float().cpu().numpy() for m in members], axis=0)
+                out[sel] = np.mean([_view_logits(m, batch, views).cpu().numpy() for m in members], axis=0)
     return out
 
 
@@ -247,7 +283,9 @@ def check_pixels(params, candidates: str) -> None:
         "colour": Option("with --on pixels, colour steps on training images besides crop and flip: none, gray "
                          "(grayscale half the time), jitter (also colour jitter of strength 1), so that palette "
                          "alone does not tell the target; or mixed, with --members >= 2: member m takes none, "
-                         "gray, jitter in turn", choices=COLOUR_CHOICES)})
+                         "gray, jitter in turn", choices=COLOUR_CHOICES),
+        "views": Option("with --on pixels, views of each pool image scored, the score their mean logit: 1 the "
+                        "centre crop, 2 also its mirror, 4 also the whole frame and its mirror", min=1)})
 def pixel_domain_scores(
     ctx: StreamContext,
     *,
@@ -262,12 +300,13 @@ def pixel_domain_scores(
     folds: int = 1,
     members: int = 1,
     colour: str = "none",
+    views: int = 1,
 ) -> tuple[np.ndarray, ScoreResult]:
     """Logit of "target" from a CNN trained on pixels, balanced batches (arch: any trainer
     model; width: a narrower ResNet, e.g. 16 for CPU runs; stem: a ResNet's stem, "small" for
     small images; resolution in pixels; batches of --batch-size, half pool and half target;
     members: classifiers per fold whose logits are averaged; colour: colour steps in training, per
-    member with "mixed")."""
+    member with "mixed"; views: 1, 2 or 4 views of each pool image at scoring, :data:`VIEWS`)."""
     problems = [f"{k} must be >= {lo}, got {v}" for k, v, lo in
                 (("steps", steps, 1), ("folds", folds, 1), ("members", members, 1), ("resolution", resolution, 16))
                 if v < lo] + ([f"width must be >= 1, got {width}"] if width is not None and width < 1 else []) \
@@ -277,6 +316,8 @@ def pixel_domain_scores(
     if colour == "mixed" and members < 2:  # an unknown colour: the registry's choices refuse it
         problems.append("colour mixed takes --members >= 2 (member m takes none, gray, jitter in turn), "
                         f"got {members}")
+    if views not in VIEWS:
+        problems.append(f"views must be 1, 2 or 4 ({'; '.join(f'{k}: {v}' for k, v in VIEWS.items())}), got {views}")
     if ctx.batch_size < 2 or ctx.batch_size % 2:
         problems.append(f"--batch-size must be even and >= 2 (half pool, half target), got {ctx.batch_size}")
     if problems:
@@ -285,12 +326,13 @@ def pixel_domain_scores(
     source, target = ctx.source, ctx.target
     if folds > 1 and folds > source.num_samples:
         raise ValueError(f"domain-cls --on pixels: folds ({folds}) exceeds the pool's {source.num_samples} images")
-    # stem, members and colour only when not the default: a run without them keeps the work-store
+    # stem, members, colour and views only when not the default: a run without them keeps the work-store
     # key (and stored weights) it had
     params = dict(arch=arch, width=width, **({} if stem is None else {"stem": stem}), resolution=resolution,
                   steps=steps, lr=lr, weight_decay=weight_decay, folds=folds,
                   **({} if members == 1 else {"members": members}),
-                  **({} if colour == "none" else {"colour": colour}))
+                  **({} if colour == "none" else {"colour": colour}),
+                  **({} if views == 1 else {"views": views}))
     device = torch.device(ctx.device)
     fold_of = np.random.default_rng(seed).integers(0, folds, source.num_samples) if folds > 1 \
         else np.zeros(source.num_samples, dtype=np.int64)
@@ -330,8 +372,9 @@ def pixel_domain_scores(
         log.info("domain-cls --on pixels: %d of %d shards already scored in %s; scoring the other %d",
                  reused, source.num_shards, ctx.work, len(todo))
     eval_cfg = replace(train_cfg, train=False, shuffle=False, batch_size=ctx.batch_size)
-    scores = score_pool_shards(source, todo, store, lambda: load_batches(source.tar_paths(todo), eval_cfg),
-                               ctx.batch_size, lambda ids, images: _logits(models, fold_of, ids, images, device),
+    scores = score_pool_shards(source, todo, store, lambda: view_batches(source.tar_paths(todo), eval_cfg, views),
+                               ctx.batch_size,
+                               lambda ids, images: _logits(models, fold_of, ids, images, device, views),
                                desc="domain-cls (pixels)", after_shard=lambda s: crash_point("domain.shard"),
                                quiet=ctx.quiet)
     attrs = {"trained": trained, "shards_scored": len(todo), "shards_reused": reused,
