@@ -34,15 +34,18 @@ from filterx.decode.colour import STRONG, ColourSteps, recolour
 from filterx.decode.loader import IMAGENET_MEAN, IMAGENET_STD
 
 
+_V2_COLOUR = ColourSteps()  # MoCo v2's colour steps (filterx.decode.colour's defaults)
+
+
 @dataclass(frozen=True)
 class MocoAugment:
     """The MoCo-v2 recipe's parameters (the defaults are the paper's)."""
 
     scale: tuple[float, float] = (0.2, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
-    jitter_p: float = 0.8
-    gray_p: float = 0.2
+    jitter: tuple[float, float, float, float] = _V2_COLOUR.jitter  # brightness, contrast, saturation, hue
+    jitter_p: float = _V2_COLOUR.jitter_p
+    gray_p: float = _V2_COLOUR.gray_p
     blur_sigma: tuple[float, float] = (0.1, 2.0)  # at 224 px, scaled with the output size
     blur_p: float = 0.5
     flip_p: float = 0.5
