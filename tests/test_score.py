@@ -30,7 +30,8 @@ def test_score_embeds_what_is_missing_and_stores_attrs(dirs):
     scores, attrs = read_scores(ds, "clustering")
     assert scores.shape == (ds.num_samples,) and np.isfinite(scores).all() and (scores <= 0).all()
     assert attrs["method"] == "clustering" and attrs["seed"] == 3
-    assert attrs["params"] == {"k": 4, "distance": "min", "niter": 25, "normalize": True, "kmeans": "auto"}
+    assert attrs["params"] == {"k": 4, "distance": "min", "niter": 25, "normalize": True, "kmeans": "auto",
+                               "center": "none"}
     assert attrs["result"]["kmeans"] == "faiss"  # on the CPU
     assert attrs["encoder"]["tag"] == tag and attrs["result"]["k_used"] == 4
     assert s.scored == ds.num_samples
@@ -118,7 +119,7 @@ def test_grad_align_on_the_pool_and_on_the_target(dirs):
     M = head_val_alignment(t_emb[val_ids], Dataset.open(tgt).labels[val_ids], W, b)
     expected = head_alignment_scores(read_embeddings(ds, load_encoder(enc).tag), W, b, M.float())
     np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
-    assert attrs["params"] == {"labels": "pseudo", "val_classes": None, "batch_size": 65536}
+    assert attrs["params"] == {"labels": "pseudo", "val_classes": None, "center": "none", "batch_size": 65536}
     assert attrs["result"]["num_val"] == len(val_ids) and np.all(np.abs(scores) <= 1 + 1e-6)
     score(ScoreConfig("grad-align", src, tgt, enc, {"labels": "given"}, candidates="target-train",
                       name="grad-align-given", **KW))

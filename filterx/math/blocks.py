@@ -17,6 +17,9 @@ from typing import Iterator
 import numpy as np
 
 BLOCK = 65536  # rows per block: 128 MiB of float32 at D = 512
+# What the embedding-space scorers subtract before L2-normalising (their ``center`` option):
+# nothing, or the mean of the pool's (the scored images') embeddings (``pool_center``)
+CENTERS = ("none", "pool")
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -27,10 +30,11 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 
 
 def row_blocks(x, block: int = BLOCK, *, rows: np.ndarray | None = None, normalize: bool = False,
-               dtype=np.float32, desc: str | None = None) -> Iterator[tuple[int, np.ndarray]]:
+               center: np.ndarray | None = None, dtype=np.float32,
+               desc: str | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(start, xb)``: consecutive blocks of rows of ``x`` (N, D), any float dtype, any
-    row-sliceable array (numpy, zarr), as contiguous ``dtype`` arrays, L2-normalised when
-    ``normalize``. With ``rows`` (sorted int64 row numbers) only those rows are read, and
+    row-sliceable array (numpy, zarr), as contiguous ``dtype`` arrays, minus ``center`` (D,)
+    when given, then L2-normalised when ``normalize``. With ``rows`` (sorted int64 row numbers) only those rows are read, and
     ``start`` counts positions in ``rows``, not rows of ``x``. With ``desc``, a pass of more
     than one block shows a progress bar (rows/s and ETA) under that name."""
     from filterx.core.progress import progress
@@ -43,10 +47,37 @@ def row_blocks(x, block: int = BLOCK, *, rows: np.ndarray | None = None, normali
         for start in range(0, n, block):
             xb = x[start : start + block] if rows is None else x[rows[start : start + block]]
             xb = np.ascontiguousarray(xb, dtype=dtype)
+            if center is not None:  # a new array: xb may be a view of the caller's x
+                xb = xb - center
             yield start, (l2_normalize(xb) if normalize else xb)
             bar.update(len(xb))
     finally:
         bar.close()
+
+
+def pool_center(x, center: str, *, block: int = BLOCK) -> np.ndarray | None:
+    """What ``center`` subtracts from every embedding before the L2 normalisation: None for
+    "none"; for "pool" the mean of the finite rows of ``x`` (N, D), the pool's embeddings, as a
+    (D,) float32 accumulated in float64 one block at a time (one pass, O(block * D) memory).
+
+    A ReLU network's pooled features are all >= 0, so their unit vectors share one large
+    common direction and every cosine is high; centring the pool's mean out first (the
+    "CL2N" of nearest-neighbour few-shot classification: Wang et al., SimpleShot, 2019)
+    leaves the directions in which images differ. Euclidean distances themselves do not
+    change under a shift: centring matters only where rows are normalised after it."""
+    if center not in CENTERS:
+        raise ValueError(f"unknown center {center!r}; valid: {', '.join(CENTERS)}")
+    if center == "none":
+        return None
+    total, count = None, 0
+    for start in range(0, len(x), block):
+        xb = np.asarray(x[start : start + block], dtype=np.float64)
+        xb = xb[np.isfinite(xb).all(axis=1)]
+        total = xb.sum(0) if total is None else total + xb.sum(0)
+        count += len(xb)
+    if not count:
+        raise ValueError("center 'pool' needs at least one finite pool embedding, got none")
+    return (total / count).astype(np.float32)
 
 
 def finite_rows(x, block: int = BLOCK) -> np.ndarray:

@@ -281,11 +281,20 @@ def _unit_inputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def head_val_alignment(val_x, val_labels, weight, bias, *, val_classes: Sequence[int] | None = None,
-                       device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64) -> torch.Tensor:
+                       center=None, device: str | torch.device = "cpu",
+                       dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """M = mean over the validation samples (of ``val_classes`` if given) of their unit head
-    gradients ĝ_v = (r_v / |r_v|) ⊗ (x~_v / |x~_v|), with their true labels: (C, D+1)."""
+    gradients ĝ_v = (r_v / |r_v|) ⊗ (x~_v / |x~_v|), with their true labels: (C, D+1).
+
+    center (D,): the gradients of the same head written on shifted inputs x - center (weight
+    W, bias b + W center; its logits, so its residuals r, are unchanged). The weight's gradient
+    r ⊗ (x - center) then leaves out the part every input shares (for a ReLU network's
+    features, a large one)."""
     dev = torch.device(device)
     W, b, vx = (_to(a, dev, dtype) for a in (weight, bias, val_x))
+    if center is not None:
+        c = _to(center, dev, dtype)
+        vx, b = vx - c, b + W @ c
     vy, num_classes = _to(val_labels, dev, torch.int64), W.shape[0]
     _check_labels(vy, num_classes, "val_labels")
     keep = _class_mask(vy, val_classes, num_classes)
@@ -299,22 +308,30 @@ def head_val_alignment(val_x, val_labels, weight, bias, *, val_classes: Sequence
 
 
 def head_alignment_scores(candidates, weight, bias, alignment, *, labels=None, batch_size: int = 65536,
-                          device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> np.ndarray:
+                          center=None, device: str | torch.device = "cpu",
+                          dtype: torch.dtype = torch.float32) -> np.ndarray:
     """score_i = ĝ_i · M: the mean cosine between candidate i's head gradient (its label, or the
     head's argmax where ``labels`` is None) and the validation samples'; (N,) float32 in [-1, 1],
     higher = a step on it lowers the validation losses more.
 
     candidates (N, D), streamed ``batch_size`` rows at a time; alignment M (C, D+1) from
     :func:`head_val_alignment`. One GEMM per batch against [W; M[:, :D]], as head_influence_scores.
+    center (D,): the gradient taken in the head's parametrisation on x - center (weight W, bias
+    b + W center: the same logits), as head_val_alignment's ``center``.
     """
     dev = torch.device(device)
     W, b, M, labels = _head_pass_inputs(candidates, weight, bias, alignment, labels, "alignment", dev, dtype)
+    c = None if center is None else _to(center, dev, dtype)
+    if c is not None:
+        b = b + W @ c
     C, D = W.shape
     n = candidates.shape[0]
     stacked_w, stacked_b = torch.cat([W, M[:, :D]]), torch.cat([b, M[:, D]])
     out = np.empty(n, dtype=np.float32)
     for start in range(0, n, batch_size):
         xb = _to(candidates[start : start + batch_size], dev, dtype)
+        if c is not None:
+            xb = xb - c
         z = torch.addmm(stacked_b, xb, stacked_w.T)
         y = z[:, :C].argmax(1) if labels is None else labels[start : start + len(xb)].to(dev)
         u = unit_residuals(z[:, :C], y)

@@ -5,7 +5,8 @@ present), or filterx's torch k-means on CUDA when FAISS has no GPU build (``kmea
 (``distance="min"``) or minus its mean Euclidean distance to all centroids (``"avg"``).
 Embeddings are L2-normalised first by default (``normalize=True``): features from a ReLU
 network differ mostly in scale along a few directions, and cosine geometry ranks images by
-what they show rather than by contrast.
+what they show rather than by contrast. With ``center="pool"`` the pool's mean embedding is
+subtracted from pool and target before that (``filterx.math.blocks.pool_center``).
 """
 
 from __future__ import annotations
@@ -14,12 +15,22 @@ import logging
 
 import numpy as np
 
-from filterx.math.blocks import BLOCK, l2_normalize, row_blocks
+from filterx.math.blocks import BLOCK, CENTERS, l2_normalize, pool_center, row_blocks
 from filterx.scorers import Option, ScoreInputs, ScoreResult, register_scorer
 
 log = logging.getLogger(__name__)
 DISTANCES = ("min", "avg")
 KMEANS = ("auto", "faiss", "torch")
+CENTER_OPTION = Option("subtract the pool's mean embedding from pool and target before the L2 normalisation "
+                       "(none: normalise them as they are)", choices=CENTERS)
+
+
+def check_center(center: str, normalize: bool) -> None:
+    """``center`` is one of CENTERS, and only asked for where rows are normalised after it."""
+    if center not in CENTERS:
+        raise ValueError(f"unknown center {center!r}; valid: {', '.join(CENTERS)}")
+    if center != "none" and not normalize:
+        raise ValueError(f"center {center!r} needs normalize=True: Euclidean distances do not change under a shift")
 
 
 def _faiss_has_gpu() -> bool:
@@ -60,9 +71,10 @@ def fit_centroids(x: np.ndarray, k: int, *, niter: int, seed: int, kmeans: str =
 
 
 def centroid_distances(x: np.ndarray, centroids: np.ndarray, *, distance: str, device: str = "cpu",
-                       block: int = BLOCK, normalize: bool = False) -> np.ndarray:
+                       block: int = BLOCK, normalize: bool = False, center: np.ndarray | None = None) -> np.ndarray:
     """(N,) float32 min or mean Euclidean distance from each row of ``x`` (N, D), any float
-    dtype, to the (K, D) centroids; rows L2-normalised first when ``normalize``.
+    dtype, to the (K, D) centroids; rows shifted by ``-center`` (D,) when given, then
+    L2-normalised when ``normalize``.
 
     min: the nearest-centroid kernel (Triton on CUDA, blocked torch elsewhere) on squared
     distances, then a square root. avg: mean of Euclidean (not squared) distances; the mean of
@@ -77,7 +89,7 @@ def centroid_distances(x: np.ndarray, centroids: np.ndarray, *, distance: str, d
         raise ValueError(f"unknown distance {distance!r}; valid: {', '.join(DISTANCES)}")
     c = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32)).to(device)
     out = np.empty(len(x), dtype=np.float32)
-    for i, xb in row_blocks(x, block, normalize=normalize, desc="clustering: assign"):
+    for i, xb in row_blocks(x, block, normalize=normalize, center=center, desc="clustering: assign"):
         xb = torch.from_numpy(xb).to(device)
         if distance == "min":
             d2, _, _ = nearest_centroid(xb, c)
@@ -90,9 +102,11 @@ def centroid_distances(x: np.ndarray, centroids: np.ndarray, *, distance: str, d
 @register_scorer("clustering", needs=("source_emb", "target_emb"), options={
     "k": Option("k-means clusters over the target", min=1),
     "distance": Option("distance to the nearest centroid, or mean distance to all", choices=DISTANCES),
+    "center": CENTER_OPTION,
 })
 def clustering_scores(inputs: ScoreInputs, *, seed: int, k: int = 200, distance: str = "min",
-                      niter: int = 25, normalize: bool = True, kmeans: str = "auto") -> ScoreResult:
+                      niter: int = 25, normalize: bool = True, kmeans: str = "auto",
+                      center: str = "none") -> ScoreResult:
     """Minus the distance of each source image to k-means centroids of the target embeddings."""
     if distance not in DISTANCES:
         raise ValueError(f"unknown distance {distance!r}; valid: {', '.join(DISTANCES)}")
@@ -100,14 +114,20 @@ def clustering_scores(inputs: ScoreInputs, *, seed: int, k: int = 200, distance:
         raise ValueError(f"unknown kmeans {kmeans!r}; valid: {', '.join(KMEANS)}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    check_center(center, normalize)
     target = inputs.target_emb
     source = inputs.source_emb
-    if normalize:  # the pool is normalised block by block in centroid_distances
+    mean = pool_center(source, center)
+    if mean is not None:
+        target = np.asarray(target, dtype=np.float32) - mean
+    if normalize:  # the pool is shifted and normalised block by block in centroid_distances
         target = l2_normalize(target)
     k_used = min(k, len(target))
     if k_used < k:
         log.warning("k=%d is more than the %d target images; using k=%d", k, len(target), k_used)
     centroids, objective, kmeans = fit_centroids(target, k_used, niter=niter, seed=seed, kmeans=kmeans,
                                                  device=inputs.device)
-    dist = centroid_distances(source, centroids, distance=distance, device=inputs.device, normalize=normalize)
-    return ScoreResult(-dist, attrs={"k_used": k_used, "kmeans": kmeans, "kmeans_objective": objective})
+    dist = centroid_distances(source, centroids, distance=distance, device=inputs.device, normalize=normalize,
+                              center=mean)
+    return ScoreResult(-dist, attrs={"k_used": k_used, "kmeans": kmeans, "kmeans_objective": objective,
+                                     "center": center})

@@ -27,6 +27,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from filterx.math.blocks import CENTERS, pool_center
 from filterx.math.influence import head_alignment_scores, head_val_alignment
 from filterx.scorers import Option, ScoreInputs, ScoreResult, register_scorer
 from filterx.scorers.influence import LABEL_MODES, check_label_mode
@@ -44,10 +45,14 @@ RANKS = ("the mean cosine between the candidate's head gradient (labelled with t
         "labels": Option("candidate labels, the classifier's prediction or the candidates' own (target-train only)",
                          choices=LABEL_MODES),
         "val_classes": Option("target class indexes whose validation samples it aligns with", metavar="I,J,..."),
+        "center": Option("the gradients of the head written on embeddings minus the pool's mean (the same "
+                         "classifier; the weight's gradient leaves out what every embedding shares), or as they are",
+                         choices=CENTERS),
     },
 )
 def grad_align_scores(inputs: ScoreInputs, *, seed: int, labels: str = "pseudo",
-                      val_classes: Sequence[int] | None = None, batch_size: int = 65536) -> ScoreResult:
+                      val_classes: Sequence[int] | None = None, center: str = "none",
+                      batch_size: int = 65536) -> ScoreResult:
     """Mean cosine between each candidate's head gradient and the validation samples' (in [-1, 1]).
 
     labels: "pseudo" (the head's argmax) or "given" (inputs.source_labels, target class
@@ -68,14 +73,15 @@ def grad_align_scores(inputs: ScoreInputs, *, seed: int, labels: str = "pseudo",
         given = inputs.source_labels
         if given is None:
             raise ValueError("labels='given' needs inputs.source_labels, which were not given")
+    mean = pool_center(inputs.source_emb, center)
     device = torch.device(inputs.device)
     classes = None if val_classes is None else tuple(int(c) for c in val_classes)
     alignment = head_val_alignment(inputs.target_val_emb, inputs.target_val_labels, inputs.head_weight,
-                                   inputs.head_bias, val_classes=classes, device=device)
+                                   inputs.head_bias, val_classes=classes, center=mean, device=device)
     scores = head_alignment_scores(inputs.source_emb, np.asarray(inputs.head_weight, np.float32),
                                    np.asarray(inputs.head_bias, np.float32), alignment.float(), labels=given,
-                                   batch_size=batch_size, device=device)
+                                   batch_size=batch_size, center=mean, device=device)
     num_val = int(len(inputs.target_val_labels) if classes is None
                   else np.isin(inputs.target_val_labels, classes).sum())
     return ScoreResult(scores, attrs={"num_val": num_val, "alignment_norm": float(alignment.norm()),
-                                      "ranks": RANKS})
+                                      "center": center, "ranks": RANKS})

@@ -18,7 +18,9 @@ The fractional part never reaches the next integer (it is at most 0.5), so the v
 exact; within one vote count float32 resolution (~votes * 6e-8) may tie very close distances,
 and select breaks those by the lower id.
 
-Both L2-normalise first by default (``normalize=True``), as ``clustering`` does.
+Both L2-normalise first by default (``normalize=True``), as ``clustering`` does; with
+``center="pool"`` the pool's mean embedding is subtracted from pool and target first
+(``filterx.math.blocks.pool_center``).
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ import logging
 
 import numpy as np
 
-from filterx.math.blocks import finite_rows, l2_normalize, row_blocks, sample_rows
+from filterx.math.blocks import finite_rows, l2_normalize, pool_center, row_blocks, sample_rows
 from filterx.scorers import Option, ScoreInputs, ScoreResult, register_scorer
-from filterx.scorers.clustering import KMEANS, _faiss_has_gpu, fit_centroids
+from filterx.scorers.clustering import CENTER_OPTION, KMEANS, _faiss_has_gpu, check_center, fit_centroids
 
 log = logging.getLogger(__name__)
 BLOCK = 65536  # pool rows per search: bounds the (block, k) result buffers
@@ -96,9 +98,10 @@ def nearest_rows(q, base, k: int, *, base_sq=None, budget_bytes: int = 1 << 26):
 
 
 def mean_knn_distance(source: np.ndarray, target: np.ndarray, k: int, *, normalize: bool = True,
-                      block: int = BLOCK, gpu: bool | None = None) -> np.ndarray:
+                      center: np.ndarray | None = None, block: int = BLOCK, gpu: bool | None = None) -> np.ndarray:
     """(N,) float32 mean Euclidean distance of each row of ``source`` (any float dtype) to its
-    ``k`` nearest rows of ``target`` (M, D); NaN for a row that is not finite.
+    ``k`` nearest rows of ``target`` (M, D), both minus ``center`` (D,) when given, then
+    L2-normalised when ``normalize``; NaN for a row that is not finite.
 
     The pool is read, cast, normalised and searched ``block`` rows at a time, so beyond its
     inputs this holds the target and one block: O(M * D + block * (D + k)) floats at any N,
@@ -109,7 +112,7 @@ def mean_knn_distance(source: np.ndarray, target: np.ndarray, k: int, *, normali
 
     if not 1 <= k <= len(target):
         raise ValueError(f"k must be in [1, {len(target)}] (the target rows), got {k}")
-    base = np.ascontiguousarray(l2_normalize(target) if normalize else target, dtype=np.float32)
+    base = _prepared(target, center, normalize)
     use_faiss = _faiss_has_gpu() if gpu is None else gpu
     index = flat_index(base, gpu=True) if use_faiss else None
     base_t = torch.from_numpy(base)
@@ -117,7 +120,7 @@ def mean_knn_distance(source: np.ndarray, target: np.ndarray, k: int, *, normali
     out = np.full(len(source), np.nan, dtype=np.float32)
     for i, q in row_blocks(source, block, desc="knn-target: search"):
         ok = _finite_rows(q)
-        q = np.ascontiguousarray(l2_normalize(q[ok]) if normalize else q[ok])
+        q = _prepared(q[ok], center, normalize)
         if not len(q):
             continue
         if index is not None:
@@ -126,6 +129,14 @@ def mean_knn_distance(source: np.ndarray, target: np.ndarray, k: int, *, normali
             d2 = nearest_rows(torch.from_numpy(q), base_t, k, base_sq=base_sq)[0].numpy()
         out[i : i + len(ok)][ok] = np.sqrt(np.maximum(d2, 0)).mean(axis=1)  # a view: writes through
     return out
+
+
+def _prepared(x: np.ndarray, center: np.ndarray | None, normalize: bool) -> np.ndarray:
+    """(M, D) contiguous float32: ``x`` minus ``center`` (when given), L2-normalised when ``normalize``."""
+    x = np.asarray(x, dtype=np.float32)
+    if center is not None:
+        x = x - center
+    return np.ascontiguousarray(l2_normalize(x) if normalize else x)
 
 
 def _finite_rows(x: np.ndarray) -> np.ndarray:
@@ -141,17 +152,20 @@ def _check_target(target: np.ndarray, name: str) -> np.ndarray:
 
 
 @register_scorer("knn-target", needs=("source_emb", "target_emb"), options={
-    "k": Option("nearest target embeddings", min=1)})
-def knn_target_scores(inputs: ScoreInputs, *, seed: int, k: int = 10, normalize: bool = True) -> ScoreResult:
+    "k": Option("nearest target embeddings", min=1), "center": CENTER_OPTION})
+def knn_target_scores(inputs: ScoreInputs, *, seed: int, k: int = 10, normalize: bool = True,
+                      center: str = "none") -> ScoreResult:
     """Minus the mean Euclidean distance of each pool image to its k nearest target embeddings."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    check_center(center, normalize)
     target = _check_target(inputs.target_emb, "knn-target")
     k_used = min(k, len(target))
     if k_used < k:
         log.warning("k=%d is more than the %d target images; using k=%d", k, len(target), k_used)
-    scores = -mean_knn_distance(inputs.source_emb, target, k_used, normalize=normalize)
-    return ScoreResult(scores, attrs={"k_used": k_used, "unscored": int(np.isnan(scores).sum())})
+    mean = pool_center(inputs.source_emb, center)
+    scores = -mean_knn_distance(inputs.source_emb, target, k_used, normalize=normalize, center=mean)
+    return ScoreResult(scores, attrs={"k_used": k_used, "unscored": int(np.isnan(scores).sum()), "center": center})
 
 
 # the default k's ceiling: k-means costs N x k x D per pass, so an uncapped k = N / 50 grows as
@@ -174,10 +188,11 @@ def nearest_cluster(x: np.ndarray, centroids: np.ndarray, *, block: int = BLOCK)
 
 
 def pool_assignments(source, rows: np.ndarray, centroids: np.ndarray, target: np.ndarray, *,
-                     normalize: bool, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
+                     normalize: bool, center: np.ndarray | None = None,
+                     block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
     """One pass over ``source[rows]`` in row blocks: ((n,) int64 nearest centroid, (n,) float32
-    Euclidean distance to the nearest ``target`` row), n = len(rows); each block is cast and
-    (with ``normalize``) normalised on its own. O(n·(K + M)·D) time, O(block·D) extra memory."""
+    Euclidean distance to the nearest ``target`` row), n = len(rows); each block is cast,
+    shifted by ``-center`` (when given) and (with ``normalize``) normalised on its own. O(n·(K + M)·D) time, O(block·D) extra memory."""
     import torch
 
     from filterx.kernels import nearest_centroid
@@ -186,7 +201,8 @@ def pool_assignments(source, rows: np.ndarray, centroids: np.ndarray, target: np
     t = torch.from_numpy(np.ascontiguousarray(target, dtype=np.float32))
     cluster = np.empty(len(rows), dtype=np.int64)
     near = np.empty(len(rows), dtype=np.float32)
-    for start, xb in row_blocks(source, block, rows=rows, normalize=normalize, desc="pool-clusters: assign"):
+    for start, xb in row_blocks(source, block, rows=rows, normalize=normalize, center=center,
+                               desc="pool-clusters: assign"):
         xb = torch.from_numpy(xb)
         _, _, idx = nearest_centroid(xb, c)  # blocked GEMM + running argmin: no N x K matrix
         d2, _, _ = nearest_centroid(xb, t)
@@ -196,9 +212,10 @@ def pool_assignments(source, rows: np.ndarray, centroids: np.ndarray, target: np
 
 
 @register_scorer("pool-clusters", needs=("source_emb", "target_emb"), options={
-    "k": Option("k-means clusters over the pool (default: one per 50 images, at most 1,000)", min=1)})
+    "k": Option("k-means clusters over the pool (default: one per 50 images, at most 1,000)", min=1),
+    "center": CENTER_OPTION})
 def pool_cluster_scores(inputs: ScoreInputs, *, seed: int, k: int | None = None, niter: int = 20,
-                        normalize: bool = True, kmeans: str = "auto") -> ScoreResult:
+                        normalize: bool = True, kmeans: str = "auto", center: str = "none") -> ScoreResult:
     """Pool k-means clusters nearest to some target embedding first (DataComp's image-based filter)."""
     if kmeans not in KMEANS:
         raise ValueError(f"unknown kmeans {kmeans!r}; valid: {', '.join(KMEANS)}")
@@ -206,9 +223,10 @@ def pool_cluster_scores(inputs: ScoreInputs, *, seed: int, k: int | None = None,
         raise ValueError(f"k must be >= 1, got {k}")
     if niter < 1:
         raise ValueError(f"niter must be >= 1, got {niter}")
+    check_center(center, normalize)
     source, target = inputs.source_emb, _check_target(inputs.target_emb, "pool-clusters")
-    if normalize:  # the pool is normalised block by block below, never copied whole
-        target = l2_normalize(target)
+    mean = pool_center(source, center)
+    target = _prepared(target, mean, normalize)  # the pool is shifted and normalised block by block below
     ok = _finite_rows(source)
     pool_ids = np.flatnonzero(ok)
     if len(pool_ids) == 0:
@@ -218,19 +236,21 @@ def pool_cluster_scores(inputs: ScoreInputs, *, seed: int, k: int | None = None,
         log.warning("k=%d is more than the %d pool images; using k=%d", k, len(pool_ids), k_used)
     train_rows = min(len(pool_ids), TRAIN_POINTS_PER_CENTROID * k_used, max(TRAIN_MAX_ROWS, k_used))
     train = sample_rows(source, train_rows, np.random.default_rng(seed), rows=pool_ids)
-    if normalize:  # in place: the training copy is the largest buffer here
+    if mean is not None:  # in place: the training copy is the largest buffer here
+        train -= mean
+    if normalize:
         train /= np.maximum(np.linalg.norm(train, axis=1, keepdims=True), 1e-12)
     centroids, objective, kmeans = fit_centroids(train, k_used,
                                                  niter=niter, seed=seed, kmeans=kmeans, device=inputs.device)
     del train
-    cluster, near = pool_assignments(source, pool_ids, centroids, target, normalize=normalize)
+    cluster, near = pool_assignments(source, pool_ids, centroids, target, normalize=normalize, center=mean)
     chosen, _ = nearest_cluster(target, centroids)
     votes = np.bincount(chosen, minlength=k_used)
     scores = np.full(len(source), np.nan, dtype=np.float32)
     scores[pool_ids] = votes[cluster] + 0.5 / (1.0 + near.astype(np.float64))
     kept = votes[cluster] > 0
     return ScoreResult(scores, attrs={
-        "k_used": k_used, "kmeans": kmeans, "kmeans_objective": objective,
+        "k_used": k_used, "kmeans": kmeans, "kmeans_objective": objective, "center": center,
         "clusters_kept": int((votes > 0).sum()), "kept_samples": int(kept.sum()),
         "kept_share": float(kept.mean()), "keep_threshold": 1.0, "unscored": int((~ok).sum()), "train_rows": int(train_rows),
     })
