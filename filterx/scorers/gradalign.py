@@ -17,7 +17,10 @@ near it lies, in embedding angle, to the validation samples of the class the hea
 where an encoder's embeddings all point almost the same way (a random-init backbone: a pool
 image's mean cosine to the validation samples 0.98-0.99, relevant or not) the residuals'
 factor decides, and the ranking is the head's rather than the target's (README: Influence,
-Selection quality).
+Selection quality). ``center="pool"`` takes the gradients of the same head written on the
+embeddings minus the pool's mean (weight W, bias b + W mean: the same logits and residuals),
+so the embeddings' factor compares what sets images apart rather than the direction a ReLU
+encoder's features all share (``filterx.math.blocks.pool_center``).
 """
 
 from __future__ import annotations
