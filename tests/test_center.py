@@ -143,8 +143,9 @@ def test_score_center_pool_from_the_command_line(sample_dirs, encoder_file, tmp_
     src, tgt = tmp_path / "source", tmp_path / "target"
     shutil.copytree(sample_dirs[0], src)
     shutil.copytree(sample_dirs[1], tgt)
-    common = ["--encoder", encoder_file, "--device", "cpu", "--backend", "pil", "--workers", 0, "--quiet"]
-    code, _, err = run("score", "--method", "knn-target", "--source", src, "--target", tgt, "--k", 3, "--center", "pool", *common)
+    common = ["--method", "knn-target", "--source", src, "--target", tgt, "--encoder", encoder_file,
+              "--device", "cpu", "--backend", "pil", "--workers", 0, "--quiet"]
+    code, _, err = run("score", *common, "--k", 3, "--center", "pool")
     assert code == 0, err
     ds, tds = Dataset.open(src), Dataset.open(tgt)
     scores, attrs = read_scores(ds, "knn-target")
@@ -155,6 +156,6 @@ def test_score_center_pool_from_the_command_line(sample_dirs, encoder_file, tmp_
     ref = run_scorer("knn-target", ScoreInputs(num_source=len(stored), source_emb=stored,
                                                target_emb=read_embeddings(tds, tag)[train_ids]), k=3, center="pool")
     np.testing.assert_allclose(scores, ref.scores, rtol=1e-4, atol=1e-5)
-    code, _, err = run("score", "--method", "knn-target", "--source", src, "--target", tgt, "--center", "median", *common)
+    code, _, err = run("score", *common, "--center", "median")
     assert code == 2 and "'median' is not one of 'none', 'pool'" in one_line(err)
     np.testing.assert_array_equal(read_scores(ds, "knn-target")[0], scores)

@@ -34,9 +34,10 @@ def row_blocks(x, block: int = BLOCK, *, rows: np.ndarray | None = None, normali
                desc: str | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(start, xb)``: consecutive blocks of rows of ``x`` (N, D), any float dtype, any
     row-sliceable array (numpy, zarr), as contiguous ``dtype`` arrays, minus ``center`` (D,)
-    when given, then L2-normalised when ``normalize``. With ``rows`` (sorted int64 row numbers) only those rows are read, and
-    ``start`` counts positions in ``rows``, not rows of ``x``. With ``desc``, a pass of more
-    than one block shows a progress bar (rows/s and ETA) under that name."""
+    when given, then L2-normalised when ``normalize``. With ``rows`` (sorted int64 row
+    numbers) only those rows are read, and ``start`` counts positions in ``rows``, not rows of
+    ``x``. With ``desc``, a pass of more than one block shows a progress bar (rows/s and ETA)
+    under that name."""
     from filterx.core.progress import progress
 
     if block < 1:
