@@ -192,7 +192,8 @@ def pool_assignments(source, rows: np.ndarray, centroids: np.ndarray, target: np
                      block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
     """One pass over ``source[rows]`` in row blocks: ((n,) int64 nearest centroid, (n,) float32
     Euclidean distance to the nearest ``target`` row), n = len(rows); each block is cast,
-    shifted by ``-center`` (when given) and (with ``normalize``) normalised on its own. O(n·(K + M)·D) time, O(block·D) extra memory."""
+    shifted by ``-center`` (when given) and (with ``normalize``) normalised on its own.
+    O(n·(K + M)·D) time, O(block·D) extra memory."""
     import torch
 
     from filterx.kernels import nearest_centroid
