@@ -29,6 +29,23 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
+def prepare_rows(x, center: np.ndarray | None = None, normalize: bool = False, dtype=np.float32) -> np.ndarray:
+    """``x`` (rows of any float dtype) as a contiguous ``dtype`` array, minus ``center`` (D,)
+    when given (a new array: never the caller's, which may be a view), then L2-normalised
+    (float32) when ``normalize``: what every scorer does to a block, or to a target, before
+    measuring distances."""
+    x = np.ascontiguousarray(x, dtype=dtype)
+    if center is not None:
+        x = x - center
+    return l2_normalize(x) if normalize else x
+
+
+def check_center_choice(center: str) -> None:
+    """``center`` is one of CENTERS."""
+    if center not in CENTERS:
+        raise ValueError(f"unknown center {center!r}; valid: {', '.join(CENTERS)}")
+
+
 def row_blocks(x, block: int = BLOCK, *, rows: np.ndarray | None = None, normalize: bool = False,
                center: np.ndarray | None = None, dtype=np.float32,
                desc: str | None = None) -> Iterator[tuple[int, np.ndarray]]:
@@ -47,6 +64,9 @@ def row_blocks(x, block: int = BLOCK, *, rows: np.ndarray | None = None, normali
     try:
         for start in range(0, n, block):
             xb = x[start : start + block] if rows is None else x[rows[start : start + block]]
+            # prepare_rows' steps, each rebinding xb so that the block before it is freed first
+            # (a pool block's float16 gather, float32 cast and shifted copy are never alive
+            # together: the no-full-copy tests' traced peaks)
             xb = np.ascontiguousarray(xb, dtype=dtype)
             if center is not None:  # a new array: xb may be a view of the caller's x
                 xb = xb - center
@@ -66,8 +86,7 @@ def pool_center(x, center: str, *, block: int = BLOCK) -> np.ndarray | None:
     "CL2N" of nearest-neighbour few-shot classification: Wang et al., SimpleShot, 2019)
     leaves the directions in which images differ. Euclidean distances themselves do not
     change under a shift: centring matters only where rows are normalised after it."""
-    if center not in CENTERS:
-        raise ValueError(f"unknown center {center!r}; valid: {', '.join(CENTERS)}")
+    check_center_choice(center)
     if center == "none":
         return None
     total, count = None, 0

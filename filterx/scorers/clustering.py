@@ -15,7 +15,7 @@ import logging
 
 import numpy as np
 
-from filterx.math.blocks import BLOCK, CENTERS, l2_normalize, pool_center, row_blocks
+from filterx.math.blocks import BLOCK, CENTERS, check_center_choice, pool_center, prepare_rows, row_blocks
 from filterx.scorers import Option, ScoreInputs, ScoreResult, register_scorer
 
 log = logging.getLogger(__name__)
@@ -27,8 +27,7 @@ CENTER_OPTION = Option("subtract the pool's mean embedding from pool and target 
 
 def check_center(center: str, normalize: bool) -> None:
     """``center`` is one of CENTERS, and only asked for where rows are normalised after it."""
-    if center not in CENTERS:
-        raise ValueError(f"unknown center {center!r}; valid: {', '.join(CENTERS)}")
+    check_center_choice(center)
     if center != "none" and not normalize:
         raise ValueError(f"center {center!r} needs normalize=True: Euclidean distances do not change under a shift")
 
@@ -118,10 +117,7 @@ def clustering_scores(inputs: ScoreInputs, *, seed: int, k: int = 200, distance:
     target = inputs.target_emb
     source = inputs.source_emb
     mean = pool_center(source, center)
-    if mean is not None:
-        target = np.asarray(target, dtype=np.float32) - mean
-    if normalize:  # the pool is shifted and normalised block by block in centroid_distances
-        target = l2_normalize(target)
+    target = prepare_rows(target, mean, normalize)  # the pool is shifted and normalised block by block below
     k_used = min(k, len(target))
     if k_used < k:
         log.warning("k=%d is more than the %d target images; using k=%d", k, len(target), k_used)

@@ -29,7 +29,7 @@ import logging
 
 import numpy as np
 
-from filterx.math.blocks import finite_rows, l2_normalize, pool_center, row_blocks, sample_rows
+from filterx.math.blocks import finite_rows, pool_center, prepare_rows, row_blocks, sample_rows
 from filterx.scorers import Option, ScoreInputs, ScoreResult, register_scorer
 from filterx.scorers.clustering import CENTER_OPTION, KMEANS, _faiss_has_gpu, check_center, fit_centroids
 
@@ -112,7 +112,7 @@ def mean_knn_distance(source: np.ndarray, target: np.ndarray, k: int, *, normali
 
     if not 1 <= k <= len(target):
         raise ValueError(f"k must be in [1, {len(target)}] (the target rows), got {k}")
-    base = _prepared(target, center, normalize)
+    base = prepare_rows(target, center, normalize)
     use_faiss = _faiss_has_gpu() if gpu is None else gpu
     index = flat_index(base, gpu=True) if use_faiss else None
     base_t = torch.from_numpy(base)
@@ -120,7 +120,7 @@ def mean_knn_distance(source: np.ndarray, target: np.ndarray, k: int, *, normali
     out = np.full(len(source), np.nan, dtype=np.float32)
     for i, q in row_blocks(source, block, desc="knn-target: search"):
         ok = _finite_rows(q)
-        q = _prepared(q[ok], center, normalize)
+        q = prepare_rows(q[ok], center, normalize)
         if not len(q):
             continue
         if index is not None:
@@ -129,14 +129,6 @@ def mean_knn_distance(source: np.ndarray, target: np.ndarray, k: int, *, normali
             d2 = nearest_rows(torch.from_numpy(q), base_t, k, base_sq=base_sq)[0].numpy()
         out[i : i + len(ok)][ok] = np.sqrt(np.maximum(d2, 0)).mean(axis=1)  # a view: writes through
     return out
-
-
-def _prepared(x: np.ndarray, center: np.ndarray | None, normalize: bool) -> np.ndarray:
-    """(M, D) contiguous float32: ``x`` minus ``center`` (when given), L2-normalised when ``normalize``."""
-    x = np.asarray(x, dtype=np.float32)
-    if center is not None:
-        x = x - center
-    return np.ascontiguousarray(l2_normalize(x) if normalize else x)
 
 
 def _finite_rows(x: np.ndarray) -> np.ndarray:
@@ -227,7 +219,7 @@ def pool_cluster_scores(inputs: ScoreInputs, *, seed: int, k: int | None = None,
     check_center(center, normalize)
     source, target = inputs.source_emb, _check_target(inputs.target_emb, "pool-clusters")
     mean = pool_center(source, center)
-    target = _prepared(target, mean, normalize)  # the pool is shifted and normalised block by block below
+    target = prepare_rows(target, mean, normalize)  # the pool is shifted and normalised block by block below
     ok = _finite_rows(source)
     pool_ids = np.flatnonzero(ok)
     if len(pool_ids) == 0:
