@@ -66,6 +66,10 @@ EXTRA_VARIANTS = (
     ("knn-target (k=10, centred)", "knn-target", {"center": "pool"}),
     ("pool-clusters (centred)", "pool-clusters", {"center": "pool"}),
     ("grad-align (pseudo-labels, centred)", "grad-align", {"center": "pool"}),
+    # grad-align aligned with the whole target (training and held-out splits), not its held-out
+    # split alone (about 2 images a class on the emoji targets): added before any suite run of it.
+    ("grad-align (whole target)", "grad-align", {"align_with": "target"}),
+    ("grad-align (whole target, centred)", "grad-align", {"align_with": "target", "center": "pool"}),
 )
 # Rank fusion at select time (select --method a,b --combine ...) of stored scores, chosen before
 # any run: the best distance method with the classifier, two different signals.

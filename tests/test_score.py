@@ -119,7 +119,8 @@ def test_grad_align_on_the_pool_and_on_the_target(dirs):
     M = head_val_alignment(t_emb[val_ids], Dataset.open(tgt).labels[val_ids], W, b)
     expected = head_alignment_scores(read_embeddings(ds, load_encoder(enc).tag), W, b, M.float())
     np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
-    assert attrs["params"] == {"labels": "pseudo", "val_classes": None, "center": "none", "batch_size": 65536}
+    assert attrs["params"] == {"labels": "pseudo", "val_classes": None, "center": "none", "align_with": "validation",
+                               "batch_size": 65536}
     assert attrs["result"]["num_val"] == len(val_ids) and np.all(np.abs(scores) <= 1 + 1e-6)
     score(ScoreConfig("grad-align", src, tgt, enc, {"labels": "given"}, candidates="target-train",
                       name="grad-align-given", **KW))
@@ -127,6 +128,17 @@ def test_grad_align_on_the_pool_and_on_the_target(dirs):
     assert np.isfinite(given[info["train_ids"]]).all() and np.isnan(given[val_ids]).all()
     with pytest.raises(ValueError, match="needs --candidates target-train"):
         score(ScoreConfig("grad-align", src, tgt, enc, {"labels": "given"}, **KW))
+    # --align-with target: the training split's gradients and the held-out split's together
+    score(ScoreConfig("grad-align", src, tgt, enc, {"align_with": "target"}, name="grad-align-target", **KW))
+    whole, attrs = read_scores(ds, "grad-align-target")
+    both = np.r_[np.asarray(info["train_ids"]), val_ids]
+    M = head_val_alignment(t_emb[both], Dataset.open(tgt).labels[both], W, b)
+    expected = head_alignment_scores(read_embeddings(ds, load_encoder(enc).tag), W, b, M.float())
+    np.testing.assert_allclose(whole, expected, rtol=1e-5, atol=1e-6)
+    assert attrs["result"]["align_with"] == "target" and attrs["result"]["num_val"] == len(both)
+    with pytest.raises(ValueError, match="align each candidate with its own gradient"):
+        score(ScoreConfig("grad-align", src, tgt, enc, {"align_with": "target"}, candidates="target-train",
+                          name="grad-align-self", **KW))
 
 
 def test_outlier_exposure_entropy_scores_the_pool_with_the_recorded_decay(dirs):

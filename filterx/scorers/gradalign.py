@@ -21,6 +21,14 @@ Selection quality). ``center="pool"`` takes the gradients of the same head writt
 embeddings minus the pool's mean (weight W, bias b + W mean: the same logits and residuals),
 so the embeddings' factor compares what sets images apart rather than the direction a ReLU
 encoder's features all share (``filterx.math.blocks.pool_center``).
+
+``align_with="target"`` aligns with every target image the encoder embeds (its training split
+and its held-out split, true labels), not the held-out split alone. A small target's held-out
+split is a handful of images per class (10 % of 200: about 2 a class), so the mean it aligns
+with is that handful's; the whole target's is ten times as many. The head was fitted on the
+training split, so those images' residuals are small, but the cosine keeps only their direction
+(``unit_residuals``: exact however confident the head is). A pool run only: with
+``--candidates target-train`` each candidate would be aligned with itself.
 """
 
 from __future__ import annotations
@@ -35,15 +43,30 @@ from filterx.math.influence import head_alignment_scores, head_val_alignment
 from filterx.scorers import Option, ScoreInputs, ScoreResult, register_scorer
 from filterx.scorers.influence import LABEL_MODES, check_label_mode
 
+# What the candidates' gradients are aligned with: the encoder's held-out split of the target, or
+# the whole target (its training split and its held-out split).
+ALIGN_WITH = ("validation", "target")
+
 RANKS = ("the mean cosine between the candidate's head gradient (labelled with the head's prediction, or its "
          "own label with --labels given) and the target validation samples' gradients: how closely one step on "
          "it follows the validation split's gradients, confidence left out")
 
 
+def check_grad_align(params, candidates: str) -> None:
+    """--labels given needs the target as candidates; --align-with target needs the pool as candidates."""
+    check_label_mode(params, candidates)
+    align_with = params.get("align_with", "validation")
+    if align_with not in ALIGN_WITH:
+        raise ValueError(f"unknown align_with {align_with!r}; valid: {', '.join(ALIGN_WITH)}")
+    if align_with == "target" and candidates == "target-train":
+        raise ValueError("--align-with target with --candidates target-train would align each candidate with its "
+                         "own gradient; use --align-with validation to score the target's training split")
+
+
 @register_scorer(
     "grad-align",
     needs=("source_emb", "target_val_emb", "target_val_labels", "head_weight", "head_bias"),
-    check=check_label_mode,
+    check=check_grad_align,
     options={
         "labels": Option("candidate labels, the classifier's prediction or the candidates' own (target-train only)",
                          choices=LABEL_MODES),
@@ -51,23 +74,36 @@ RANKS = ("the mean cosine between the candidate's head gradient (labelled with t
         "center": Option("the gradients of the head written on embeddings minus the pool's mean (the same "
                          "classifier; the weight's gradient leaves out what every embedding shares), or as they are",
                          choices=CENTERS),
+        "align_with": Option("the target images whose gradients it aligns with: the encoder's held-out split, or "
+                             "the whole target (training and held-out splits; more images a class)",
+                             choices=ALIGN_WITH),
     },
 )
 def grad_align_scores(inputs: ScoreInputs, *, seed: int, labels: str = "pseudo",
                       val_classes: Sequence[int] | None = None, center: str = "none",
-                      batch_size: int = 65536) -> ScoreResult:
-    """Mean cosine between each candidate's head gradient and the validation samples' (in [-1, 1]).
+                      align_with: str = "validation", batch_size: int = 65536) -> ScoreResult:
+    """Mean cosine between each candidate's head gradient and the target samples' (in [-1, 1]).
 
     labels: "pseudo" (the head's argmax) or "given" (inputs.source_labels, target class
     indices: the target's own training set as candidates). val_classes: align with these
-    target classes' validation samples only. seed: unused (deterministic).
+    target classes' samples only. align_with: "validation" (the held-out split) or "target" (the
+    training split and the held-out split together). seed: unused (deterministic).
     """
     if labels not in LABEL_MODES:
         raise ValueError(f"unknown labels mode {labels!r}; valid: {', '.join(LABEL_MODES)}")
-    if inputs.target_val_labels is None or len(inputs.target_val_labels) == 0:
+    if align_with not in ALIGN_WITH:
+        raise ValueError(f"unknown align_with {align_with!r}; valid: {', '.join(ALIGN_WITH)}")
+    val_x, val_y = inputs.target_val_emb, inputs.target_val_labels
+    if align_with == "target":
+        if inputs.target_emb is None or inputs.target_labels is None:
+            raise ValueError("align_with='target' needs inputs.target_emb and target_labels, which were not given")
+        val_x = np.concatenate([inputs.target_emb, val_x]) if val_x is not None else inputs.target_emb
+        val_y = np.concatenate([inputs.target_labels, val_y]) if val_y is not None else inputs.target_labels
+    elif val_y is None or len(val_y) == 0:
         raise ValueError(
             "grad-align needs the encoder's held-out split of the target (the gradients it aligns with); this "
-            "encoder has none for this target: retrain it with filterx train-encoder TARGET OUT --val-fraction 0.1")
+            "encoder has none for this target: retrain it with filterx train-encoder TARGET OUT --val-fraction 0.1, "
+            "or align with the whole target (--align-with target)")
     num_classes = inputs.head_weight.shape[0]
     if num_classes < 2:
         raise ValueError(f"grad-align needs a classifier of 2 or more classes; this head has {num_classes}")
@@ -79,12 +115,12 @@ def grad_align_scores(inputs: ScoreInputs, *, seed: int, labels: str = "pseudo",
     mean = pool_center(inputs.source_emb, center)
     device = torch.device(inputs.device)
     classes = None if val_classes is None else tuple(int(c) for c in val_classes)
-    alignment = head_val_alignment(inputs.target_val_emb, inputs.target_val_labels, inputs.head_weight,
-                                   inputs.head_bias, val_classes=classes, center=mean, device=device)
+    alignment = head_val_alignment(val_x, val_y, inputs.head_weight, inputs.head_bias, val_classes=classes,
+                                   center=mean, device=device)
     scores = head_alignment_scores(inputs.source_emb, np.asarray(inputs.head_weight, np.float32),
                                    np.asarray(inputs.head_bias, np.float32), alignment.float(), labels=given,
                                    batch_size=batch_size, center=mean, device=device)
-    num_val = int(len(inputs.target_val_labels) if classes is None
-                  else np.isin(inputs.target_val_labels, classes).sum())
-    return ScoreResult(scores, attrs={"num_val": num_val, "alignment_norm": float(alignment.norm()),
-                                      "center": center, "ranks": RANKS})
+    num_val = int(len(val_y) if classes is None else np.isin(val_y, classes).sum())
+    return ScoreResult(scores, attrs={"num_val": num_val, "align_with": align_with,
+                                      "alignment_norm": float(alignment.norm()), "center": center,
+                                      "ranks": RANKS})
