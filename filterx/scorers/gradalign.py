@@ -48,8 +48,9 @@ from filterx.scorers.influence import LABEL_MODES, check_label_mode
 ALIGN_WITH = ("validation", "target")
 
 RANKS = ("the mean cosine between the candidate's head gradient (labelled with the head's prediction, or its "
-         "own label with --labels given) and the target validation samples' gradients: how closely one step on "
-         "it follows the validation split's gradients, confidence left out")
+         "own label with --labels given) and the target samples' gradients (the held-out split's, or the whole "
+         "target's with --align-with target): how closely one step on it follows their gradients, confidence "
+         "left out")
 
 
 def check_grad_align(params, candidates: str) -> None:
