@@ -67,7 +67,7 @@ EXTRA_VARIANTS = (
     ("pool-clusters (centred)", "pool-clusters", {"center": "pool"}),
     ("grad-align (pseudo-labels, centred)", "grad-align", {"center": "pool"}),
     # grad-align aligned with the whole target (training and held-out splits), not its held-out
-    # split alone (about 2 images a class on the emoji targets): added before any suite run of it.
+    # split alone (two or three images a class on the emoji targets): added before any suite run of it.
     ("grad-align (whole target)", "grad-align", {"align_with": "target"}),
     ("grad-align (whole target, centred)", "grad-align", {"align_with": "target", "center": "pool"}),
 )

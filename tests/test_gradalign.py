@@ -221,8 +221,8 @@ def test_aligning_with_the_whole_target_is_the_alignment_over_both_splits():
 
 
 def test_aligning_with_the_whole_target_finds_the_modes_the_held_out_split_misses():
-    """Where the held-out split shows one mode of each class, its alignment ranks the pool's images
-    of the other mode no higher than unrelated ones; the whole target's keeps both modes."""
+    """Where the held-out split shows one mode of each class, its alignment misses the pool's images
+    of the other mode; the whole target's ranks both modes above the unrelated images."""
     inputs, relevant = _two_mode_target()
     top = lambda s: relevant[np.argsort(-s, kind="stable")[:100]].mean()  # noqa: E731
     held_out = top(run_scorer("grad-align", inputs).scores)
