@@ -55,11 +55,8 @@ RANKS = ("the mean cosine between the candidate's head gradient (labelled with t
 
 def check_grad_align(params, candidates: str) -> None:
     """--labels given needs the target as candidates; --align-with target needs the pool as candidates."""
-    check_label_mode(params, candidates)
-    align_with = params.get("align_with", "validation")
-    if align_with not in ALIGN_WITH:
-        raise ValueError(f"unknown align_with {align_with!r}; valid: {', '.join(ALIGN_WITH)}")
-    if align_with == "target" and candidates == "target-train":
+    check_label_mode(params, candidates)  # an unknown align_with is refused before, by check_params
+    if params.get("align_with") == "target" and candidates == "target-train":
         raise ValueError("--align-with target with --candidates target-train would align each candidate with its "
                          "own gradient; use --align-with validation to score the target's training split")
 
@@ -98,8 +95,7 @@ def grad_align_scores(inputs: ScoreInputs, *, seed: int, labels: str = "pseudo",
     if align_with == "target":
         if inputs.target_emb is None or inputs.target_labels is None:
             raise ValueError("align_with='target' needs inputs.target_emb and target_labels, which were not given")
-        val_x = np.concatenate([inputs.target_emb, val_x]) if val_x is not None else inputs.target_emb
-        val_y = np.concatenate([inputs.target_labels, val_y]) if val_y is not None else inputs.target_labels
+        val_x, val_y = np.concatenate([inputs.target_emb, val_x]), np.concatenate([inputs.target_labels, val_y])
     elif val_y is None or len(val_y) == 0:
         raise ValueError(
             "grad-align needs the encoder's held-out split of the target (the gradients it aligns with); this "
