@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
 
-from filterx.math.influence import head_alignment_scores, head_val_alignment, unit_residuals
+from filterx.math.influence import (head_alignment_scores, head_class_alignment_scores, head_val_alignment,
+                                    unit_residuals)
 from filterx.scorers import ScoreInputs, run_scorer
 from tests.test_influence import F64, _train, blobs
 
@@ -67,6 +68,61 @@ def test_scores_are_mean_cosines_of_autograd_gradients():
     given = head_alignment_scores(cand, W, b, M, labels=torch.zeros(25, dtype=torch.int64), dtype=F64)
     g0 = [(gv @ (g / g.norm())).mean() for g in (_gradient(theta, xc, torch.tensor(0)).reshape(-1) for xc in cand)]
     np.testing.assert_allclose(given, torch.stack(g0), rtol=1e-5, atol=1e-6)
+
+
+def test_class_scores_are_mean_cosines_within_the_candidates_class():
+    """over="class": the mean of the autograd cosines with the validation samples of the
+    candidate's own class (its pseudo-label, or the given one), centred or not; NaN where that
+    class has no validation sample."""
+    x, y, W, b = _head()
+    vx, vy, _ = blobs(40, 6, 3, seed=1)
+    cand, _, _ = blobs(25, 6, 3, seed=2)
+    for center in (None, x.mean(0)):
+        shift = torch.zeros(6, dtype=F64) if center is None else center
+        th = torch.cat([W, (b + W @ shift)[:, None]], 1)  # the same head on x - center
+
+        def unit(xi, yi):
+            g = _gradient(th, xi - shift, yi).reshape(-1)
+            return g / g.norm()
+
+        pseudo = (cand @ W.T + b).argmax(1)
+        for labels, ys in ((None, pseudo), (torch.full((25,), 2, dtype=torch.int64), torch.full((25,), 2))):
+            scores = head_class_alignment_scores(cand, W, b, vx, vy, labels=labels, batch_size=7, center=center,
+                                                 dtype=F64)
+            expected = [float((torch.stack([unit(xv, yv) for xv, yv in zip(vx, vy) if yv == yc]) @ unit(xc, yc))
+                              .mean()) for xc, yc in zip(cand, ys)]
+            np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
+    only = head_class_alignment_scores(cand, W, b, vx, vy, val_classes=[0, 2], dtype=F64)
+    pseudo = (cand @ W.T + b).argmax(1).numpy()
+    assert np.isnan(only[pseudo == 1]).all() and np.isfinite(only[pseudo != 1]).all()
+    assert (pseudo == 1).any() and (pseudo != 1).any()
+    np.testing.assert_array_equal(only[pseudo != 1],
+                                  head_class_alignment_scores(cand, W, b, vx, vy, dtype=F64)[pseudo != 1])
+
+
+def test_one_sgd_step_on_a_candidate_changes_its_class_losses_as_scored():
+    """Retraining check of over="class": a step of length eta along -ĝ_z lowers the weighted
+    loss Σ_v L_v / |g_v| of the validation samples of z's class by eta * V_class * score(z)."""
+    x, y, W, b = _head()
+    vx, vy, _ = blobs(60, 6, 3, seed=3)
+    cand, _, _ = blobs(30, 6, 3, seed=4, spread=2.5)
+    theta = torch.cat([W, b[:, None]], 1)
+    scores = head_class_alignment_scores(cand, W, b, vx, vy, dtype=F64).astype(np.float64)
+    gnorm = torch.stack([_gradient(theta, xv, yv).norm() for xv, yv in zip(vx, vy)])
+
+    def weighted_class_loss(t, k):
+        ce = F.cross_entropy(vx @ t[:, :-1].T + t[:, -1], vy, reduction="none")
+        return float((ce / gnorm)[vy == k].sum())
+
+    eta = 1e-4
+    pseudo = (cand @ W.T + b).argmax(1)
+    actual = []
+    for xc, yc in zip(cand, pseudo):
+        g = _gradient(theta, xc, yc)
+        drop = weighted_class_loss(theta, yc) - weighted_class_loss(theta - eta * g / g.norm(), yc)
+        actual.append(drop / (eta * int((vy == yc).sum())))
+    np.testing.assert_allclose(actual, scores, rtol=1e-3, atol=1e-4)
+    assert spearmanr(actual, scores).statistic > 0.99
 
 
 def test_one_sgd_step_on_a_candidate_changes_the_validation_losses_as_scored():
@@ -151,6 +207,12 @@ def test_it_ranks_target_like_images_first_where_the_head_is_surest_of_far_ones(
                          head_bias=b.float().numpy())
     top = np.argsort(-run_scorer("grad-align", inputs).scores, kind="stable")[:100]
     assert relevant[top].mean() > 0.9
+    top = lambda **kw: relevant[np.argsort(-run_scorer("grad-align", inputs, **kw).scores, kind="stable")[:100]].mean()  # noqa: E731
+    assert top(over="all") > 0.9 and top(center="pool") > 0.9
+    # over every class with centred embeddings, the far images of the other classes rank first:
+    # anti-aligned residuals times anti-aligned (centred) inputs (README, "grad-align within the
+    # candidate's class"); measured 0.30
+    assert top(over="all", center="pool") < 0.5
     low_entropy = np.argsort(-run_scorer("entropy", inputs, order="low").scores, kind="stable")[:100]
     assert relevant[low_entropy].mean() < 0.5  # what "surest first" keeps here
 
@@ -161,10 +223,16 @@ def test_scorer_attrs_and_refusals():
                          target_labels=y.numpy(), target_val_emb=vx.float().numpy(),
                          target_val_labels=vy.numpy(), head_weight=W.float().numpy(),
                          head_bias=b.float().numpy())
-    res = run_scorer("grad-align", inputs, val_classes=[0, 2])
+    res = run_scorer("grad-align", inputs, val_classes=[0, 2], over="all")
     assert res.attrs["num_val"] == int(np.isin(vy.numpy(), [0, 2]).sum())
     assert "confidence left out" in res.attrs["ranks"]
     assert res.scores.dtype == np.float32 and np.all(np.abs(res.scores) <= 1 + 1e-6)
+    own = run_scorer("grad-align", inputs, val_classes=[0, 2])  # over="class": class 1's candidates unscored
+    pseudo = (pool @ W.T + b).argmax(1).numpy()
+    assert own.attrs["over"] == "class" and own.attrs["unaligned"] == int((pseudo == 1).sum()) > 0
+    assert np.isnan(own.scores[pseudo == 1]).all() and np.all(np.abs(own.scores[pseudo != 1]) <= 1 + 1e-6)
+    with pytest.raises(ValueError, match="unknown over 'pool'; valid: class, all"):
+        run_scorer("grad-align", inputs, over="pool")
     with pytest.raises(ValueError, match="unknown labels 'true'; valid: pseudo, given"):
         run_scorer("grad-align", inputs, labels="true")
     no_val = dataclasses.replace(inputs, target_val_emb=vx[:0].float().numpy(), target_val_labels=vy[:0].numpy())
@@ -202,7 +270,7 @@ def _two_mode_target():
 
 def test_aligning_with_the_whole_target_is_the_alignment_over_both_splits():
     inputs, _ = _two_mode_target()
-    res = run_scorer("grad-align", inputs, align_with="target", center="pool")
+    res = run_scorer("grad-align", inputs, align_with="target", center="pool", over="all")
     vx = np.r_[inputs.target_emb, inputs.target_val_emb]
     vy = np.r_[inputs.target_labels, inputs.target_val_labels]
     mean = inputs.source_emb.astype(np.float64).mean(0)
@@ -211,6 +279,10 @@ def test_aligning_with_the_whole_target_is_the_alignment_over_both_splits():
                                      center=mean)
     np.testing.assert_allclose(res.scores, expected, rtol=1e-5, atol=1e-6)
     assert res.attrs["align_with"] == "target" and res.attrs["num_val"] == len(vy)
+    own = run_scorer("grad-align", inputs, align_with="target", center="pool")  # over="class"
+    np.testing.assert_allclose(own.scores, head_class_alignment_scores(inputs.source_emb, inputs.head_weight,
+                                                                       inputs.head_bias, vx, vy, center=mean),
+                               rtol=1e-5, atol=1e-6)
     one = run_scorer("grad-align", inputs, align_with="target", val_classes=[1])
     assert one.attrs["num_val"] == int((vy == 1).sum())
     no_val = dataclasses.replace(inputs, target_val_emb=inputs.target_val_emb[:0],
@@ -225,6 +297,8 @@ def test_aligning_with_the_whole_target_finds_the_modes_the_held_out_split_misse
     of the other mode; the whole target's ranks both modes above the unrelated images."""
     inputs, relevant = _two_mode_target()
     top = lambda s: relevant[np.argsort(-s, kind="stable")[:100]].mean()  # noqa: E731
-    held_out = top(run_scorer("grad-align", inputs).scores)
-    whole = top(run_scorer("grad-align", inputs, align_with="target").scores)
-    assert held_out < 0.8 and whole > 0.9, (held_out, whole)  # 0.46-0.67 and 0.94-0.97 over 6 data seeds
+    for over in ("all", "class"):
+        held_out = top(run_scorer("grad-align", inputs, over=over).scores)
+        whole = top(run_scorer("grad-align", inputs, align_with="target", over=over).scores)
+        # over="all": 0.46-0.67 and 0.94-0.97 over 6 data seeds; over="class": 0.48 and 0.99 at this seed
+        assert held_out < 0.8 and whole > 0.9, (over, held_out, whole)

@@ -104,7 +104,7 @@ def test_influence_data_dropout_on_the_target(dirs):
 def test_grad_align_on_the_pool_and_on_the_target(dirs):
     """The stage gives grad-align the encoder's head and held-out split: the stored scores are
     the math's on the stored embeddings; with given labels it scores the target's training split."""
-    from filterx.math.influence import head_alignment_scores, head_val_alignment
+    from filterx.math.influence import head_alignment_scores, head_class_alignment_scores, head_val_alignment
     from filterx.models.encoder import read_encoder_file
     from filterx.stages.embed import read_embeddings
 
@@ -116,12 +116,18 @@ def test_grad_align_on_the_pool_and_on_the_target(dirs):
     W, b = state["fc.weight"].float().numpy(), state["fc.bias"].float().numpy()
     t_emb = read_embeddings(Dataset.open(tgt), load_encoder(enc).tag)
     val_ids = np.asarray(info["val_ids"])
-    M = head_val_alignment(t_emb[val_ids], Dataset.open(tgt).labels[val_ids], W, b)
-    expected = head_alignment_scores(read_embeddings(ds, load_encoder(enc).tag), W, b, M.float())
-    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
+    pool_emb = read_embeddings(ds, load_encoder(enc).tag)
+    expected = head_class_alignment_scores(pool_emb, W, b, t_emb[val_ids], Dataset.open(tgt).labels[val_ids])
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6, equal_nan=True)
     assert attrs["params"] == {"labels": "pseudo", "val_classes": None, "center": "none", "align_with": "validation",
-                               "batch_size": 65536}
-    assert attrs["result"]["num_val"] == len(val_ids) and np.all(np.abs(scores) <= 1 + 1e-6)
+                               "over": "class", "batch_size": 65536}
+    scored = ~np.isnan(scores)
+    assert attrs["result"]["num_val"] == len(val_ids) and np.all(np.abs(scores[scored]) <= 1 + 1e-6)
+    assert attrs["result"]["unaligned"] == int((~scored).sum())
+    score(ScoreConfig("grad-align", src, tgt, enc, {"over": "all"}, name="grad-align-all", **KW))
+    M = head_val_alignment(t_emb[val_ids], Dataset.open(tgt).labels[val_ids], W, b)
+    np.testing.assert_allclose(read_scores(ds, "grad-align-all")[0], head_alignment_scores(pool_emb, W, b, M.float()),
+                               rtol=1e-5, atol=1e-6)
     score(ScoreConfig("grad-align", src, tgt, enc, {"labels": "given"}, candidates="target-train",
                       name="grad-align-given", **KW))
     given, _ = read_scores(Dataset.open(tgt), "grad-align-given")
@@ -129,7 +135,8 @@ def test_grad_align_on_the_pool_and_on_the_target(dirs):
     with pytest.raises(ValueError, match="needs --candidates target-train"):
         score(ScoreConfig("grad-align", src, tgt, enc, {"labels": "given"}, **KW))
     # --align-with target: the training split's gradients and the held-out split's together
-    score(ScoreConfig("grad-align", src, tgt, enc, {"align_with": "target"}, name="grad-align-target", **KW))
+    score(ScoreConfig("grad-align", src, tgt, enc, {"align_with": "target", "over": "all"}, name="grad-align-target",
+                      **KW))
     whole, attrs = read_scores(ds, "grad-align-target")
     both = np.r_[np.asarray(info["train_ids"]), val_ids]
     M = head_val_alignment(t_emb[both], Dataset.open(tgt).labels[both], W, b)

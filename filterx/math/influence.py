@@ -341,6 +341,72 @@ def head_alignment_scores(candidates, weight, bias, alignment, *, labels=None, b
     return out
 
 
+def head_class_alignment_scores(candidates, weight, bias, val_x, val_labels, *, labels=None,
+                                val_classes: Sequence[int] | None = None, batch_size: int = 65536,
+                                center=None, device: str | torch.device = "cpu",
+                                dtype: torch.dtype = torch.float32) -> np.ndarray:
+    """score_i = mean over the validation samples of candidate i's own class (its label, or the
+    head's argmax where ``labels`` is None) of cos(g_i, g_v): :func:`head_alignment_scores` with
+    the mean taken within the class, not over every class. (N,) float32 in [-1, 1]; NaN for a
+    candidate whose class has no validation sample (in ``val_classes`` when given).
+
+    Why within the class: for a linear head cos(g_i, g_v) = cos(r_i, r_v) · cos(x~_i, x~_v), and
+    two different classes' residuals point apart (cos(r) < 0), so over every class an image
+    scores lower the nearer it lies to the target samples of the classes it is not given, and
+    (with centred embeddings, cos(x~) < 0) higher the farther it lies from them. Within its own
+    class cos(r) >= 0 is the rule and the embeddings' cosine decides. First order: a step of
+    length η along -ĝ_i lowers Σ_{v of class y_i} L_v / |g_v| by η · V_{y_i} · score_i.
+
+    Computed pairwise, class by class: each candidate against the n_c samples of its class,
+    (r_i · r_v)(x~_i · x~_v) / (|x~_i| |x~_v|) with unit residuals: O(n_c (C + D)) a candidate,
+    no (C, C, D+1) tensor. candidates (N, D) streamed ``batch_size`` rows at a time; center:
+    as :func:`head_val_alignment`'s.
+    """
+    dev = torch.device(device)
+    W, b, vx = (_to(a, dev, dtype) for a in (weight, bias, val_x))
+    C, D = W.shape
+    if vx.ndim != 2 or vx.shape[1] != D:
+        raise ValueError(f"val_x has shape {tuple(vx.shape)}, expected (V, {D})")
+    c = None if center is None else _to(center, dev, dtype)
+    if c is not None:
+        vx, b = vx - c, b + W @ c
+    vy = _to(val_labels, dev, torch.int64)
+    _check_labels(vy, C, "val_labels")
+    keep = _class_mask(vy, val_classes, C)
+    if not bool(keep.any()):
+        raise ValueError(f"none of the {len(vy)} validation samples is in val_classes {tuple(val_classes or ())}"
+                         if len(vy) else "gradient alignment needs validation samples; got none")
+    vx, vy = vx[keep], vy[keep]
+    vr = unit_residuals(torch.addmm(b, vx, W.T), vy)
+    vxs, vinv = _unit_inputs(vx)
+    per_class = {int(k): (vr[vy == k], vxs[vy == k], vinv[vy == k]) for k in torch.unique(vy).tolist()}
+    if labels is not None:
+        n = candidates.shape[0]
+        labels = _to(labels, torch.device("cpu"), torch.int64)
+        if labels.shape != (n,):
+            raise ValueError(f"labels have shape {tuple(labels.shape)}, expected ({n},)")
+        _check_labels(labels, C, "candidate labels")
+    out = np.full(candidates.shape[0], np.nan, dtype=np.float32)
+    for start in range(0, candidates.shape[0], batch_size):
+        xb = _to(candidates[start : start + batch_size], dev, dtype)
+        if c is not None:
+            xb = xb - c
+        z = torch.addmm(b, xb, W.T)
+        y = z.argmax(1) if labels is None else labels[start : start + len(xb)].to(dev)
+        u = unit_residuals(z, y)
+        xs, inv = _unit_inputs(xb)
+        s = torch.full((len(xb),), float("nan"), dtype=dtype, device=dev)
+        for k in torch.unique(y).tolist():
+            if k not in per_class:
+                continue
+            rows = torch.nonzero(y == k).squeeze(1)
+            kr, kxs, kinv = per_class[k]
+            cos_x = xs[rows] @ kxs.T + inv[rows] @ kinv.T  # (n, n_k): x~_i / |x~_i| · x~_v / |x~_v|
+            s[rows] = ((u[rows] @ kr.T) * cos_x).mean(1)
+        out[start : start + len(xb)] = s.float().cpu().numpy()
+    return out
+
+
 __all__ = [
     "SOLVERS",
     "KERNEL_CHOICES",
@@ -355,4 +421,5 @@ __all__ = [
     "unit_residuals",
     "head_val_alignment",
     "head_alignment_scores",
+    "head_class_alignment_scores",
 ]

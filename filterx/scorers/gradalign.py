@@ -29,6 +29,19 @@ with is that handful's; the whole target's is ten times as many. The head was fi
 training split, so those images' residuals are small, but the cosine keeps only their direction
 (``unit_residuals``: exact however confident the head is). A pool run only: with
 ``--candidates target-train`` each candidate would be aligned with itself.
+
+``over="class"`` (the default) takes the mean within the candidate's own class: the cosine with
+the target samples of the class the head gives it (its given label with ``--labels given``), not
+with every class's (``over="all"``, the LESS / TracIn mean over the whole validation set). For a
+linear head cos(g_i, g_v) = cos(r_i, r_v) · cos(x~_i, x~_v), and two classes' residuals point
+apart, so over every class an image near the target samples of a class it is not given loses
+score for it, and with centred embeddings an image far from them gains (anti-aligned inputs times
+anti-aligned residuals): the mean over classes measures the head's cross-class trade-offs more
+than nearness to the target. Within the class that term is gone
+(``filterx.math.influence.head_class_alignment_scores``). A candidate whose class has no target
+sample to align with (``val_classes``, or a class absent from a small held-out split) is not
+scored (NaN; ``attrs["unaligned"]`` counts them). Measured in the README, "grad-align within the
+candidate's class".
 """
 
 from __future__ import annotations
@@ -39,18 +52,21 @@ import numpy as np
 import torch
 
 from filterx.math.blocks import CENTERS, pool_center
-from filterx.math.influence import head_alignment_scores, head_val_alignment
+from filterx.math.influence import head_alignment_scores, head_class_alignment_scores, head_val_alignment
 from filterx.scorers import Option, ScoreInputs, ScoreResult, register_scorer
 from filterx.scorers.influence import LABEL_MODES, check_label_mode
 
 # What the candidates' gradients are aligned with: the encoder's held-out split of the target, or
 # the whole target (its training split and its held-out split).
 ALIGN_WITH = ("validation", "target")
+# Which of those target samples each candidate's cosine is averaged over: those of the class the
+# candidate is given (the default), or all of them.
+OVER = ("class", "all")
 
 RANKS = ("the mean cosine between the candidate's head gradient (labelled with the head's prediction, or its "
          "own label with --labels given) and the target samples' gradients (the held-out split's, or the whole "
-         "target's with --align-with target): how closely one step on it follows their gradients, confidence "
-         "left out")
+         "target's with --align-with target; those of the candidate's class, or of every class with --over all): "
+         "how closely one step on it follows their gradients, confidence left out")
 
 
 def check_grad_align(params, candidates: str) -> None:
@@ -75,22 +91,28 @@ def check_grad_align(params, candidates: str) -> None:
         "align_with": Option("the target images whose gradients it aligns with: the encoder's held-out split, or "
                              "the whole target (training and held-out splits; more images a class)",
                              choices=ALIGN_WITH),
+        "over": Option("the target samples the cosine is averaged over: those of the class the candidate is given "
+                       "(a candidate of a class without one is not scored), or every class's", choices=OVER),
     },
 )
 def grad_align_scores(inputs: ScoreInputs, *, seed: int, labels: str = "pseudo",
                       val_classes: Sequence[int] | None = None, center: str = "none",
-                      align_with: str = "validation", batch_size: int = 65536) -> ScoreResult:
+                      align_with: str = "validation", over: str = "class",
+                      batch_size: int = 65536) -> ScoreResult:
     """Mean cosine between each candidate's head gradient and the target samples' (in [-1, 1]).
 
     labels: "pseudo" (the head's argmax) or "given" (inputs.source_labels, target class
     indices: the target's own training set as candidates). val_classes: align with these
     target classes' samples only. align_with: "validation" (the held-out split) or "target" (the
-    training split and the held-out split together). seed: unused (deterministic).
+    training split and the held-out split together). over: "class" (the target samples of the
+    candidate's class) or "all". seed: unused (deterministic).
     """
     if labels not in LABEL_MODES:
         raise ValueError(f"unknown labels mode {labels!r}; valid: {', '.join(LABEL_MODES)}")
     if align_with not in ALIGN_WITH:
         raise ValueError(f"unknown align_with {align_with!r}; valid: {', '.join(ALIGN_WITH)}")
+    if over not in OVER:
+        raise ValueError(f"unknown over {over!r}; valid: {', '.join(OVER)}")
     val_x, val_y = inputs.target_val_emb, inputs.target_val_labels
     if align_with == "target":
         if inputs.target_emb is None or inputs.target_labels is None:
@@ -112,12 +134,17 @@ def grad_align_scores(inputs: ScoreInputs, *, seed: int, labels: str = "pseudo",
     mean = pool_center(inputs.source_emb, center)
     device = torch.device(inputs.device)
     classes = None if val_classes is None else tuple(int(c) for c in val_classes)
-    alignment = head_val_alignment(val_x, val_y, inputs.head_weight, inputs.head_bias, val_classes=classes,
-                                   center=mean, device=device)
-    scores = head_alignment_scores(inputs.source_emb, np.asarray(inputs.head_weight, np.float32),
-                                   np.asarray(inputs.head_bias, np.float32), alignment.float(), labels=given,
-                                   batch_size=batch_size, center=mean, device=device)
+    W, b = np.asarray(inputs.head_weight, np.float32), np.asarray(inputs.head_bias, np.float32)
+    extra = {}
+    if over == "class":
+        scores = head_class_alignment_scores(inputs.source_emb, W, b, val_x, val_y, labels=given,
+                                             val_classes=classes, batch_size=batch_size, center=mean, device=device)
+        extra["unaligned"] = int(np.isnan(scores).sum())
+    else:
+        alignment = head_val_alignment(val_x, val_y, W, b, val_classes=classes, center=mean, device=device)
+        scores = head_alignment_scores(inputs.source_emb, W, b, alignment.float(), labels=given,
+                                       batch_size=batch_size, center=mean, device=device)
+        extra["alignment_norm"] = float(alignment.norm())
     num_val = int(len(val_y) if classes is None else np.isin(val_y, classes).sum())
-    return ScoreResult(scores, attrs={"num_val": num_val, "align_with": align_with,
-                                      "alignment_norm": float(alignment.norm()), "center": center,
-                                      "ranks": RANKS})
+    return ScoreResult(scores, attrs={"num_val": num_val, "align_with": align_with, "over": over,
+                                      "center": center, **extra, "ranks": RANKS})
