@@ -202,13 +202,18 @@ def _head_pass_inputs(candidates, weight, bias, vector, labels, what: str, dev: 
     C, D = W.shape
     if V.shape != (C, D + 1):
         raise ValueError(f"{what} has shape {tuple(V.shape)}, expected (C, D+1) = {(C, D + 1)}")
-    if labels is not None:
-        n = candidates.shape[0]
-        labels = _to(labels, torch.device("cpu"), torch.int64)
-        if labels.shape != (n,):
-            raise ValueError(f"labels have shape {tuple(labels.shape)}, expected ({n},)")
-        _check_labels(labels, C, "candidate labels")
-    return W, b, V, labels
+    return W, b, V, _candidate_labels(labels, candidates.shape[0], C)
+
+
+def _candidate_labels(labels, n: int, num_classes: int) -> torch.Tensor | None:
+    """The (n,) candidate labels as CPU int64, checked to lie in [0, num_classes); None stays None."""
+    if labels is None:
+        return None
+    labels = _to(labels, torch.device("cpu"), torch.int64)
+    if labels.shape != (n,):
+        raise ValueError(f"labels have shape {tuple(labels.shape)}, expected ({n},)")
+    _check_labels(labels, num_classes, "candidate labels")
+    return labels
 
 
 def head_influence_scores(candidates, weight, bias, s_test, *, labels=None,
@@ -291,20 +296,29 @@ def head_val_alignment(val_x, val_labels, weight, bias, *, val_classes: Sequence
     r ⊗ (x - center) then leaves out the part every input shares (for a ReLU network's
     features, a large one)."""
     dev = torch.device(device)
-    W, b, vx = (_to(a, dev, dtype) for a in (weight, bias, val_x))
-    if center is not None:
-        c = _to(center, dev, dtype)
+    W, b = (_to(a, dev, dtype) for a in (weight, bias))
+    c = None if center is None else _to(center, dev, dtype)
+    vy, r, xs, inv = _unit_val_gradients(val_x, val_labels, W, b, val_classes, c)
+    return torch.cat([r.T @ xs, r.T @ inv], dim=1) / len(vy)
+
+
+def _unit_val_gradients(val_x, val_labels, W: torch.Tensor, b: torch.Tensor, val_classes, c):
+    """The unit head gradients ĝ_v = (r_v / |r_v|) ⊗ (x~_v / |x~_v|) of the validation samples (of
+    ``val_classes`` if given), true labels, in parts: (labels (V,), unit residuals (V, C),
+    x_v / |x~_v| (V, D), 1 / |x~_v| (V, 1)); with center ``c`` (D,) or None, of the head on x - c."""
+    vx = _to(val_x, W.device, W.dtype)
+    if vx.ndim != 2 or vx.shape[1] != W.shape[1]:
+        raise ValueError(f"val_x has shape {tuple(vx.shape)}, expected (V, {W.shape[1]})")
+    if c is not None:
         vx, b = vx - c, b + W @ c
-    vy, num_classes = _to(val_labels, dev, torch.int64), W.shape[0]
+    vy, num_classes = _to(val_labels, W.device, torch.int64), W.shape[0]
     _check_labels(vy, num_classes, "val_labels")
     keep = _class_mask(vy, val_classes, num_classes)
     if not bool(keep.any()):
         raise ValueError(f"none of the {len(vy)} validation samples is in val_classes {tuple(val_classes or ())}"
                          if len(vy) else "gradient alignment needs validation samples; got none")
     vx, vy = vx[keep], vy[keep]
-    r = unit_residuals(torch.addmm(b, vx, W.T), vy)
-    xs, inv = _unit_inputs(vx)
-    return torch.cat([r.T @ xs, r.T @ inv], dim=1) / len(vy)
+    return (vy, unit_residuals(torch.addmm(b, vx, W.T), vy), *_unit_inputs(vx))
 
 
 def head_alignment_scores(candidates, weight, bias, alignment, *, labels=None, batch_size: int = 65536,
@@ -363,29 +377,13 @@ def head_class_alignment_scores(candidates, weight, bias, val_x, val_labels, *, 
     as :func:`head_val_alignment`'s.
     """
     dev = torch.device(device)
-    W, b, vx = (_to(a, dev, dtype) for a in (weight, bias, val_x))
-    C, D = W.shape
-    if vx.ndim != 2 or vx.shape[1] != D:
-        raise ValueError(f"val_x has shape {tuple(vx.shape)}, expected (V, {D})")
+    W, b = (_to(a, dev, dtype) for a in (weight, bias))
     c = None if center is None else _to(center, dev, dtype)
-    if c is not None:
-        vx, b = vx - c, b + W @ c
-    vy = _to(val_labels, dev, torch.int64)
-    _check_labels(vy, C, "val_labels")
-    keep = _class_mask(vy, val_classes, C)
-    if not bool(keep.any()):
-        raise ValueError(f"none of the {len(vy)} validation samples is in val_classes {tuple(val_classes or ())}"
-                         if len(vy) else "gradient alignment needs validation samples; got none")
-    vx, vy = vx[keep], vy[keep]
-    vr = unit_residuals(torch.addmm(b, vx, W.T), vy)
-    vxs, vinv = _unit_inputs(vx)
+    vy, vr, vxs, vinv = _unit_val_gradients(val_x, val_labels, W, b, val_classes, c)
     per_class = {int(k): (vr[vy == k], vxs[vy == k], vinv[vy == k]) for k in torch.unique(vy).tolist()}
-    if labels is not None:
-        n = candidates.shape[0]
-        labels = _to(labels, torch.device("cpu"), torch.int64)
-        if labels.shape != (n,):
-            raise ValueError(f"labels have shape {tuple(labels.shape)}, expected ({n},)")
-        _check_labels(labels, C, "candidate labels")
+    labels = _candidate_labels(labels, candidates.shape[0], W.shape[0])
+    if c is not None:
+        b = b + W @ c  # the head on x - c: the same logits
     out = np.full(candidates.shape[0], np.nan, dtype=np.float32)
     for start in range(0, candidates.shape[0], batch_size):
         xb = _to(candidates[start : start + batch_size], dev, dtype)
