@@ -1,10 +1,11 @@
-"""grad-align: gradient alignment with the target's validation split, for choosing pre-training data.
+"""grad-align: gradient alignment with the target's validation samples, for choosing pre-training data.
 
 A pool image scores by the mean cosine between its gradient of the target classifier's loss
 (the linear head on frozen embeddings, the image labelled with the head's own prediction) and
 each target validation sample's (its true label), as LESS (Xia et al., 2024) and TracIn's
-cosine form choose training data (filterx.math.influence, ``head_alignment_scores``). Higher =
-a step on the image moves the head the way the target's validation samples ask for.
+cosine form choose training data (filterx.math.influence, ``head_alignment_scores``); by
+default the mean is over the validation samples of the image's own class (``over``, below).
+Higher = a step on the image moves the head the way those validation samples ask for.
 
 It is the variant of ``influence`` meant for choosing data to add. Koh & Liang's score (the
 ``influence`` scorer) is a raw inner product with ∇L_val: it carries the factor
