@@ -72,11 +72,13 @@ EXTRA_VARIANTS = (
     # split alone (two or three images a class on the emoji targets): added before any suite run of it.
     ("grad-align (whole target)", "grad-align", {"align_with": "target", "over": "all"}),
     ("grad-align (whole target, centred)", "grad-align", {"align_with": "target", "center": "pool", "over": "all"}),
-    # grad-align averaged within the candidate's class (--over class, the default): added after
-    # rescoring the kept work of the Intel Xeon runs of the three emoji categories and the digit
-    # pools at seed 0 (README, "grad-align within the candidate's class"), so those do not test it.
-    ("grad-align (own class)", "grad-align", {}),
-    ("grad-align (own class, whole target)", "grad-align", {"align_with": "target"}),
+    # grad-align averaged within the candidate's class (--over class), with the held-out split and
+    # with the whole target (grad-align's default on a pool: --over class --align-with auto):
+    # added after rescoring the kept work of the Intel Xeon runs of the three emoji categories and
+    # the digit pools at seed 0 (README, "grad-align within the candidate's class"), so those do
+    # not test them.
+    ("grad-align (own class)", "grad-align", {"align_with": "validation"}),
+    ("grad-align (own class, whole target)", "grad-align", {}),
 )
 # Rank fusion at select time (select --method a,b --combine ...) of stored scores, chosen before
 # any run: the best distance method with the classifier, two different signals.

@@ -223,11 +223,11 @@ def test_scorer_attrs_and_refusals():
                          target_labels=y.numpy(), target_val_emb=vx.float().numpy(),
                          target_val_labels=vy.numpy(), head_weight=W.float().numpy(),
                          head_bias=b.float().numpy())
-    res = run_scorer("grad-align", inputs, val_classes=[0, 2], over="all")
+    res = run_scorer("grad-align", inputs, val_classes=[0, 2], over="all", align_with="validation")
     assert res.attrs["num_val"] == int(np.isin(vy.numpy(), [0, 2]).sum())
     assert "confidence left out" in res.attrs["ranks"]
     assert res.scores.dtype == np.float32 and np.all(np.abs(res.scores) <= 1 + 1e-6)
-    own = run_scorer("grad-align", inputs, val_classes=[0, 2])  # over="class": class 1's candidates unscored
+    own = run_scorer("grad-align", inputs, val_classes=[0, 2], align_with="validation")  # class 1's: unscored
     pseudo = (pool @ W.T + b).argmax(1).numpy()
     assert own.attrs["over"] == "class" and own.attrs["unaligned"] == int((pseudo == 1).sum()) > 0
     assert np.isnan(own.scores[pseudo == 1]).all() and np.all(np.abs(own.scores[pseudo != 1]) <= 1 + 1e-6)
@@ -237,7 +237,14 @@ def test_scorer_attrs_and_refusals():
         run_scorer("grad-align", inputs, labels="true")
     no_val = dataclasses.replace(inputs, target_val_emb=vx[:0].float().numpy(), target_val_labels=vy[:0].numpy())
     with pytest.raises(ValueError, match="--val-fraction 0.1"):
-        run_scorer("grad-align", no_val)
+        run_scorer("grad-align", no_val, align_with="validation")
+    # "auto" (the default): the whole target for the pool, the held-out split without a training split
+    assert run_scorer("grad-align", inputs).attrs["align_with"] == "target"
+    assert run_scorer("grad-align", no_val).attrs["num_val"] == len(y)
+    bare = dataclasses.replace(inputs, target_emb=None, target_labels=None)
+    assert run_scorer("grad-align", bare).attrs["align_with"] == "validation"
+    own_train = dataclasses.replace(inputs, candidates="target-train")
+    assert run_scorer("grad-align", own_train).attrs["align_with"] == "validation"
     with pytest.raises(ValueError, match=r"need class indices in \[0, 3\)"):
         run_scorer("grad-align", inputs, val_classes=[3])
 
@@ -288,7 +295,7 @@ def test_aligning_with_the_whole_target_is_the_alignment_over_both_splits():
     no_val = dataclasses.replace(inputs, target_val_emb=inputs.target_val_emb[:0],
                                  target_val_labels=inputs.target_val_labels[:0])  # an encoder without one
     assert run_scorer("grad-align", no_val, align_with="target").attrs["num_val"] == len(inputs.target_labels)
-    with pytest.raises(ValueError, match="unknown align_with 'pool'; valid: validation, target"):
+    with pytest.raises(ValueError, match="unknown align_with 'pool'; valid: auto, validation, target"):
         run_scorer("grad-align", inputs, align_with="pool")
 
 
@@ -298,7 +305,7 @@ def test_aligning_with_the_whole_target_finds_the_modes_the_held_out_split_misse
     inputs, relevant = _two_mode_target()
     top = lambda s: relevant[np.argsort(-s, kind="stable")[:100]].mean()  # noqa: E731
     for over in ("all", "class"):
-        held_out = top(run_scorer("grad-align", inputs, over=over).scores)
+        held_out = top(run_scorer("grad-align", inputs, over=over, align_with="validation").scores)
         whole = top(run_scorer("grad-align", inputs, align_with="target", over=over).scores)
         # over="all": 0.46-0.67 and 0.94-0.97 over 6 data seeds; over="class": 0.48 and 0.99 at this seed
         assert held_out < 0.8 and whole > 0.9, (over, held_out, whole)

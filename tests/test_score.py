@@ -117,14 +117,16 @@ def test_grad_align_on_the_pool_and_on_the_target(dirs):
     t_emb = read_embeddings(Dataset.open(tgt), load_encoder(enc).tag)
     val_ids = np.asarray(info["val_ids"])
     pool_emb = read_embeddings(ds, load_encoder(enc).tag)
-    expected = head_class_alignment_scores(pool_emb, W, b, t_emb[val_ids], Dataset.open(tgt).labels[val_ids])
+    both = np.r_[np.asarray(info["train_ids"]), val_ids]  # the default aligns with the whole target
+    expected = head_class_alignment_scores(pool_emb, W, b, t_emb[both], Dataset.open(tgt).labels[both])
     np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6, equal_nan=True)
-    assert attrs["params"] == {"labels": "pseudo", "val_classes": None, "center": "none", "align_with": "validation",
+    assert attrs["params"] == {"labels": "pseudo", "val_classes": None, "center": "none", "align_with": "auto",
                                "over": "class", "batch_size": 65536}
     scored = ~np.isnan(scores)
-    assert attrs["result"]["num_val"] == len(val_ids) and np.all(np.abs(scores[scored]) <= 1 + 1e-6)
-    assert attrs["result"]["unaligned"] == int((~scored).sum())
-    score(ScoreConfig("grad-align", src, tgt, enc, {"over": "all"}, name="grad-align-all", **KW))
+    assert attrs["result"]["align_with"] == "target" and attrs["result"]["num_val"] == len(both)
+    assert np.all(np.abs(scores[scored]) <= 1 + 1e-6) and attrs["result"]["unaligned"] == int((~scored).sum())
+    score(ScoreConfig("grad-align", src, tgt, enc, {"over": "all", "align_with": "validation"}, name="grad-align-all",
+                      **KW))
     M = head_val_alignment(t_emb[val_ids], Dataset.open(tgt).labels[val_ids], W, b)
     np.testing.assert_allclose(read_scores(ds, "grad-align-all")[0], head_alignment_scores(pool_emb, W, b, M.float()),
                                rtol=1e-5, atol=1e-6)
@@ -132,13 +134,13 @@ def test_grad_align_on_the_pool_and_on_the_target(dirs):
                       name="grad-align-given", **KW))
     given, _ = read_scores(Dataset.open(tgt), "grad-align-given")
     assert np.isfinite(given[info["train_ids"]]).all() and np.isnan(given[val_ids]).all()
+    assert read_scores(Dataset.open(tgt), "grad-align-given")[1]["result"]["align_with"] == "validation"  # auto
     with pytest.raises(ValueError, match="needs --candidates target-train"):
         score(ScoreConfig("grad-align", src, tgt, enc, {"labels": "given"}, **KW))
     # --align-with target: the training split's gradients and the held-out split's together
     score(ScoreConfig("grad-align", src, tgt, enc, {"align_with": "target", "over": "all"}, name="grad-align-target",
                       **KW))
     whole, attrs = read_scores(ds, "grad-align-target")
-    both = np.r_[np.asarray(info["train_ids"]), val_ids]
     M = head_val_alignment(t_emb[both], Dataset.open(tgt).labels[both], W, b)
     expected = head_alignment_scores(read_embeddings(ds, load_encoder(enc).tag), W, b, M.float())
     np.testing.assert_allclose(whole, expected, rtol=1e-5, atol=1e-6)

@@ -79,6 +79,8 @@ class ScoreInputs:
     head_bias:         (C,) float32
     num_source:        N, the number of scores to return (set even when no array gives it)
     device:            "cpu" or "cuda[:i]": where a scorer may compute
+    candidates:        what the scores are of: "source" (the pool) or "target-train" (the
+                       target's training split; the score stage then passes it as source_emb)
     """
 
     num_source: int
@@ -92,6 +94,7 @@ class ScoreInputs:
     head_weight: np.ndarray | None = None
     head_bias: np.ndarray | None = None
     device: str = "cpu"
+    candidates: str = "source"
 
 
 @dataclass(frozen=True)

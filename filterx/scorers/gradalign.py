@@ -29,7 +29,9 @@ split is a handful of images per class (10 % of 200: about 2 a class), so the me
 with is that handful's; the whole target's is ten times as many. The head was fitted on the
 training split, so those images' residuals are small, but the cosine keeps only their direction
 (``unit_residuals``: exact however confident the head is). A pool run only: with
-``--candidates target-train`` each candidate would be aligned with itself.
+``--candidates target-train`` each candidate would be aligned with itself. ``align_with="auto"``
+(the default) is the whole target where the candidates are the pool and the target's training
+split is given, the held-out split otherwise (:func:`aligned_with`).
 
 ``over="class"`` (the default) takes the mean within the candidate's own class: the cosine with
 the target samples of the class the head gives it (its given label with ``--labels given``), not
@@ -54,20 +56,31 @@ import torch
 
 from filterx.math.blocks import CENTERS, pool_center
 from filterx.math.influence import head_alignment_scores, head_class_alignment_scores, head_val_alignment
-from filterx.scorers import Option, ScoreInputs, ScoreResult, register_scorer
+from filterx.scorers import AUTO, Option, ScoreInputs, ScoreResult, register_scorer
 from filterx.scorers.influence import LABEL_MODES, check_label_mode
 
 # What the candidates' gradients are aligned with: the encoder's held-out split of the target, or
-# the whole target (its training split and its held-out split).
-ALIGN_WITH = ("validation", "target")
+# the whole target (its training split and its held-out split); "auto" (the default) is
+# :func:`aligned_with`'s choice.
+ALIGN_WITH = (AUTO, "validation", "target")
 # Which of those target samples each candidate's cosine is averaged over: those of the class the
 # candidate is given (the default), or all of them.
 OVER = ("class", "all")
 
 RANKS = ("the mean cosine between the candidate's head gradient (labelled with the head's prediction, or its "
-         "own label with --labels given) and the target samples' gradients (the held-out split's, or the whole "
-         "target's with --align-with target; those of the candidate's class, or of every class with --over all): "
+         "own label with --labels given) and the target samples' gradients (the whole target's or its held-out "
+         "split's, as attrs align_with says; those of the candidate's class, or of every class with --over all): "
          "how closely one step on it follows their gradients, confidence left out")
+
+
+def aligned_with(align_with: str, inputs: ScoreInputs) -> str:
+    """What ``align_with`` aligns with: "auto" is the whole target ("target") where the candidates
+    are the pool and the target's training split is given, the held-out split ("validation")
+    otherwise (the target's training split as candidates, or no training split passed)."""
+    if align_with != AUTO:
+        return align_with
+    whole = inputs.candidates != "target-train" and inputs.target_emb is not None and inputs.target_labels is not None
+    return "target" if whole else "validation"
 
 
 def check_grad_align(params, candidates: str) -> None:
@@ -90,7 +103,8 @@ def check_grad_align(params, candidates: str) -> None:
                          "classifier; the weight's gradient leaves out what every embedding shares), or as they are",
                          choices=CENTERS),
         "align_with": Option("the target images whose gradients it aligns with: the encoder's held-out split, or "
-                             "the whole target (training and held-out splits; more images a class)",
+                             "the whole target (training and held-out splits; more images a class); auto: "
+                             "the whole target for the pool, the held-out split for --candidates target-train",
                              choices=ALIGN_WITH),
         "over": Option("the target samples the cosine is averaged over: those of the class the candidate is given "
                        "(a candidate of a class without one is not scored), or every class's", choices=OVER),
@@ -98,14 +112,14 @@ def check_grad_align(params, candidates: str) -> None:
 )
 def grad_align_scores(inputs: ScoreInputs, *, seed: int, labels: str = "pseudo",
                       val_classes: Sequence[int] | None = None, center: str = "none",
-                      align_with: str = "validation", over: str = "class",
+                      align_with: str = AUTO, over: str = "class",
                       batch_size: int = 65536) -> ScoreResult:
     """Mean cosine between each candidate's head gradient and the target samples' (in [-1, 1]).
 
     labels: "pseudo" (the head's argmax) or "given" (inputs.source_labels, target class
     indices: the target's own training set as candidates). val_classes: align with these
-    target classes' samples only. align_with: "validation" (the held-out split) or "target" (the
-    training split and the held-out split together). over: "class" (the target samples of the
+    target classes' samples only. align_with: "validation" (the held-out split), "target" (the
+    training split and the held-out split together) or "auto" (:func:`aligned_with`). over: "class" (the target samples of the
     candidate's class) or "all". seed: unused (deterministic).
     """
     if labels not in LABEL_MODES:
@@ -114,6 +128,7 @@ def grad_align_scores(inputs: ScoreInputs, *, seed: int, labels: str = "pseudo",
         raise ValueError(f"unknown align_with {align_with!r}; valid: {', '.join(ALIGN_WITH)}")
     if over not in OVER:
         raise ValueError(f"unknown over {over!r}; valid: {', '.join(OVER)}")
+    align_with = aligned_with(align_with, inputs)
     val_x, val_y = inputs.target_val_emb, inputs.target_val_labels
     if align_with == "target":
         if inputs.target_emb is None or inputs.target_labels is None:

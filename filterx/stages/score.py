@@ -215,7 +215,7 @@ def _gather_inputs(cfg: ScoreConfig, needs: set, source: Dataset, target: Datase
         scored_ds, scored_ids = source, (np.arange(source.num_samples) if source_ids is None else source_ids)
         arrays["source_labels"] = source.labels[scored_ids]
         arrays["source_classes"] = source.classes
-    inputs = ScoreInputs(num_source=len(scored_ids), device=device,
+    inputs = ScoreInputs(num_source=len(scored_ids), device=device, candidates=cfg.candidates,
                          **{k: v for k, v in arrays.items() if k in ScoreInputs.__dataclass_fields__})
     return inputs, scored_ds, scored_ids, enc_info
 
