@@ -3,9 +3,10 @@
 A pool image scores by the mean cosine between its gradient of the target classifier's loss
 (the linear head on frozen embeddings, the image labelled with the head's own prediction) and
 each target validation sample's (its true label), as LESS (Xia et al., 2024) and TracIn's
-cosine form choose training data (filterx.math.influence, ``head_alignment_scores``); by
-default the mean is over the validation samples of the image's own class (``over``, below).
-Higher = a step on the image moves the head the way those validation samples ask for.
+cosine form choose training data (filterx.math.influence, ``head_alignment_scores``). By
+default the mean is over the target samples of the image's own class (``over``), and on a pool
+over the whole target rather than its held-out split (``align_with``; both below). Higher = a
+step on the image moves the head the way those target samples ask for.
 
 It is the variant of ``influence`` meant for choosing data to add. Koh & Liang's score (the
 ``influence`` scorer) is a raw inner product with ∇L_val: it carries the factor
@@ -119,8 +120,8 @@ def grad_align_scores(inputs: ScoreInputs, *, seed: int, labels: str = "pseudo",
     labels: "pseudo" (the head's argmax) or "given" (inputs.source_labels, target class
     indices: the target's own training set as candidates). val_classes: align with these
     target classes' samples only. align_with: "validation" (the held-out split), "target" (the
-    training split and the held-out split together) or "auto" (:func:`aligned_with`). over: "class" (the target samples of the
-    candidate's class) or "all". seed: unused (deterministic).
+    training split and the held-out split together) or "auto" (:func:`aligned_with`). over:
+    "class" (the target samples of the candidate's class) or "all". seed: unused (deterministic).
     """
     if labels not in LABEL_MODES:
         raise ValueError(f"unknown labels mode {labels!r}; valid: {', '.join(LABEL_MODES)}")
