@@ -137,6 +137,10 @@ def test_grad_align_on_the_pool_and_on_the_target(dirs):
     assert read_scores(Dataset.open(tgt), "grad-align-given")[1]["result"]["align_with"] == "validation"  # auto
     with pytest.raises(ValueError, match="needs --candidates target-train"):
         score(ScoreConfig("grad-align", src, tgt, enc, {"labels": "given"}, **KW))
+    # a candidate of a class without a target sample to align with is left unscored, and not counted
+    one = score(ScoreConfig("grad-align", src, tgt, enc, {"val_classes": [0]}, name="grad-align-one", **KW))
+    kept = np.isfinite(read_scores(ds, "grad-align-one")[0])
+    assert 0 < one.scored == kept.sum() < ds.num_samples and one.attrs["unaligned"] == ds.num_samples - one.scored
     # --align-with target: the training split's gradients and the held-out split's together
     score(ScoreConfig("grad-align", src, tgt, enc, {"align_with": "target", "over": "all"}, name="grad-align-target",
                       **KW))

@@ -164,7 +164,8 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
         atomic.remove(work_path(scored_ds, name))  # the final scores supersede any work toward them
         for table, rows in result.tables.items():
             write_table(scored_ds.root / "reports" / f"scores-{name}-{table}.csv", rows)
-    return ScoreSummary(scored_ds.root, name, int(len(scored_ids)), scored_ds.num_samples,
+    # scored: the candidates given a score (a scorer may leave some NaN: grad-align's unaligned ones)
+    return ScoreSummary(scored_ds.root, name, int(np.isfinite(result.scores).sum()), scored_ds.num_samples,
                         time.perf_counter() - t0, dict(result.attrs))
 
 
