@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
 
+import filterx.math.influence as influence_math
 from filterx.math.influence import (head_alignment_scores, head_class_alignment_scores, head_val_alignment,
                                     unit_residuals)
 from filterx.scorers import ScoreInputs, run_scorer
@@ -70,7 +71,7 @@ def test_scores_are_mean_cosines_of_autograd_gradients():
     np.testing.assert_allclose(given, torch.stack(g0), rtol=1e-5, atol=1e-6)
 
 
-def test_class_scores_are_mean_cosines_within_the_candidates_class():
+def test_class_scores_are_mean_cosines_within_the_candidates_class(monkeypatch):
     """over="class": the mean of the autograd cosines with the validation samples of the
     candidate's own class (its pseudo-label, or the given one), centred or not; NaN where that
     class has no validation sample."""
@@ -87,11 +88,18 @@ def test_class_scores_are_mean_cosines_within_the_candidates_class():
 
         pseudo = (cand @ W.T + b).argmax(1)
         for labels, ys in ((None, pseudo), (torch.full((25,), 2, dtype=torch.int64), torch.full((25,), 2))):
-            scores = head_class_alignment_scores(cand, W, b, vx, vy, labels=labels, batch_size=7, center=center,
-                                                 dtype=F64)
             expected = [float((torch.stack([unit(xv, yv) for xv, yv in zip(vx, vy) if yv == yc]) @ unit(xc, yc))
                               .mean()) for xc, yc in zip(cand, ys)]
-            np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
+            for form in ("pairwise", "matrix", "auto"):  # auto: the matrix here (13 samples a class, C + D = 9)
+                scores = head_class_alignment_scores(cand, W, b, vx, vy, labels=labels, batch_size=7, center=center,
+                                                     dtype=F64, form=form)
+                np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6, err_msg=form)
+    # a class whose matrix does not fit in CLASS_MATRIX_BYTES is scored pairwise: the same scores
+    auto = head_class_alignment_scores(cand, W, b, vx, vy, dtype=F64)
+    monkeypatch.setattr(influence_math, "CLASS_MATRIX_BYTES", 0)
+    np.testing.assert_allclose(head_class_alignment_scores(cand, W, b, vx, vy, dtype=F64), auto, rtol=1e-9)
+    with pytest.raises(ValueError, match="unknown form 'dense'; valid: auto, pairwise, matrix"):
+        head_class_alignment_scores(cand, W, b, vx, vy, form="dense")
     only = head_class_alignment_scores(cand, W, b, vx, vy, val_classes=[0, 2], dtype=F64)
     pseudo = (cand @ W.T + b).argmax(1).numpy()
     assert np.isnan(only[pseudo == 1]).all() and np.isfinite(only[pseudo != 1]).all()

@@ -355,10 +355,16 @@ def head_alignment_scores(candidates, weight, bias, alignment, *, labels=None, b
     return out
 
 
+# head_class_alignment_scores: the memory its per-class alignment matrices may take (a class
+# whose matrix does not fit is scored pairwise)
+CLASS_MATRIX_BYTES = 1 << 30
+CLASS_FORMS = ("auto", "pairwise", "matrix")
+
+
 def head_class_alignment_scores(candidates, weight, bias, val_x, val_labels, *, labels=None,
                                 val_classes: Sequence[int] | None = None, batch_size: int = 65536,
                                 center=None, device: str | torch.device = "cpu",
-                                dtype: torch.dtype = torch.float32) -> np.ndarray:
+                                dtype: torch.dtype = torch.float32, form: str = "auto") -> np.ndarray:
     """score_i = mean over the validation samples of candidate i's own class (its label, or the
     head's argmax where ``labels`` is None) of cos(g_i, g_v): :func:`head_alignment_scores` with
     the mean taken within the class, not over every class. (N,) float32 in [-1, 1]; NaN for a
@@ -371,17 +377,31 @@ def head_class_alignment_scores(candidates, weight, bias, val_x, val_labels, *, 
     class cos(r) >= 0 is the rule and the embeddings' cosine decides. First order: a step of
     length η along -ĝ_i lowers Σ_{v of class y_i} L_v / |g_v| by η · V_{y_i} · score_i.
 
-    Computed pairwise, class by class: each candidate against the n_c samples of its class,
-    (r_i · r_v)(x~_i · x~_v) / (|x~_i| |x~_v|) with unit residuals: O(n_c (C + D)) a candidate,
-    no (C, C, D+1) tensor. candidates (N, D) streamed ``batch_size`` rows at a time; center:
-    as :func:`head_val_alignment`'s.
+    Two exact forms, chosen per class (``form="auto"``): pairwise, each candidate against the n_c
+    samples of its class, (r_i · r_v)(x~_i · x~_v) / (|x~_i| |x~_v|) with unit residuals, O(n_c (C
+    + D)) a candidate; or through the class's alignment matrix M_c (C, D+1), the mean of its
+    samples' unit gradients (:func:`head_val_alignment` over class c), O(C (D + 1)) a candidate.
+    "auto" takes the matrix where it is cheaper and the class's matrix fits in what is left of
+    CLASS_MATRIX_BYTES (largest classes first; never the whole (C, C, D+1) tensor). ``form``
+    "pairwise" or "matrix" forces one (tests). candidates (N, D) streamed ``batch_size`` rows at
+    a time; center: as :func:`head_val_alignment`'s.
     """
+    if form not in CLASS_FORMS:
+        raise ValueError(f"unknown form {form!r}; valid: {', '.join(CLASS_FORMS)}")
     dev = torch.device(device)
     W, b = (_to(a, dev, dtype) for a in (weight, bias))
     c = None if center is None else _to(center, dev, dtype)
     vy, vr, vxs, vinv = _unit_val_gradients(val_x, val_labels, W, b, val_classes, c)
     per_class = {int(k): (vr[vy == k], vxs[vy == k], vinv[vy == k]) for k in torch.unique(vy).tolist()}
-    labels = _candidate_labels(labels, candidates.shape[0], W.shape[0])
+    C, D = W.shape
+    matrices, room = {}, CLASS_MATRIX_BYTES
+    for k, (kr, kxs, kinv) in sorted(per_class.items(), key=lambda item: -len(item[1][0])):
+        size = C * (D + 1) * W.element_size()
+        cheaper = len(kr) * (C + D) > C * (D + 1)
+        if form == "matrix" or (form == "auto" and cheaper and size <= room):
+            matrices[k] = torch.cat([kr.T @ kxs, kr.T @ kinv], dim=1) / len(kr)
+            room -= size
+    labels = _candidate_labels(labels, candidates.shape[0], C)
     if c is not None:
         b = b + W @ c  # the head on x - c: the same logits
     out = np.full(candidates.shape[0], np.nan, dtype=np.float32)
@@ -398,6 +418,10 @@ def head_class_alignment_scores(candidates, weight, bias, val_x, val_labels, *, 
             if k not in per_class:
                 continue
             rows = torch.nonzero(y == k).squeeze(1)
+            if k in matrices:  # ĝ_i · M_k = Σ_c u_ic (x_i · M_k[c, :D] + M_k[c, D]) / |x~_i|
+                M = matrices[k]
+                s[rows] = (u[rows] * (xs[rows] @ M[:, :D].T + inv[rows] * M[:, D])).sum(1)
+                continue
             kr, kxs, kinv = per_class[k]
             cos_x = xs[rows] @ kxs.T + inv[rows] @ kinv.T  # (n, n_k): x~_i / |x~_i| · x~_v / |x~_v|
             s[rows] = ((u[rows] @ kr.T) * cos_x).mean(1)
