@@ -393,3 +393,22 @@ def test_opt_values_true_and_false_are_bools_not_truthy_strings():
     assert opts == {"selection.references": False, "fresh": True, "decode.images": 500, "scale": 0.5,
                     "encoders": "target,moco", "name": "falsey"}
     assert type(opts["decode.images"]) is int and opts["selection.references"] is False
+
+
+def test_selection_rows_of_one_method_measure_different_settings():
+    """Two rows of the selection suite that resolve to the same parameters would report one setting
+    under two labels (as a grad-align row did when a default changed under it)."""
+    from bench.bench_selection import EXTRA_VARIANTS, variants
+    from filterx.scorers import ScoreInputs, resolved_params
+    from filterx.scorers.gradalign import aligned_with
+
+    pool_run = ScoreInputs(num_source=1, target_emb=np.zeros((1, 1)), target_labels=np.zeros(1, int))
+    seen = {}
+    for label, method, params in variants():
+        params = resolved_params(method, **params)
+        if method == "grad-align":  # "auto" as it resolves on a pool
+            params["align_with"] = aligned_with(params["align_with"], pool_run)
+        key = (method, json.dumps(params, sort_keys=True, default=str))
+        assert key not in seen, f"{label!r} measures what {seen[key]!r} does"
+        seen[key] = label
+    assert len(seen) >= len(EXTRA_VARIANTS)
