@@ -50,6 +50,8 @@ SCORERS = (
     ("class-mask", "class-mask", {"classes": "c0000,c0001,c0002"}),
     ("influence-head", "influence", {}),
     ("grad-align", "grad-align", {}),
+    # grad-align's earlier defaults: the mean over every class of the held-out split (one GEMM pass)
+    ("grad-align-all", "grad-align", {"over": "all", "align_with": "validation"}),
     ("random", "random", {}),
 )
 SELECTS = (
