@@ -298,8 +298,13 @@ def head_val_alignment(val_x, val_labels, weight, bias, *, val_classes: Sequence
     dev = torch.device(device)
     W, b = (_to(a, dev, dtype) for a in (weight, bias))
     c = None if center is None else _to(center, dev, dtype)
-    vy, r, xs, inv = _unit_val_gradients(val_x, val_labels, W, b, val_classes, c)
-    return torch.cat([r.T @ xs, r.T @ inv], dim=1) / len(vy)
+    _, r, xs, inv = _unit_val_gradients(val_x, val_labels, W, b, val_classes, c)
+    return _mean_unit_gradient(r, xs, inv)
+
+
+def _mean_unit_gradient(r: torch.Tensor, xs: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    """(C, D+1) mean of the unit gradients given in parts by :func:`_unit_val_gradients`."""
+    return torch.cat([r.T @ xs, r.T @ inv], dim=1) / len(r)
 
 
 def _unit_val_gradients(val_x, val_labels, W: torch.Tensor, b: torch.Tensor, val_classes, c):
@@ -394,12 +399,11 @@ def head_class_alignment_scores(candidates, weight, bias, val_x, val_labels, *, 
     vy, vr, vxs, vinv = _unit_val_gradients(val_x, val_labels, W, b, val_classes, c)
     per_class = {int(k): (vr[vy == k], vxs[vy == k], vinv[vy == k]) for k in torch.unique(vy).tolist()}
     C, D = W.shape
-    matrices, room = {}, CLASS_MATRIX_BYTES
+    matrices, room, size = {}, CLASS_MATRIX_BYTES, C * (D + 1) * W.element_size()
     for k, (kr, kxs, kinv) in sorted(per_class.items(), key=lambda item: -len(item[1][0])):
-        size = C * (D + 1) * W.element_size()
         cheaper = len(kr) * (C + D) > C * (D + 1)
         if form == "matrix" or (form == "auto" and cheaper and size <= room):
-            matrices[k] = torch.cat([kr.T @ kxs, kr.T @ kinv], dim=1) / len(kr)
+            matrices[k] = _mean_unit_gradient(kr, kxs, kinv)
             room -= size
     labels = _candidate_labels(labels, candidates.shape[0], C)
     if c is not None:

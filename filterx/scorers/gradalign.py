@@ -125,10 +125,7 @@ def grad_align_scores(inputs: ScoreInputs, *, seed: int, labels: str = "pseudo",
     """
     if labels not in LABEL_MODES:
         raise ValueError(f"unknown labels mode {labels!r}; valid: {', '.join(LABEL_MODES)}")
-    if align_with not in ALIGN_WITH:
-        raise ValueError(f"unknown align_with {align_with!r}; valid: {', '.join(ALIGN_WITH)}")
-    if over not in OVER:
-        raise ValueError(f"unknown over {over!r}; valid: {', '.join(OVER)}")
+    # an unknown align_with or over is refused by run_scorer's check_params (the options' choices)
     align_with = aligned_with(align_with, inputs)
     val_x, val_y = inputs.target_val_emb, inputs.target_val_labels
     if align_with == "target":
